@@ -1,0 +1,1 @@
+"""Data side of supmae: image files -> decoded, augmented pixels -> batches with patch masks on the device."""

@@ -1,0 +1,47 @@
+"""Per-sample random patch masking with MAE's semantics, in static shapes so it compiles.
+
+Each sample draws noise ~ U(0, 1) over its L patches; the patches with the smallest noise are kept.
+"""
+from typing import NamedTuple
+
+import torch
+
+
+class Masking(NamedTuple):
+    ids_keep: torch.Tensor     # (B, n_keep) int64: kept patch indices, in ascending-noise order
+    ids_restore: torch.Tensor  # (B, L) int64: position of each patch in the shuffled order
+    mask: torch.Tensor         # (B, L) float32 in original patch order: 0 kept, 1 removed
+
+
+def num_kept(num_patches: int, mask_ratio: float) -> int:
+    """How many patches the encoder sees; `int()` truncation as in the official code."""
+    return int(num_patches * (1 - mask_ratio))
+
+
+def random_masking(noise: torch.Tensor, n_keep: int) -> Masking:
+    """Turn noise (B, L) into a Masking that keeps the `n_keep` lowest-noise patches of each sample."""
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    # A patch is removed exactly when its place in the shuffled order is past the kept prefix.
+    mask = (ids_restore >= n_keep).to(torch.float32)
+    return Masking(ids_shuffle[:, :n_keep], ids_restore, mask)
+
+
+class MaskSampler:
+    """Draws the masks of a run on the device, reproducibly.
+
+    The noise for batch `index` depends only on (seed, index), never on how many batches came before,
+    so a resumed run or a loader restarted mid-epoch draws exactly the masks it would have drawn.
+    """
+
+    def __init__(self, num_patches: int, mask_ratio: float, seed: int, device: torch.device):
+        self.num_patches = num_patches
+        self.n_keep = num_kept(num_patches, mask_ratio)
+        self.seed = seed
+        self.device = torch.device(device)
+        self._generator = torch.Generator(device=self.device)
+
+    def __call__(self, batch_size: int, index: int) -> Masking:
+        self._generator.manual_seed((self.seed << 32) + index)
+        noise = torch.rand(batch_size, self.num_patches, generator=self._generator, device=self.device)
+        return random_masking(noise, self.n_keep)

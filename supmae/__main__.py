@@ -1,0 +1,3 @@
+from supmae.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,129 @@
+"""`supmae` command line: every user error is one line on stderr and a non-zero exit."""
+import argparse
+import sys
+
+from supmae.errors import SupmaeError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _count(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
+
+
+def _number(low: float, high: float = float("inf"), open_low: bool = True, open_high: bool = True):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        above = value > low if open_low else value >= low
+        below = value < high if open_high else value <= high
+        if not (above and below):
+            raise argparse.ArgumentTypeError(f"{value} is out of range")
+        return value
+    return parse
+
+
+def _add_synth(sub):
+    p = sub.add_parser("synth", help="write the embedded synthetic dataset as an image folder of JPEGs",
+                       description="Write a synthetic ImageFolder dataset of real JPEG files with learnable classes.")
+    p.add_argument("out_dir", metavar="OUT_DIR")
+    p.add_argument("--classes", type=_count(2), default=10, help="number of classes (default 10)")
+    p.add_argument("--images-per-class", type=_count(1), default=100, help="images per class (default 100)")
+    p.add_argument("--seed", type=_count(0), default=0)
+    p.add_argument("--workers", type=_count(1), default=None, help="processes (default: all cores)")
+    p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+
+
+def _add_pretrain(sub):
+    from supmae.train import LOADERS, PretrainConfig
+    d = PretrainConfig()
+    p = sub.add_parser("pretrain", help="pretrain a SupMAE/MAE model",
+                       description="Pretrain a SupMAE (or MAE) ViT with the official recipe as defaults.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    run = p.add_argument_group("run")
+    run.add_argument("--data", help="ImageFolder root (default: the embedded synthetic dataset)")
+    run.add_argument("--model", default=d.model, help="a name from `supmae models`")
+    run.add_argument("--batch-size", type=_count(1), default=d.batch_size, help="images per device per micro-batch")
+    length = run.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=_number(0), default=None, help="run length in epochs (default 400)")
+    length.add_argument("--steps", type=_count(1), default=None, help="run length in optimizer steps")
+    run.add_argument("--output", default=d.output, help="folder for checkpoints, metrics and config")
+    run.add_argument("--checkpoint-every", type=_count(0), default=d.checkpoint_every,
+                     help="steps between checkpoints (0: only at the end)")
+    run.add_argument("--keep-checkpoints", type=_count(1), default=d.keep_checkpoints)
+    run.add_argument("--resume", metavar="PATH|auto", help="continue from a checkpoint, or the newest in --output")
+    run.add_argument("--loader", choices=LOADERS, default=d.loader)
+    run.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
+    run.add_argument("--workers", type=_count(0), default=None, help="loader processes (default: cores - 1, max 10)")
+    run.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default=d.precision,
+                     help="auto: bf16 on GPU, fp32 on CPU; fp16 uses a GradScaler")
+    run.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                     help="torch.compile the model (default: on for GPU, off for CPU)")
+    run.add_argument("--log-every", type=_count(1), default=d.log_every, help="steps between metrics lines")
+    run.add_argument("--seed", type=_count(0), default=d.seed)
+    run.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    opt = p.add_argument_group("optimisation")
+    opt.add_argument("--accum-iter", type=_count(1), default=d.accum_iter, help="micro-batches per optimizer step")
+    opt.add_argument("--blr", type=_number(0), default=d.blr, help="base lr: lr = blr * effective batch / 256")
+    opt.add_argument("--lr", type=_number(0), default=None, help="absolute lr (overrides --blr)")
+    opt.add_argument("--min-lr", type=_number(0, open_low=False), default=d.min_lr)
+    opt.add_argument("--weight-decay", type=_number(0, open_low=False), default=d.weight_decay)
+    opt.add_argument("--warmup-epochs", type=_number(0, open_low=False), default=d.warmup_epochs)
+    opt.add_argument("--warmup-steps", type=_count(0), default=None, help="overrides --warmup-epochs")
+    mdl = p.add_argument_group("model and objective")
+    mdl.add_argument("--img-size", type=_count(1), default=d.img_size)
+    mdl.add_argument("--mask-ratio", type=_number(0, 1), default=d.mask_ratio)
+    mdl.add_argument("--pool", choices=("avg", "token", "max", "map"), default=d.pool,
+                     help="feature pooling for the classification branch")
+    mdl.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=d.norm_pix_loss)
+    mdl.add_argument("--cls-loss-ratio", type=_number(0, open_low=False), default=d.cls_loss_ratio)
+    mdl.add_argument("--temperature", type=_number(0), default=d.temperature)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="supmae", description="Fast pretraining of ViTs with Supervised Masked Autoencoders.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser, required=True)
+    _add_synth(sub)
+    _add_pretrain(sub)
+    sub.add_parser("models", help="list the model names")
+    return parser
+
+
+def _run(args) -> None:
+    if args.command == "synth":
+        from supmae.pipelines.synthetic import write_synthetic
+        write_synthetic(args.out_dir, args.classes, args.images_per_class, args.seed, args.workers, args.force)
+        print(f"wrote {args.classes} x {args.images_per_class} images to {args.out_dir}")
+    elif args.command == "pretrain":
+        from supmae.train import PretrainConfig, pretrain
+        options = {k: v for k, v in vars(args).items() if k != "command"}
+        pretrain(PretrainConfig(**options))
+    elif args.command == "models":
+        from supmae.registry import list_models
+        print("\n".join(list_models()))
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        _run(args)
+    except SupmaeError as error:
+        print(f"supmae: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("supmae: interrupted", file=sys.stderr)
+        return 130
+    return 0

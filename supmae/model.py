@@ -1,0 +1,193 @@
+"""SupMAE: a ViT masked autoencoder with a classification branch on the visible patches.
+
+Parameter names and shapes follow the official SupMAE/MAE checkpoints, so their state dicts load
+here strictly and ours load there. With `num_classes=0` the branch is absent and the model is MAE.
+"""
+from functools import partial
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+from timm.layers import AttentionPoolLatent
+from timm.models.vision_transformer import Block, PatchEmbed
+
+from supmae.objective import classification_loss, norm_pix, patchify, reconstruction_loss
+from supmae.pipelines.masking import Masking, num_kept, random_masking
+from supmae.pos_embed import sincos_2d
+
+POOLS = ("avg", "token", "max", "map")
+
+
+class Output(NamedTuple):
+    loss: torch.Tensor                # rec_loss + cls_loss (rec_loss alone without labels or branch)
+    rec_loss: torch.Tensor
+    cls_loss: Optional[torch.Tensor]  # already scaled by cls_loss_ratio
+    pred: torch.Tensor                # (B, L, p*p*3) predictions for every patch
+    mask: torch.Tensor                # (B, L) 0 kept, 1 removed
+    logits: Optional[torch.Tensor]    # (B, num_classes)
+
+
+class MaskedAutoencoderViT(nn.Module):
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 1024,
+        depth: int = 24,
+        num_heads: int = 16,
+        decoder_embed_dim: int = 512,
+        decoder_depth: int = 8,
+        decoder_num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        norm_pix_loss: bool = True,
+        mask_ratio: float = 0.75,
+        num_classes: int = 1000,
+        pool: str = "avg",
+        cls_hidden_dim: int = 3072,
+        cls_loss_ratio: float = 0.01,
+        temperature: float = 10.0,
+    ):
+        super().__init__()
+        _check_config(img_size, patch_size, embed_dim, num_heads, decoder_embed_dim, decoder_num_heads,
+                      mask_ratio, pool, num_classes)
+        norm_layer = partial(nn.LayerNorm, eps=1e-6)
+        self.patch_size = patch_size
+        self.mask_ratio = mask_ratio
+        self.norm_pix_loss = norm_pix_loss
+        self.pool = pool
+        self.cls_loss_ratio = cls_loss_ratio
+        self.temperature = temperature
+
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.num_patches = self.patch_embed.num_patches
+        grid = img_size // patch_size
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        # Parameters, not buffers, to keep the official checkpoint layout; they are never trained.
+        self.pos_embed = nn.Parameter(sincos_2d(embed_dim, grid)[None], requires_grad=False)
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer) for _ in range(depth))
+        self.norm = norm_layer(embed_dim)
+
+        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.decoder_pos_embed = nn.Parameter(sincos_2d(decoder_embed_dim, grid)[None], requires_grad=False)
+        self.decoder_blocks = nn.ModuleList(
+            Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
+            for _ in range(decoder_depth))
+        self.decoder_norm = norm_layer(decoder_embed_dim)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * in_chans)
+
+        self.cls_head = None
+        if num_classes:
+            if pool == "map":
+                self.attn_pool = AttentionPoolLatent(embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio,
+                                                     norm_layer=norm_layer)
+            self.cls_head = nn.Sequential(
+                nn.Linear(embed_dim, cls_hidden_dim),
+                nn.BatchNorm1d(cls_hidden_dim),
+                nn.ReLU(inplace=True),
+                nn.Linear(cls_hidden_dim, num_classes),
+            )
+        self._register_load_state_dict_pre_hook(_rename_projection_head)
+        self._init_weights()
+
+    @property
+    def num_keep(self) -> int:
+        return num_kept(self.num_patches, self.mask_ratio)
+
+    def _init_weights(self):
+        w = self.patch_embed.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a Linear over flattened patches
+        nn.init.normal_(self.cls_token, std=0.02)
+        nn.init.normal_(self.mask_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward_encoder(self, images: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+        """Encode the kept patches; returns (B, 1 + n_keep, D) after the final norm, cls token first."""
+        x = self.patch_embed(images) + self.pos_embed[:, 1:]
+        x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
+    def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """Predict the pixels of every patch: (B, L, p*p*3), original patch order."""
+        x = self.decoder_embed(latent)
+        b, n, d = x.shape
+        mask_tokens = self.mask_token.expand(b, ids_restore.shape[1] + 1 - n, -1)
+        x_ = torch.cat([x[:, 1:], mask_tokens], dim=1)
+        x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, d))
+        x = torch.cat([x[:, :1], x_], dim=1) + self.decoder_pos_embed
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        return self.decoder_pred(self.decoder_norm(x))[:, 1:]
+
+    def pool_features(self, latent: torch.Tensor) -> torch.Tensor:
+        """(B, 1 + n_keep, D) encoder output -> (B, D) feature for the classification branch."""
+        if self.pool == "token":
+            return latent[:, 0]
+        visible = latent[:, 1:]
+        if self.pool == "max":
+            return visible.amax(dim=1)
+        if self.pool == "map":
+            return self.attn_pool(visible)
+        return visible.mean(dim=1)
+
+    def forward(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                noise: Optional[torch.Tensor] = None, masking: Optional[Masking] = None) -> Output:
+        """`noise` (B, L) replaces the random draw; a loader's precomputed `masking` replaces both."""
+        if masking is None:
+            if noise is None:
+                noise = torch.rand(images.shape[0], self.num_patches, device=images.device)
+            masking = random_masking(noise, self.num_keep)
+        latent = self.forward_encoder(images, masking.ids_keep)
+        pred = self.forward_decoder(latent, masking.ids_restore)
+        target = patchify(images, self.patch_size)
+        if self.norm_pix_loss:
+            target = norm_pix(target)
+        rec_loss = reconstruction_loss(pred, target, masking.mask)
+
+        loss, cls_loss, logits = rec_loss, None, None
+        if self.cls_head is not None:
+            logits = self.cls_head(self.pool_features(latent))
+            if labels is not None:
+                cls_loss = classification_loss(logits, labels, self.cls_loss_ratio, self.temperature)
+                loss = rec_loss + cls_loss
+        return Output(loss, rec_loss, cls_loss, pred, masking.mask, logits)
+
+
+def _rename_projection_head(state_dict, prefix, *args):
+    """The released SupMAE checkpoint calls the classification head `projection_head`."""
+    old = prefix + "projection_head."
+    for key in [k for k in state_dict if k.startswith(old)]:
+        state_dict[prefix + "cls_head." + key[len(old):]] = state_dict.pop(key)
+
+
+def _check_config(img_size, patch_size, embed_dim, num_heads, decoder_embed_dim, decoder_num_heads,
+                  mask_ratio, pool, num_classes):
+    def need(ok, message):
+        if not ok:
+            raise ValueError(message)
+
+    need(patch_size > 0 and img_size > 0 and img_size % patch_size == 0,
+         f"img_size {img_size} must be a positive multiple of patch_size {patch_size}")
+    need(embed_dim % num_heads == 0, f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+    need(decoder_embed_dim % decoder_num_heads == 0,
+         f"decoder_embed_dim {decoder_embed_dim} is not divisible by decoder_num_heads {decoder_num_heads}")
+    need(embed_dim % 4 == 0 and decoder_embed_dim % 4 == 0,
+         "embed_dim and decoder_embed_dim must be divisible by 4 (sin-cos position embeddings)")
+    num_patches = (img_size // patch_size) ** 2
+    need(0 < mask_ratio < 1 and 0 < num_kept(num_patches, mask_ratio) < num_patches,
+         f"mask_ratio {mask_ratio} must keep at least one and remove at least one of {num_patches} patches")
+    need(pool in POOLS, f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
+    need(num_classes >= 0, f"num_classes must be >= 0, got {num_classes}")

@@ -1,0 +1,269 @@
+"""The pretraining loop: data -> SupMAE step -> AdamW, with logging, checkpoints and exact resume.
+
+The hot loop never waits on the device: losses accumulate in a device tensor and are read once per
+log interval. Data order, augmentation and masks are pure functions of (seed, position), so a resumed
+run replays exactly what an uninterrupted one would have done.
+"""
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from tqdm import tqdm
+
+from supmae.checkpoint import checkpoint_path, latest_checkpoint, list_checkpoints, load_checkpoint, \
+    prune_checkpoints, save_checkpoint
+from supmae.errors import SupmaeError
+from supmae.optim import build_optimizer, lr_at
+from supmae.pipelines.imagefolder import scan_image_folder
+from supmae.pipelines.masking import MaskSampler
+from supmae.pipelines.synthetic import default_dataset
+from supmae.pipelines.torch_loader import TorchLoader
+from supmae.registry import create_model, model_config
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+LOADERS = ("torch",)
+
+
+@dataclass
+class PretrainConfig:
+    data: Optional[str] = None          # ImageFolder root; None: the embedded synthetic dataset
+    model: str = "supmae_vit_base_patch16"
+    batch_size: int = 64                # per device, per micro-batch
+    epochs: Optional[float] = None      # length of the run: epochs or steps (default 400 epochs)
+    steps: Optional[int] = None         # optimizer steps
+    output: str = "runs/supmae"
+    checkpoint_every: int = 1000        # optimizer steps; 0: only at the end
+    keep_checkpoints: int = 3
+    resume: Optional[str] = None        # a checkpoint path, or "auto" for the newest in `output`
+    loader: str = "torch"
+    device: str = "auto"                # auto | cpu | cuda | cuda:N
+    workers: Optional[int] = None       # loader processes; None: cores - 1, at most 10
+    precision: str = "auto"             # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
+    compile: Optional[bool] = None      # torch.compile; None: on for GPU, off for CPU
+    accum_iter: int = 1
+    blr: float = 1.5e-4                 # lr = blr * effective batch / 256 unless lr is given
+    lr: Optional[float] = None
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    warmup_epochs: float = 40
+    warmup_steps: Optional[int] = None  # overrides warmup_epochs
+    img_size: int = 224
+    mask_ratio: float = 0.75
+    pool: str = "avg"
+    norm_pix_loss: bool = True
+    cls_loss_ratio: float = 0.01
+    temperature: float = 10.0
+    log_every: int = 20
+    seed: int = 0
+    progress: bool = True
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SupmaeError(f"unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SupmaeError(f"device {name} was asked for but no CUDA GPU is available")
+    if device.type not in ("cpu", "cuda"):
+        raise SupmaeError(f"unsupported device {name!r} (use auto, cpu, cuda or cuda:N)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise SupmaeError(f"device {name} does not exist: {torch.cuda.device_count()} GPU(s) visible")
+    return device
+
+
+class _Run:
+    """Everything a pretraining run holds, built once from a config."""
+
+    def __init__(self, cfg: PretrainConfig, log):
+        self.cfg, self.log = cfg, log
+        if cfg.loader not in LOADERS:
+            raise SupmaeError(f"unknown loader {cfg.loader!r}; available: {', '.join(LOADERS)}")
+        if cfg.precision != "auto" and cfg.precision not in PRECISIONS:
+            raise SupmaeError(f"unknown precision {cfg.precision!r}; use auto, {', '.join(PRECISIONS)}")
+        self.device = resolve_device(cfg.device)
+        on_gpu = self.device.type == "cuda"
+        self.precision = cfg.precision if cfg.precision != "auto" else ("bf16" if on_gpu else "fp32")
+        self.compile = on_gpu if cfg.compile is None else cfg.compile
+        self.workers = cfg.workers if cfg.workers is not None else min(10, max(1, (os.cpu_count() or 2) - 1))
+
+        self.data = cfg.data or default_dataset()
+        self.folder = scan_image_folder(self.data)
+        try:
+            supervised = model_config(cfg.model)["num_classes"] != 0
+            self.model = create_model(
+                cfg.model, img_size=cfg.img_size, mask_ratio=cfg.mask_ratio, norm_pix_loss=cfg.norm_pix_loss,
+                **(dict(num_classes=len(self.folder.classes), pool=cfg.pool, cls_loss_ratio=cfg.cls_loss_ratio,
+                        temperature=cfg.temperature) if supervised else {}))
+        except ValueError as error:
+            raise SupmaeError(str(error)) from None
+        self.supervised = supervised
+        self.model.to(self.device)
+
+        self.batches_per_epoch = len(self.folder.samples) // cfg.batch_size
+        self.steps_per_epoch = self.batches_per_epoch // cfg.accum_iter
+        if self.steps_per_epoch < 1:
+            raise SupmaeError(f"{len(self.folder.samples)} images make no full step of {cfg.accum_iter} x "
+                              f"{cfg.batch_size}; lower --batch-size or --accum-iter")
+        self.total_steps = cfg.steps or math.ceil((400 if cfg.epochs is None else cfg.epochs) * self.steps_per_epoch)
+        self.warmup_steps = (cfg.warmup_steps if cfg.warmup_steps is not None
+                             else round(cfg.warmup_epochs * self.steps_per_epoch))
+        self.effective_batch = cfg.batch_size * cfg.accum_iter
+        self.peak_lr = cfg.lr if cfg.lr is not None else cfg.blr * self.effective_batch / 256
+
+        self.optimizer = build_optimizer(self.model, self.peak_lr, cfg.weight_decay)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.step = self._restore()
+        self.forward = torch.compile(self.model) if self.compile else self.model
+
+    def _restore(self) -> int:
+        cfg = self.cfg
+        found = None
+        if cfg.resume == "auto":
+            found = latest_checkpoint(cfg.output, self.device)
+            if found is None:
+                self.log(f"no checkpoint in {cfg.output} yet: starting from step 0")
+        elif cfg.resume:
+            found = cfg.resume, load_checkpoint(cfg.resume, self.device)
+        elif list_checkpoints(cfg.output):
+            raise SupmaeError(f"{cfg.output} already holds checkpoints; pass --resume auto to continue that run "
+                              "or choose another --output")
+        if found is None:
+            return 0
+        path, state = found
+        saved = state.get("config", {})
+        for key in ("model", "img_size", "mask_ratio", "pool"):
+            if key in saved and saved[key] != getattr(cfg, key):
+                raise SupmaeError(f"checkpoint {path} was made with {key}={saved[key]!r}, not {getattr(cfg, key)!r}")
+        if state.get("classes", self.folder.classes) != self.folder.classes:
+            raise SupmaeError(f"checkpoint {path} was trained on other classes than {self.data} holds")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"]["cpu"])
+        if self.device.type == "cuda" and "cuda" in state["rng"]:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        self.log(f"resumed from {path} at step {state['step']}")
+        return state["step"]
+
+    def save(self, step: int) -> str:
+        rng = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        state = dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+                     scaler=self.scaler.state_dict(), step=step, epoch=step / self.steps_per_epoch,
+                     config=dataclasses.asdict(self.cfg), classes=self.folder.classes, rng=rng, format="supmae/1")
+        path = checkpoint_path(self.cfg.output, step)
+        save_checkpoint(state, path)
+        prune_checkpoints(self.cfg.output, self.cfg.keep_checkpoints)
+        return path
+
+    def loader(self) -> TorchLoader:
+        cfg = self.cfg
+        masks = MaskSampler(self.model.num_patches, cfg.mask_ratio, cfg.seed, self.device)
+        return TorchLoader(self.folder, cfg.batch_size, cfg.img_size, masks, self.device, self.workers, cfg.seed,
+                           start=self.step * cfg.accum_iter)
+
+
+def pretrain(cfg: PretrainConfig, log=print) -> dict:
+    """Run (or continue) a pretraining run; returns the summary it also prints and logs."""
+    _check(cfg)
+    run = _Run(cfg, log)
+    os.makedirs(cfg.output, exist_ok=True)
+    with open(os.path.join(cfg.output, "config.json"), "w") as f:
+        json.dump(dict(dataclasses.asdict(cfg), data=run.data, device=str(run.device), precision=run.precision,
+                       compile=run.compile, workers=run.workers, total_steps=run.total_steps,
+                       warmup_steps=run.warmup_steps, peak_lr=run.peak_lr, effective_batch=run.effective_batch,
+                       classes=run.folder.classes), f, indent=2)
+    if cfg.accum_iter > 1 and run.supervised:
+        log(f"warning: with --accum-iter {cfg.accum_iter} the classification head's BatchNorm normalises over "
+            f"micro-batches of {cfg.batch_size}, not the effective batch of {run.effective_batch}")
+    log(f"{cfg.model} on {run.device} ({run.precision}{', compiled' if run.compile else ''}): "
+        f"{len(run.folder.samples)} images in {len(run.folder.classes)} classes from {run.data}; "
+        f"steps {run.step}->{run.total_steps}, batch {run.effective_batch}, peak lr {run.peak_lr:.3g}")
+
+    model, optimizer, scaler = run.model, run.optimizer, run.scaler
+    autocast = (torch.autocast(run.device.type, dtype=PRECISIONS[run.precision])
+                if PRECISIONS[run.precision] else contextlib.nullcontext())
+    metrics_path = os.path.join(cfg.output, "metrics.jsonl")
+    loss_sums = torch.zeros(3, device=run.device)  # total, reconstruction, classification
+    zero = torch.zeros((), device=run.device)
+    model.train()
+    batches = iter(run.loader())
+    windows = []  # (images, seconds) per log interval
+    window_start, window_steps, step, checkpoint = time.perf_counter(), 0, run.step, None
+    with open(metrics_path, "a") as metrics, tqdm(total=run.total_steps, initial=run.step, unit="step", file=sys.stderr,
+                                                  disable=not cfg.progress, dynamic_ncols=True) as bar:
+        for step in range(run.step, run.total_steps):
+            lr = lr_at(step, run.peak_lr, run.warmup_steps, run.total_steps, cfg.min_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            for _ in range(cfg.accum_iter):
+                batch = next(batches)
+                with autocast:
+                    out = run.forward(batch.images, batch.labels, masking=batch.masking)
+                scaler.scale(out.loss / cfg.accum_iter).backward()
+                parts = (out.loss, out.rec_loss, zero if out.cls_loss is None else out.cls_loss)
+                loss_sums += torch.stack([p.detach().float() for p in parts]) / cfg.accum_iter
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            bar.update(1)
+            window_steps += 1
+            done = step + 1
+            if done % cfg.log_every == 0 or done == run.total_steps:
+                loss, rec_loss, cls_loss = (loss_sums / window_steps).tolist()  # the one host sync
+                now = time.perf_counter()
+                windows.append((window_steps * run.effective_batch, now - window_start))
+                record = dict(step=done, epoch=round(done / run.steps_per_epoch, 4), lr=lr, loss=loss,
+                              rec_loss=rec_loss, images_per_s=windows[-1][0] / windows[-1][1])
+                if run.supervised:
+                    record["cls_loss"] = cls_loss
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+                if not math.isfinite(loss):
+                    raise SupmaeError(f"loss is {loss} at step {done}; stopping (the last checkpoint is kept)")
+                bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{record['images_per_s']:.1f}")
+                loss_sums.zero_()
+                window_start, window_steps = time.perf_counter(), 0
+            if done == run.total_steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
+                checkpoint = run.save(done)
+    # The first window holds start-up and compilation; leave it out when there is more.
+    steady = windows[1:] or windows
+    images_per_s = sum(n for n, _ in steady) / max(sum(s for _, s in steady), 1e-9)
+    summary = dict(steps=run.total_steps, images_per_s=images_per_s, checkpoint=checkpoint, metrics=metrics_path)
+    log(f"done: step {run.total_steps}, {images_per_s:.1f} images/s; checkpoint {checkpoint}; metrics {metrics_path}")
+    return summary
+
+
+def _check(cfg: PretrainConfig) -> None:
+    positive = dict(batch_size=cfg.batch_size, accum_iter=cfg.accum_iter, log_every=cfg.log_every)
+    for name, value in positive.items():
+        if value < 1:
+            raise SupmaeError(f"{name.replace('_', '-')} must be at least 1, got {value}")
+    if cfg.steps is not None and cfg.steps < 1:
+        raise SupmaeError(f"steps must be at least 1, got {cfg.steps}")
+    if cfg.epochs is not None and not cfg.epochs > 0:
+        raise SupmaeError(f"epochs must be positive, got {cfg.epochs}")
+    if cfg.steps is not None and cfg.epochs is not None:
+        raise SupmaeError("give --epochs or --steps, not both")
+    for name in ("checkpoint_every", "keep_checkpoints", "seed", "min_lr", "weight_decay", "warmup_epochs"):
+        if getattr(cfg, name) < 0:
+            raise SupmaeError(f"{name.replace('_', '-')} must not be negative, got {getattr(cfg, name)}")
+    if cfg.workers is not None and cfg.workers < 0:
+        raise SupmaeError(f"workers must not be negative, got {cfg.workers}")
+    if cfg.warmup_steps is not None and cfg.warmup_steps < 0:
+        raise SupmaeError(f"warmup-steps must not be negative, got {cfg.warmup_steps}")
+    for name in ("blr", "lr", "temperature"):
+        value = getattr(cfg, name)
+        if value is not None and not value > 0:
+            raise SupmaeError(f"{name} must be positive, got {value}")
