@@ -4,6 +4,7 @@ Each sample draws noise ~ U(0, 1) over its L patches; the patches with the small
 """
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 
@@ -42,6 +43,7 @@ class MaskSampler:
         self._generator = torch.Generator(device=self.device)
 
     def __call__(self, batch_size: int, index: int) -> Masking:
-        self._generator.manual_seed((self.seed << 32) + index)
+        # Well-mixed 64 bits: the CPU generator only uses the low 32 bits of its seed.
+        self._generator.manual_seed(int(np.random.SeedSequence([self.seed, index]).generate_state(1, np.uint64)[0]))
         noise = torch.rand(batch_size, self.num_patches, generator=self._generator, device=self.device)
         return random_masking(noise, self.n_keep)
