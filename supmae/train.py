@@ -174,6 +174,21 @@ class _Run:
                            start=self.step * cfg.accum_iter)
 
 
+def train_step(forward, micro_batches, optimizer, scaler, autocast) -> torch.Tensor:
+    """One optimizer step over the micro-batches; returns their mean (loss, rec_loss, cls_loss), on the device."""
+    losses = []
+    for batch in micro_batches:
+        with autocast:
+            out = forward(batch.images, batch.labels, masking=batch.masking)
+        scaler.scale(out.loss / len(micro_batches)).backward()
+        cls_loss = torch.zeros_like(out.rec_loss) if out.cls_loss is None else out.cls_loss
+        losses.append(torch.stack([t.detach().float() for t in (out.loss, out.rec_loss, cls_loss)]))
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return torch.stack(losses).mean(0)
+
+
 def pretrain(cfg: PretrainConfig, log=print) -> dict:
     """Run (or continue) a pretraining run; returns the summary it also prints and logs."""
     _check(cfg)
@@ -196,27 +211,18 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
                 if PRECISIONS[run.precision] else contextlib.nullcontext())
     metrics_path = os.path.join(cfg.output, "metrics.jsonl")
     loss_sums = torch.zeros(3, device=run.device)  # total, reconstruction, classification
-    zero = torch.zeros((), device=run.device)
     model.train()
     batches = iter(run.loader())
     windows = []  # (images, seconds) per log interval
-    window_start, window_steps, step, checkpoint = time.perf_counter(), 0, run.step, None
+    window_start, window_steps, checkpoint = time.perf_counter(), 0, None
     with open(metrics_path, "a") as metrics, tqdm(total=run.total_steps, initial=run.step, unit="step", file=sys.stderr,
                                                   disable=not cfg.progress, dynamic_ncols=True) as bar:
         for step in range(run.step, run.total_steps):
             lr = lr_at(step, run.peak_lr, run.warmup_steps, run.total_steps, cfg.min_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            for _ in range(cfg.accum_iter):
-                batch = next(batches)
-                with autocast:
-                    out = run.forward(batch.images, batch.labels, masking=batch.masking)
-                scaler.scale(out.loss / cfg.accum_iter).backward()
-                parts = (out.loss, out.rec_loss, zero if out.cls_loss is None else out.cls_loss)
-                loss_sums += torch.stack([p.detach().float() for p in parts]) / cfg.accum_iter
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            loss_sums += train_step(run.forward, [next(batches) for _ in range(cfg.accum_iter)], optimizer,
+                                    scaler, autocast)
             bar.update(1)
             window_steps += 1
             done = step + 1

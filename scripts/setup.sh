@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Creates (or reuses) the virtual environment .venv in this checkout and installs supmae into it with
+# everything it needs. Safe to run again: it only installs when pyproject.toml changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+  || { echo "supmae needs Python 3.11 or newer ($PYTHON is $("$PYTHON" -V 2>&1))" >&2; exit 1; }
+
+# Debian and Ubuntu ship venv support as a separate package.
+if ! "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    ver=$("$PYTHON" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "python$ver-venv" >/dev/null
+  else
+    echo "install your distribution's python3-venv package first" >&2; exit 1
+  fi
+fi
+
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+stamp=.venv/.supmae-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  echo "setup: installing supmae and its dependencies into .venv (first time: a few minutes)" >&2
+  # The registry's torch/torchvision builds are the CUDA ones; they run on CPU-only machines as well.
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]" 2>&1 \
+    | { grep -v "^WARNING: Location" || true; } >&2
+  touch "$stamp"
+fi

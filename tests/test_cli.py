@@ -1,0 +1,102 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+from supmae.cli import main
+from supmae.pipelines.synthetic import render
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(*args, **env):
+    """`python -m supmae` from the checkout, as a user would run it."""
+    return subprocess.run([sys.executable, "-m", "supmae", *args], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": REPO, **env}, timeout=600)
+
+
+def error_of(capsys, *args):
+    """Runs the CLI in-process and returns its one stderr line; it must exit non-zero with no traceback."""
+    try:
+        code = main(list(args))
+    except SystemExit as exit_:
+        code = exit_.code
+    err = capsys.readouterr().err.strip()
+    assert code != 0, err
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert err.startswith("supmae"), err
+    return err
+
+
+@pytest.fixture
+def bad_folder(tmp_path):
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        for i in range(3):
+            render(1, i).save(tmp_path / c / f"{i}.jpg")
+    (tmp_path / "a" / "1.jpg").write_bytes(b"GIF89a not really")
+    return str(tmp_path)
+
+
+def test_bad_paths_are_one_line_errors(capsys, synth_folder, tmp_path):
+    assert "does not exist" in error_of(capsys, "pretrain", "--data", str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    assert "no class sub-folders" in error_of(capsys, "pretrain", "--data", str(tmp_path / "empty"))
+    (tmp_path / "classes" / "x").mkdir(parents=True)
+    assert "no image files" in error_of(capsys, "pretrain", "--data", str(tmp_path / "classes"))
+    assert "missing.pt does not exist" in error_of(capsys, "pretrain", "--data", synth_folder, "--resume",
+                                                   str(tmp_path / "missing.pt"), "--output", str(tmp_path / "o"),
+                                                   "--batch-size", "8")
+
+
+def test_unreadable_image_is_a_one_line_error(capsys, bad_folder, tmp_path):
+    err = error_of(capsys, "pretrain", "--data", bad_folder, "--model", "supmae_vit_tiny_patch16", "--img-size", "32",
+                   "--batch-size", "6", "--steps", "2", "--workers", "1", "--output", str(tmp_path / "out"),
+                   "--no-progress")
+    assert "cannot read image" in err and "1.jpg" in err
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--batch-size", "0"], "--batch-size"),
+    (["--batch-size", "many"], "expected an integer"),
+    (["--mask-ratio", "1.5"], "--mask-ratio"),
+    (["--steps", "-3"], "--steps"),
+    (["--epochs", "2", "--steps", "3"], "not allowed with"),
+    (["--model", "vit_giant"], "unknown model"),
+    (["--pool", "median"], "--pool"),
+    (["--precision", "fp8"], "--precision"),
+    (["--device", "cuda:0"] if not __import__("torch").cuda.is_available() else ["--device", "tpu"], "device"),
+    (["--img-size", "100"], "multiple of patch_size"),
+    (["--lr", "0"], "--lr"),
+    (["--loader", "magic"], "--loader"),
+])
+def test_bad_option_values_are_one_line_errors(capsys, synth_folder, tmp_path, args, expected):
+    err = error_of(capsys, "pretrain", "--data", synth_folder, "--output", str(tmp_path), "--no-progress", *args)
+    assert expected in err
+
+
+def test_synth_refuses_to_overwrite(capsys, tmp_path):
+    (tmp_path / "keep.txt").write_text("precious")
+    assert "already exists" in error_of(capsys, "synth", str(tmp_path), "--classes", "2", "--images-per-class", "1")
+    assert (tmp_path / "keep.txt").read_text() == "precious"
+    assert "--classes" in error_of(capsys, "synth", str(tmp_path / "new"), "--classes", "1")
+
+
+def test_end_to_end_from_the_checkout(tmp_path):
+    data, out = tmp_path / "data", tmp_path / "run"
+    made = run_cli("synth", str(data), "--classes", "3", "--images-per-class", "4")
+    assert made.returncode == 0, made.stderr
+    trained = run_cli("pretrain", "--data", str(data), "--model", "mae_vit_tiny_patch16", "--img-size", "32",
+                      "--batch-size", "4", "--steps", "3", "--workers", "1", "--output", str(out), "--log-every", "1")
+    assert trained.returncode == 0, trained.stderr
+    assert "images/s" in trained.stdout and (out / "checkpoint-00000003.pt").exists()
+    assert (out / "metrics.jsonl").read_text().count("\n") == 3
+    again = run_cli("pretrain", "--data", str(data), "--model", "mae_vit_tiny_patch16", "--batch-size", "4",
+                    "--output", str(out))
+    assert again.returncode != 0 and "already holds checkpoints" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_models_lists_the_registry(capsys):
+    assert main(["models"]) == 0
+    assert "supmae_vit_base_patch16" in capsys.readouterr().out.split()

@@ -1,0 +1,131 @@
+import contextlib
+import json
+import math
+import os
+import shutil
+
+import pytest
+import torch
+
+from supmae import create_model
+from supmae.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from supmae.errors import SupmaeError
+from supmae.optim import build_optimizer, lr_at, param_groups
+from supmae.pipelines.batch import Batch
+from supmae.pipelines.masking import random_masking
+from supmae.train import PretrainConfig, pretrain, train_step
+
+from conftest import TINY
+
+
+def config(folder, output, **overrides):
+    base = dict(data=folder, output=str(output), model="supmae_vit_tiny_patch16", img_size=64, batch_size=8,
+                steps=6, checkpoint_every=3, log_every=1, workers=0, progress=False, warmup_steps=2, lr=1e-3)
+    return PretrainConfig(**{**base, **overrides})
+
+
+def metrics(output):
+    with open(os.path.join(output, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_pretrain_writes_checkpoints_metrics_and_config(synth_folder, tmp_path):
+    summary = pretrain(config(synth_folder, tmp_path), log=lambda *_: None)
+    assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path))] == ["checkpoint-00000003.pt",
+                                                                              "checkpoint-00000006.pt"]
+    assert summary["checkpoint"].endswith("checkpoint-00000006.pt") and summary["images_per_s"] > 0
+    records = metrics(tmp_path)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert all(math.isfinite(r["loss"]) and r["images_per_s"] > 0 and "cls_loss" in r for r in records)
+    assert math.isclose(records[0]["loss"], records[0]["rec_loss"] + records[0]["cls_loss"], rel_tol=1e-5)
+    state = load_checkpoint(summary["checkpoint"])
+    assert state["step"] == 6 and set(state) >= {"model", "optimizer", "scaler", "config", "rng"}
+    model = create_model("supmae_vit_tiny_patch16", img_size=64, num_classes=4)
+    model.load_state_dict(state["model"], strict=True)  # plain official-layout keys
+    with open(tmp_path / "config.json") as f:
+        assert json.load(f)["total_steps"] == 6
+
+
+def test_resume_continues_exactly(synth_folder, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    pretrain(config(synth_folder, straight), log=lambda *_: None)
+    resumed.mkdir()
+    shutil.copy(straight / "checkpoint-00000003.pt", resumed)
+    pretrain(config(synth_folder, resumed, resume="auto", workers=1), log=lambda *_: None)
+    after = [r for r in metrics(resumed)]
+    assert [r["step"] for r in after] == [4, 5, 6]
+    for a, b in zip(metrics(straight)[3:], after):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7) and a["lr"] == b["lr"]
+    final_a = load_checkpoint(str(straight / "checkpoint-00000006.pt"))["model"]
+    final_b = load_checkpoint(str(resumed / "checkpoint-00000006.pt"))["model"]
+    for key in final_a:
+        torch.testing.assert_close(final_a[key], final_b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_fresh_run_never_overwrites_an_earlier_one(synth_folder, tmp_path):
+    pretrain(config(synth_folder, tmp_path, steps=3), log=lambda *_: None)
+    with pytest.raises(SupmaeError, match="already holds checkpoints"):
+        pretrain(config(synth_folder, tmp_path, steps=3), log=lambda *_: None)
+    with pytest.raises(SupmaeError, match="made with model"):
+        pretrain(config(synth_folder, tmp_path, steps=6, model="mae_vit_tiny_patch16", resume="auto"),
+                 log=lambda *_: None)
+
+
+def test_gradient_accumulation_matches_the_full_batch():
+    torch.manual_seed(0)
+    full_model = create_model("mae_vit_tiny_patch16", **TINY)  # no BatchNorm, so the two must agree
+    split_model = create_model("mae_vit_tiny_patch16", **TINY)
+    split_model.load_state_dict(full_model.state_dict())
+    images, labels = torch.randn(8, 3, 32, 32), torch.zeros(8, dtype=torch.long)
+    masking = random_masking(torch.rand(8, 16), full_model.num_keep)
+    halves = [Batch(images[s], labels[s], type(masking)(*(t[s] for t in masking))) for s in (slice(0, 4), slice(4, 8))]
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    losses = []
+    for model, micro in ((full_model, [Batch(images, labels, masking)]), (split_model, halves)):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        losses.append(train_step(model, micro, opt, scaler, contextlib.nullcontext()))
+    torch.testing.assert_close(losses[0], losses[1])
+    for a, b in zip(full_model.parameters(), split_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_accumulation_warns_about_batchnorm(synth_folder, tmp_path):
+    lines = []
+    pretrain(config(synth_folder, tmp_path, steps=1, batch_size=4, accum_iter=2), log=lines.append)
+    assert any("BatchNorm" in line and "micro-batches of 4" in line for line in lines)
+
+
+def test_weight_decay_skips_biases_and_1d_parameters():
+    model = create_model("supmae_vit_tiny_patch16", **TINY, num_classes=3)
+    no_decay, decay = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert no_decay["weight_decay"] == 0 and decay["weight_decay"] == 0.05
+    assert all(p.ndim <= 1 or names[id(p)].endswith(".bias") for p in no_decay["params"])
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert {"cls_token", "mask_token", "blocks.0.attn.qkv.weight", "cls_head.0.weight"} <= decayed
+    assert not {"pos_embed", "decoder_pos_embed"} & (decayed | {names[id(p)] for p in no_decay["params"]})
+    opt = build_optimizer(model, 1e-3, 0.05)
+    assert opt.defaults["betas"] == (0.9, 0.95)
+
+
+def test_learning_rate_schedule():
+    assert lr_at(0, 1.0, 10, 110) == 0
+    assert lr_at(5, 1.0, 10, 110) == 0.5
+    assert lr_at(10, 1.0, 10, 110) == 1.0
+    assert math.isclose(lr_at(60, 1.0, 10, 110, min_lr=0.1), 0.55)  # half way down the cosine
+    assert math.isclose(lr_at(110, 1.0, 10, 110, min_lr=0.1), 0.1)
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = str(tmp_path / "checkpoint-00000001.pt")
+    save_checkpoint({"model": {"w": torch.ones(3)}, "step": 1}, path)
+
+    def crash(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        save_checkpoint({"model": {"w": torch.zeros(3)}, "step": 2}, path)
+    assert os.listdir(tmp_path) == ["checkpoint-00000001.pt"]
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(3))
