@@ -1,0 +1,126 @@
+"""Training-step throughput on an on-device synthetic batch: no data loading, just the SupMAE step.
+
+Reports images/s (median over timed windows after warm-up), the step's FLOPs as counted by PyTorch's
+FLOP counter, and model FLOP utilisation against a matrix product measured in the same run.
+
+    python benchmarks/step.py --model supmae_vit_base_patch16 --batch-size 256 --json step.json
+"""
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+from supmae import create_model  # noqa: E402
+from supmae.optim import build_optimizer  # noqa: E402
+from supmae.pipelines.batch import Batch  # noqa: E402
+from supmae.pipelines.masking import MaskSampler  # noqa: E402
+from supmae.train import PRECISIONS, resolve_device, train_step  # noqa: E402
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_rate(device, dtype, n) -> float:
+    """Measured FLOP/s of an n x n x n product: the ceiling MFU is taken against."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    times = []
+    for _ in range(10):
+        start = time.perf_counter()
+        a @ b
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times)
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="supmae_vit_base_patch16")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", choices=("auto", *PRECISIONS), default="auto")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--steps", type=int, default=5, help="steps per timed window")
+    p.add_argument("--windows", type=int, default=5)
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args()
+
+    device = resolve_device(args.device)
+    on_gpu = device.type == "cuda"
+    precision = args.precision if args.precision != "auto" else ("bf16" if on_gpu else "fp32")
+    compiled = on_gpu if args.compile is None else args.compile
+    dtype = PRECISIONS[precision]
+    model = create_model(args.model, img_size=args.img_size).to(device).train()
+    optimizer = build_optimizer(model, 1e-4, 0.05)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+    forward = torch.compile(model) if compiled else model
+    num_classes = model.cls_head[-1].out_features if model.cls_head is not None else 1
+    batch = Batch(torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device),
+                  torch.randint(0, num_classes, (args.batch_size,), device=device),
+                  MaskSampler(model.num_patches, model.mask_ratio, 0, device)(args.batch_size, 0))
+
+    def step():
+        return train_step(forward, [batch], optimizer, scaler, autocast)
+
+    with FlopCounterMode(display=False) as counter:  # counted on the eager model: same arithmetic
+        train_step(model, [batch], optimizer, scaler, autocast)
+    flops_per_step = counter.get_total_flops()
+    start = time.perf_counter()
+    for _ in range(args.warmup):
+        step()
+    sync(device)
+    warmup_s = time.perf_counter() - start
+    rates = []
+    for _ in range(args.windows):
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        sync(device)
+        rates.append(args.steps * args.batch_size / (time.perf_counter() - start))
+    images_per_s = statistics.median(rates)
+    peak = matmul_rate(device, dtype or torch.float32, 8192 if on_gpu else 1024)
+    mfu = images_per_s * flops_per_step / args.batch_size / peak
+
+    result = dict(
+        device=torch.cuda.get_device_name(device) if on_gpu else platform.processor() or platform.machine(),
+        commit=commit(), versions=dict(torch=torch.__version__, python=platform.python_version()),
+        config=dict(model=args.model, batch_size=args.batch_size, img_size=args.img_size, precision=precision,
+                    compile=compiled),
+        images_per_s=images_per_s, images_per_s_windows=rates, warmup_s=warmup_s,
+        gflops_per_image=flops_per_step / args.batch_size / 1e9, matmul_tflops=peak / 1e12, mfu=mfu)
+    print(f"{args.model} batch {args.batch_size} {precision}{' compiled' if compiled else ''} on {result['device']}")
+    print(f"  step: {images_per_s:.1f} images/s (median of {args.windows}; min {min(rates):.1f}, max {max(rates):.1f})")
+    print(f"  {result['gflops_per_image']:.1f} GFLOP/image counted; matmul ceiling {peak / 1e12:.2f} TFLOP/s "
+          f"measured; MFU {mfu:.1%}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
