@@ -129,3 +129,18 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         save_checkpoint({"model": {"w": torch.zeros(3)}, "step": 2}, path)
     assert os.listdir(tmp_path) == ["checkpoint-00000001.pt"]
     assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(3))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_steps_run(synth_folder, tmp_path, precision):
+    summary = pretrain(config(synth_folder, tmp_path, steps=2, precision=precision), log=lambda *_: None)
+    assert all(math.isfinite(r["loss"]) for r in metrics(tmp_path)) and summary["checkpoint"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_bf16_run_on_gpu(synth_folder, tmp_path):
+    lines = []
+    pretrain(config(synth_folder, tmp_path, steps=4, device="cuda"), log=lines.append)
+    assert "bf16, compiled" in lines[0]
+    records = metrics(tmp_path)
+    assert all(math.isfinite(r["loss"]) for r in records) and len(records) == 4
