@@ -47,6 +47,17 @@ def matmul_rate(device, dtype, n) -> float:
     return 2 * n**3 / statistics.median(times)
 
 
+def device_name(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    return f"{model} ({os.cpu_count()} cores)"
+
+
 def commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -107,7 +118,7 @@ def main():
     mfu = images_per_s * flops_per_step / args.batch_size / peak
 
     result = dict(
-        device=torch.cuda.get_device_name(device) if on_gpu else platform.processor() or platform.machine(),
+        device=device_name(device),
         commit=commit(), versions=dict(torch=torch.__version__, python=platform.python_version()),
         config=dict(model=args.model, batch_size=args.batch_size, img_size=args.img_size, precision=precision,
                     compile=compiled),
