@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from supmae.pipelines.synthetic import write_synthetic
+from supmae.pipelines.synthetic import render, write_synthetic
 
 # A model small enough to train in a test: 32x32 images, 8x8 patches (16 of them), two 32-wide blocks.
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=32,
@@ -18,3 +18,15 @@ def synth_folder(tmp_path_factory):
     """A small embedded-style dataset: 4 classes x 12 JPEGs."""
     return write_synthetic(str(tmp_path_factory.mktemp("data") / "synth"), num_classes=4, images_per_class=12,
                            workers=1)
+
+
+@pytest.fixture
+def folder_with_a_bad_image(tmp_path):
+    """2 classes x 4 JPEGs, of which b/2.jpg is not an image at all."""
+    root = tmp_path / "bad-data"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(4):
+            render(0, i).save(root / c / f"{i}.jpg")
+    (root / "b" / "2.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
+    return str(root)

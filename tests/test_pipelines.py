@@ -11,7 +11,7 @@ from supmae.pipelines.augment import random_resized_crop_flip, sample_crop
 from supmae.pipelines.batch import IMAGENET_MEAN, IMAGENET_STD
 from supmae.pipelines.imagefolder import scan_image_folder
 from supmae.pipelines.masking import MaskSampler
-from supmae.pipelines.synthetic import class_names, render
+from supmae.pipelines.synthetic import class_names
 from supmae.pipelines.torch_loader import TorchLoader
 
 
@@ -110,14 +110,9 @@ def test_loader_is_deterministic_and_restartable(synth_folder):
     assert not torch.equal(full[0].labels, full[6].labels) or not torch.equal(full[0].images, full[6].images)
 
 
-def test_unreadable_image_is_a_clear_error(tmp_path):
-    for c in ("a", "b"):
-        (tmp_path / c).mkdir()
-        for i in range(4):
-            render(0, i).save(tmp_path / c / f"{i}.jpg")
-    (tmp_path / "b" / "2.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
+def test_unreadable_image_is_a_clear_error(folder_with_a_bad_image):
     with pytest.raises(SupmaeError, match=r"cannot read image .*b/2\.jpg"):
-        take(make_loader(str(tmp_path), workers=1), 2)
+        take(make_loader(folder_with_a_bad_image, workers=1), 2)
 
 
 def test_synthetic_classes_are_learnable(synth_folder):
