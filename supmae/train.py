@@ -129,11 +129,11 @@ class _Run:
         cfg = self.cfg
         found = None
         if cfg.resume == "auto":
-            found = latest_checkpoint(cfg.output, self.device)
+            found = latest_checkpoint(cfg.output)
             if found is None:
                 self.log(f"no checkpoint in {cfg.output} yet: starting from step 0")
         elif cfg.resume:
-            found = cfg.resume, load_checkpoint(cfg.resume, self.device)
+            found = cfg.resume, load_checkpoint(cfg.resume)
         elif list_checkpoints(cfg.output):
             raise SupmaeError(f"{cfg.output} already holds checkpoints; pass --resume auto to continue that run "
                               "or choose another --output")
@@ -206,6 +206,9 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
         f"{len(run.folder.samples)} images in {len(run.folder.classes)} classes from {run.data}; "
         f"steps {run.step}->{run.total_steps}, batch {run.effective_batch}, peak lr {run.peak_lr:.3g}")
 
+    if run.step >= run.total_steps:
+        log(f"nothing to do: the run is already at step {run.step} of {run.total_steps}")
+        return dict(steps=run.total_steps, images_per_s=None, checkpoint=None, metrics=None)
     model, optimizer, scaler = run.model, run.optimizer, run.scaler
     autocast = (torch.autocast(run.device.type, dtype=PRECISIONS[run.precision])
                 if PRECISIONS[run.precision] else contextlib.nullcontext())

@@ -66,6 +66,9 @@ def test_fresh_run_never_overwrites_an_earlier_one(synth_folder, tmp_path):
     pretrain(config(synth_folder, tmp_path, steps=3), log=lambda *_: None)
     with pytest.raises(SupmaeError, match="already holds checkpoints"):
         pretrain(config(synth_folder, tmp_path, steps=3), log=lambda *_: None)
+    lines = []
+    assert pretrain(config(synth_folder, tmp_path, steps=3, resume="auto"), log=lines.append)["checkpoint"] is None
+    assert "already at step 3" in lines[-1] and len(metrics(tmp_path)) == 3
     with pytest.raises(SupmaeError, match="made with model"):
         pretrain(config(synth_folder, tmp_path, steps=6, model="mae_vit_tiny_patch16", resume="auto"),
                  log=lambda *_: None)
