@@ -6,7 +6,6 @@ FLOP counter, and model FLOP utilisation against a matrix product measured in th
     python benchmarks/step.py --model supmae_vit_base_patch16 --batch-size 256 --json step.json
 """
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -24,7 +23,7 @@ from supmae import create_model  # noqa: E402
 from supmae.optim import build_optimizer  # noqa: E402
 from supmae.pipelines.batch import Batch  # noqa: E402
 from supmae.pipelines.masking import MaskSampler  # noqa: E402
-from supmae.train import PRECISIONS, resolve_device, train_step  # noqa: E402
+from supmae.train import PRECISIONS, autocast_for, resolve_device, speed_defaults, train_step  # noqa: E402
 
 
 def sync(device):
@@ -82,13 +81,11 @@ def main():
 
     device = resolve_device(args.device)
     on_gpu = device.type == "cuda"
-    precision = args.precision if args.precision != "auto" else ("bf16" if on_gpu else "fp32")
-    compiled = on_gpu if args.compile is None else args.compile
-    dtype = PRECISIONS[precision]
+    precision, compiled = speed_defaults(device, args.precision, args.compile)
     model = create_model(args.model, img_size=args.img_size).to(device).train()
     optimizer = build_optimizer(model, 1e-4, 0.05)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+    autocast = autocast_for(device, precision)
     forward = torch.compile(model) if compiled else model
     num_classes = model.cls_head[-1].out_features if model.cls_head is not None else 1
     batch = Batch(torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device),
@@ -114,7 +111,7 @@ def main():
         sync(device)
         rates.append(args.steps * args.batch_size / (time.perf_counter() - start))
     images_per_s = statistics.median(rates)
-    peak = matmul_rate(device, dtype or torch.float32, 8192 if on_gpu else 1024)
+    peak = matmul_rate(device, PRECISIONS[precision] or torch.float32, 8192 if on_gpu else 1024)
     mfu = images_per_s * flops_per_step / args.batch_size / peak
 
     result = dict(
@@ -131,6 +128,7 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
+            f.write("\n")
 
 
 if __name__ == "__main__":

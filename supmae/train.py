@@ -81,6 +81,18 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def speed_defaults(device: torch.device, precision: str = "auto", compile: Optional[bool] = None) -> tuple[str, bool]:
+    """Resolve "auto" to the fastest correct choice: bf16 and torch.compile on GPU, fp32 eager on CPU."""
+    on_gpu = device.type == "cuda"
+    return (precision if precision != "auto" else ("bf16" if on_gpu else "fp32"),
+            on_gpu if compile is None else compile)
+
+
+def autocast_for(device: torch.device, precision: str):
+    dtype = PRECISIONS[precision]
+    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
 class _Run:
     """Everything a pretraining run holds, built once from a config."""
 
@@ -91,9 +103,7 @@ class _Run:
         if cfg.precision != "auto" and cfg.precision not in PRECISIONS:
             raise SupmaeError(f"unknown precision {cfg.precision!r}; use auto, {', '.join(PRECISIONS)}")
         self.device = resolve_device(cfg.device)
-        on_gpu = self.device.type == "cuda"
-        self.precision = cfg.precision if cfg.precision != "auto" else ("bf16" if on_gpu else "fp32")
-        self.compile = on_gpu if cfg.compile is None else cfg.compile
+        self.precision, self.compile = speed_defaults(self.device, cfg.precision, cfg.compile)
         self.workers = cfg.workers if cfg.workers is not None else min(10, max(1, (os.cpu_count() or 2) - 1))
 
         self.data = cfg.data or default_dataset()
@@ -210,8 +220,7 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
         log(f"nothing to do: the run is already at step {run.step} of {run.total_steps}")
         return dict(steps=run.total_steps, images_per_s=None, checkpoint=None, metrics=None)
     model, optimizer, scaler = run.model, run.optimizer, run.scaler
-    autocast = (torch.autocast(run.device.type, dtype=PRECISIONS[run.precision])
-                if PRECISIONS[run.precision] else contextlib.nullcontext())
+    autocast = autocast_for(run.device, run.precision)
     metrics_path = os.path.join(cfg.output, "metrics.jsonl")
     loss_sums = torch.zeros(3, device=run.device)  # total, reconstruction, classification
     model.train()
