@@ -1,7 +1,9 @@
-"""SupMAE's pretraining augmentation: RandomResizedCrop(scale 0.2-1, ratio 3/4-4/3, bicubic) + flip.
+"""SupMAE's pretraining augmentation: RandomResizedCrop(scale 0.2-1, ratio 3/4-4/3, bicubic) + flip,
+and the evaluation view: the centre square of 87.5% of the shorter side.
 
-Every engine draws its crop boxes with these semantics (torchvision's RandomResizedCrop), so their
-batches are statistically the same whichever engine decodes them.
+Every engine crops with these semantics (torchvision's RandomResizedCrop; FFCV's centre crop), so their
+batches are statistically the same whichever engine decodes them; the torch and DALI engines draw the
+very same boxes and flips from (seed, epoch, index).
 """
 import math
 
@@ -11,6 +13,7 @@ from PIL import Image
 CROP_SCALE = (0.2, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
 FLIP_PROBABILITY = 0.5
+EVAL_CROP_FRACTION = 0.875
 
 
 def sample_crop(width: int, height: int, rng: np.random.Generator,
@@ -35,9 +38,22 @@ def sample_crop(width: int, height: int, rng: np.random.Generator,
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-def random_resized_crop_flip(image: Image.Image, size: int, rng: np.random.Generator) -> Image.Image:
-    left, top, w, h = sample_crop(image.width, image.height, rng)
+def center_crop(width: int, height: int, fraction: float = EVAL_CROP_FRACTION) -> tuple[int, int, int, int]:
+    side = int(fraction * min(width, height))
+    return (width - side) // 2, (height - side) // 2, side, side
+
+
+def crop_and_flip(width: int, height: int, seed: int, epoch: int, index: int,
+                  train: bool) -> tuple[tuple[int, int, int, int], bool]:
+    """The (left, top, width, height) box and flip of one sample's view, a function of its key alone."""
+    if not train:
+        return center_crop(width, height), False
+    rng = np.random.default_rng((seed, epoch, index))
+    box = sample_crop(width, height, rng)
+    return box, bool(rng.random() < FLIP_PROBABILITY)
+
+
+def crop_resize_flip(image: Image.Image, size: int, box: tuple[int, int, int, int], flip: bool) -> Image.Image:
+    left, top, w, h = box
     image = image.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h))
-    if rng.random() < FLIP_PROBABILITY:
-        image = image.transpose(Image.FLIP_LEFT_RIGHT)
-    return image
+    return image.transpose(Image.FLIP_LEFT_RIGHT) if flip else image

@@ -1,4 +1,5 @@
 """The batch every loader yields: on the training device, normalised, with its patch mask drawn there."""
+import contextlib
 from typing import Iterable, Iterator, NamedTuple
 
 import torch
@@ -15,17 +16,31 @@ class Batch(NamedTuple):
     masking: Masking
 
 
-def to_device_batches(host_batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+def to_device_batches(pixel_batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
                       mask_sampler: MaskSampler, start: int = 0,
                       dtype: torch.dtype = torch.float32) -> Iterator[Batch]:
-    """(uint8 (B, H, W, 3), labels) batches on the host -> Batch on `device`; batch i gets mask i.
+    """(uint8 (B, H, W, 3), labels) batches, on the host or already on `device` -> Batch; batch i gets mask i.
 
-    Pixels cross to the device as uint8 (a quarter of float32's bytes) and are normalised there.
+    Pixels cross to the device as uint8 (a quarter of float32's bytes) and are normalised there. On a GPU,
+    a host batch's copy, normalisation and mask run on a side stream, so they overlap the step that is
+    still running on the main stream when the next batch is asked for.
     """
     device = torch.device(device)
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
     std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
-    for index, (images, labels) in enumerate(host_batches, start=start):
-        images = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
-        images = ((images - mean) / std).to(dtype).contiguous()
-        yield Batch(images, labels.to(device, non_blocking=True), mask_sampler(images.shape[0], index))
+    side = torch.cuda.Stream(device) if device.type == "cuda" else None
+    if side is not None:
+        side.wait_stream(torch.cuda.current_stream(device))  # mean and std are made on the main stream
+    for index, (images, labels) in enumerate(pixel_batches, start=start):
+        stream = side if side is not None and images.device.type == "cpu" else None
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            images = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+            # Engines recycle their output buffers, so labels are copied even when already in place.
+            batch = Batch(((images - mean) / std).to(dtype).contiguous(),
+                          labels.to(device, non_blocking=True, copy=True), mask_sampler(images.shape[0], index))
+        if stream is not None:
+            main = torch.cuda.current_stream(device)
+            main.wait_stream(stream)
+            for tensor in (batch.images, batch.labels, *batch.masking):
+                tensor.record_stream(main)  # made on the side stream, freed after the main stream's use
+        yield batch

@@ -1,45 +1,42 @@
-"""The reference loader: PIL decoding and augmentation in DataLoader workers, as the official code does.
+"""The reference engine: PIL decoding and augmentation in DataLoader workers, as the official code does.
 
-Order and augmentation are functions of (seed, epoch, index) alone, so a run restarted at any batch
-sees exactly the data it would have seen, whatever the worker count.
+Each sample's view is a function of (seed, epoch, index) alone, so a run restarted at any batch sees
+exactly the data it would have seen, whatever the worker count.
 """
 import itertools
 from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from supmae.errors import SupmaeError
-from supmae.pipelines.augment import random_resized_crop_flip
+from supmae.pipelines.augment import crop_and_flip, crop_resize_flip
 from supmae.pipelines.batch import Batch, to_device_batches
-from supmae.pipelines.imagefolder import ImageFolder
-from supmae.pipelines.masking import MaskSampler
+from supmae.pipelines.decode import UNREADABLE
+from supmae.pipelines.order import Schedule
 
 
 class _Unreadable(NamedTuple):
-    path: str
+    name: str
     reason: str
 
 
-class _AugmentedImages(Dataset):
-    def __init__(self, samples: list[tuple[str, int]], size: int, seed: int):
-        self.samples, self.size, self.seed = samples, size, seed
+class _Views(Dataset):
+    def __init__(self, source, size: int, seed: int, train: bool):
+        self.source, self.size, self.seed, self.train = source, size, seed, train
 
     def __len__(self):
-        return len(self.samples)
+        return len(self.source)
 
     def __getitem__(self, key: tuple[int, int]):
         epoch, index = key
-        path, label = self.samples[index]
-        rng = np.random.default_rng((self.seed, epoch, index))
         try:
-            with Image.open(path) as image:
-                image = random_resized_crop_flip(image.convert("RGB"), self.size, rng)
-        except (OSError, ValueError, Image.DecompressionBombError) as error:
-            return _Unreadable(path, str(error) or type(error).__name__)
-        return torch.from_numpy(np.array(image)), label
+            image = self.source.image(index)
+        except UNREADABLE as error:
+            return _Unreadable(self.source.describe(index), str(error) or type(error).__name__)
+        box, flip = crop_and_flip(image.width, image.height, self.seed, epoch, index, self.train)
+        return torch.from_numpy(np.array(crop_resize_flip(image, self.size, box, flip))), int(self.source.labels[index])
 
 
 def _collate(samples):
@@ -51,53 +48,38 @@ def _collate(samples):
     return torch.stack([s[0] for s in samples]), torch.tensor([s[1] for s in samples])
 
 
-def epoch_order(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
-    return torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+class _Keys:
+    """The DataLoader's batch sampler: (epoch, index) keys of global batches start, start + 1, ..."""
 
-
-class _EpochBatches:
-    """Batches of (epoch, index) keys, every epoch in a fresh order, from batch `start` on, forever."""
-
-    def __init__(self, num_samples: int, batch_size: int, seed: int, start: int):
-        self.num_samples, self.batch_size, self.seed, self.start = num_samples, batch_size, seed, start
+    def __init__(self, schedule: Schedule, start: int):
+        self.schedule, self.start = schedule, start
 
     def __iter__(self):
-        per_epoch = self.num_samples // self.batch_size  # the partial last batch is dropped
-        epoch, skip = divmod(self.start, per_epoch)
-        for epoch in itertools.count(epoch):
-            order = epoch_order(self.num_samples, self.seed, epoch).tolist()
-            for b in range(skip, per_epoch):
-                yield [(epoch, i) for i in order[b * self.batch_size:(b + 1) * self.batch_size]]
-            skip = 0
+        for b in itertools.count(self.start):
+            epoch, indices = self.schedule.batch(b)
+            yield [(epoch, int(i)) for i in indices]
 
 
 class TorchLoader:
-    """Yields `Batch`es forever, starting at global batch `start` (epoch = start // batches_per_epoch)."""
-
-    def __init__(self, folder: ImageFolder, batch_size: int, img_size: int, mask_sampler: MaskSampler,
-                 device: torch.device, workers: int = 4, seed: int = 0, start: int = 0,
-                 dtype: torch.dtype = torch.float32):
-        if len(folder.samples) < batch_size:
-            raise SupmaeError(f"{folder.root} has {len(folder.samples)} images, fewer than one batch of {batch_size}")
-        self.folder, self.batch_size, self.img_size = folder, batch_size, img_size
-        self.mask_sampler, self.device, self.dtype = mask_sampler, torch.device(device), dtype
-        self.workers, self.seed, self.start = workers, seed, start
-        self.batches_per_epoch = len(folder.samples) // batch_size
+    def __init__(self, source, spec):
+        self.source, self.spec = source, spec
+        self.schedule = spec.schedule(len(source))
 
     def __iter__(self) -> Iterator[Batch]:
+        spec = self.spec
         loader = DataLoader(
-            _AugmentedImages(self.folder.samples, self.img_size, self.seed),
-            batch_sampler=_EpochBatches(len(self.folder.samples), self.batch_size, self.seed, self.start),
-            num_workers=self.workers,
+            _Views(self.source, spec.img_size, spec.seed, spec.train),
+            batch_sampler=_Keys(self.schedule, spec.start),
+            num_workers=spec.workers,
             collate_fn=_collate,
-            pin_memory=self.device.type == "cuda",
-            prefetch_factor=4 if self.workers else None,
+            pin_memory=torch.device(spec.device).type == "cuda",
+            prefetch_factor=4 if spec.workers else None,
         )
-        return to_device_batches(_raise_unreadable(loader), self.device, self.mask_sampler, self.start, self.dtype)
+        return to_device_batches(_raise_unreadable(loader), spec.device, spec.mask_sampler, spec.start, spec.dtype)
 
 
 def _raise_unreadable(batches):
     for batch in batches:
         if isinstance(batch, _Unreadable):
-            raise SupmaeError(f"cannot read image {batch.path}: {batch.reason}")
+            raise SupmaeError(f"cannot read image {batch.name}: {batch.reason}")
         yield batch

@@ -18,6 +18,18 @@ if ! "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null; then
   fi
 fi
 
+# ffcv compiles its decoder against libjpeg-turbo and OpenCV, found through pkg-config.
+if ! { command -v pkg-config >/dev/null && pkg-config --exists libturbojpeg && pkg-config --exists opencv4; }; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "setup: installing libturbojpeg0-dev, libopencv-dev and pkg-config for ffcv (first time: a few minutes)" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+      libturbojpeg0-dev libopencv-dev pkg-config >/dev/null
+  else
+    echo "ffcv needs libjpeg-turbo and OpenCV development files and pkg-config;" \
+         "install them first (Debian/Ubuntu: libturbojpeg0-dev libopencv-dev pkg-config)" >&2; exit 1
+  fi
+fi
+
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 stamp=.venv/.supmae-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then

@@ -47,14 +47,41 @@ def _add_synth(sub):
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
 
 
+def _add_convert(sub):
+    from supmae.pipelines.convert import WRITE_MODES, ConvertOptions
+    d = ConvertOptions()
+    p = sub.add_parser("convert", help="convert an image folder or file list to an FFCV .beton",
+                       description="Convert an image folder (root/<class>/...) or a CSV/TSV list of path,label "
+                                   "to an FFCV .beton, with a JSON sidecar (classes, counts, options) and a "
+                                   "report of the files skipped.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("src", metavar="SRC", help="image folder, or .csv/.tsv file list")
+    p.add_argument("out", metavar="OUT", help="the .beton to write")
+    p.add_argument("--write-mode", choices=WRITE_MODES, default=d.write_mode,
+                   help="how images are stored: JPEG, raw pixels, a random proportion as JPEG, or JPEG when "
+                        "larger than --smart-threshold bytes raw")
+    p.add_argument("--max-res", dest="max_resolution", type=_count(8), default=d.max_resolution,
+                   help="resize so the longest side is at most this (default: keep the original size)")
+    p.add_argument("--quality", dest="jpeg_quality", type=_count(1), default=d.jpeg_quality, help="JPEG quality")
+    p.add_argument("--compress-probability", type=_number(0, 1, open_low=False, open_high=False),
+                   default=d.compress_probability, help="share stored as JPEG in proportion mode")
+    p.add_argument("--smart-threshold", type=_count(0), default=d.smart_threshold,
+                   help="smart mode: raw bytes above which an image is stored as JPEG")
+    p.add_argument("--workers", type=_count(1), default=None, help="processes (default: all cores)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
+
+
 def _add_pretrain(sub):
-    from supmae.train import LOADERS, PretrainConfig
+    from supmae.pipelines.loader import ENGINES
+    from supmae.train import PretrainConfig
     d = PretrainConfig()
     p = sub.add_parser("pretrain", help="pretrain a SupMAE/MAE model",
                        description="Pretrain a SupMAE (or MAE) ViT with the official recipe as defaults.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     run = p.add_argument_group("run")
-    run.add_argument("--data", help="ImageFolder root (default: the embedded synthetic dataset)")
+    run.add_argument("--data", help="image folder, CSV/TSV file list or .beton (default: the embedded synthetic "
+                                    "dataset)")
     run.add_argument("--model", default=d.model, help="a name from `supmae models`")
     run.add_argument("--batch-size", type=_count(1), default=d.batch_size, help="images per device per micro-batch")
     length = run.add_mutually_exclusive_group()
@@ -65,7 +92,13 @@ def _add_pretrain(sub):
                      help="steps between checkpoints (0: only at the end)")
     run.add_argument("--keep-checkpoints", type=_count(1), default=d.keep_checkpoints)
     run.add_argument("--resume", metavar="PATH|auto", help="continue from a checkpoint, or the newest in --output")
-    run.add_argument("--loader", choices=LOADERS, default=d.loader)
+    run.add_argument("--loader", choices=tuple(ENGINES), default=d.loader,
+                     help="decoding engine (ffcv reads .beton files only)")
+    run.add_argument("--order", choices=("random", "quasi_random"), default=d.order,
+                     help="sample order; quasi_random (ffcv) reads pages in near-random order, for data "
+                          "larger than memory")
+    run.add_argument("--process-cache", dest="os_cache", action="store_false",
+                     help="ffcv: cache pages in the process instead of relying on the OS page cache")
     run.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
     run.add_argument("--workers", type=_count(0), default=None, help="loader processes (default: cores - 1, max 10)")
     run.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default=d.precision,
@@ -97,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="supmae", description="Fast pretraining of ViTs with Supervised Masked Autoencoders.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser, required=True)
     _add_synth(sub)
+    _add_convert(sub)
     _add_pretrain(sub)
     sub.add_parser("models", help="list the model names")
     return parser
@@ -107,6 +141,11 @@ def _run(args) -> None:
         from supmae.pipelines.synthetic import write_synthetic
         write_synthetic(args.out_dir, args.classes, args.images_per_class, args.seed, args.workers, args.force)
         print(f"wrote {args.classes} x {args.images_per_class} images to {args.out_dir}")
+    elif args.command == "convert":
+        from supmae.pipelines.convert import ConvertOptions, convert
+        options = ConvertOptions(args.write_mode, args.max_resolution, args.jpeg_quality, args.compress_probability,
+                                 args.smart_threshold)
+        convert(args.src, args.out, options, args.workers, args.force, args.progress)
     elif args.command == "pretrain":
         from supmae.train import PretrainConfig, pretrain
         options = {k: v for k, v in vars(args).items() if k != "command"}

@@ -21,19 +21,18 @@ from supmae.checkpoint import checkpoint_path, latest_checkpoint, list_checkpoin
     prune_checkpoints, save_checkpoint
 from supmae.errors import SupmaeError
 from supmae.optim import build_optimizer, lr_at
-from supmae.pipelines.imagefolder import scan_image_folder
+from supmae.pipelines.loader import ENGINES, LoaderSpec, create_loader
 from supmae.pipelines.masking import MaskSampler
+from supmae.pipelines.sources import open_source
 from supmae.pipelines.synthetic import default_dataset
-from supmae.pipelines.torch_loader import TorchLoader
 from supmae.registry import create_model, model_config
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-LOADERS = ("torch",)
 
 
 @dataclass
 class PretrainConfig:
-    data: Optional[str] = None          # ImageFolder root; None: the embedded synthetic dataset
+    data: Optional[str] = None          # image folder, CSV/TSV list or .beton; None: the embedded synthetic dataset
     model: str = "supmae_vit_base_patch16"
     batch_size: int = 64                # per device, per micro-batch
     epochs: Optional[float] = None      # length of the run: epochs or steps (default 400 epochs)
@@ -42,7 +41,9 @@ class PretrainConfig:
     checkpoint_every: int = 1000        # optimizer steps; 0: only at the end
     keep_checkpoints: int = 3
     resume: Optional[str] = None        # a checkpoint path, or "auto" for the newest in `output`
-    loader: str = "torch"
+    loader: str = "torch"               # torch | ffcv | dali
+    order: str = "random"               # random | quasi_random (ffcv)
+    os_cache: bool = True               # ffcv: OS page cache (False: FFCV's process cache)
     device: str = "auto"                # auto | cpu | cuda | cuda:N
     workers: Optional[int] = None       # loader processes; None: cores - 1, at most 10
     precision: str = "auto"             # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
@@ -98,8 +99,8 @@ class _Run:
 
     def __init__(self, cfg: PretrainConfig, log):
         self.cfg, self.log = cfg, log
-        if cfg.loader not in LOADERS:
-            raise SupmaeError(f"unknown loader {cfg.loader!r}; available: {', '.join(LOADERS)}")
+        if cfg.loader not in ENGINES:
+            raise SupmaeError(f"unknown loader {cfg.loader!r}; available: {', '.join(ENGINES)}")
         if cfg.precision != "auto" and cfg.precision not in PRECISIONS:
             raise SupmaeError(f"unknown precision {cfg.precision!r}; use auto, {', '.join(PRECISIONS)}")
         self.device = resolve_device(cfg.device)
@@ -107,22 +108,22 @@ class _Run:
         self.workers = cfg.workers if cfg.workers is not None else min(10, max(1, (os.cpu_count() or 2) - 1))
 
         self.data = cfg.data or default_dataset()
-        self.folder = scan_image_folder(self.data)
+        self.source = open_source(self.data)
         try:
             supervised = model_config(cfg.model)["num_classes"] != 0
             self.model = create_model(
                 cfg.model, img_size=cfg.img_size, mask_ratio=cfg.mask_ratio, norm_pix_loss=cfg.norm_pix_loss,
-                **(dict(num_classes=len(self.folder.classes), pool=cfg.pool, cls_loss_ratio=cfg.cls_loss_ratio,
+                **(dict(num_classes=len(self.source.classes), pool=cfg.pool, cls_loss_ratio=cfg.cls_loss_ratio,
                         temperature=cfg.temperature) if supervised else {}))
         except ValueError as error:
             raise SupmaeError(str(error)) from None
         self.supervised = supervised
         self.model.to(self.device)
 
-        self.batches_per_epoch = len(self.folder.samples) // cfg.batch_size
+        self.batches_per_epoch = len(self.source) // cfg.batch_size
         self.steps_per_epoch = self.batches_per_epoch // cfg.accum_iter
         if self.steps_per_epoch < 1:
-            raise SupmaeError(f"{len(self.folder.samples)} images make no full step of {cfg.accum_iter} x "
+            raise SupmaeError(f"{len(self.source)} images make no full step of {cfg.accum_iter} x "
                               f"{cfg.batch_size}; lower --batch-size or --accum-iter")
         self.total_steps = cfg.steps or math.ceil((400 if cfg.epochs is None else cfg.epochs) * self.steps_per_epoch)
         self.warmup_steps = (cfg.warmup_steps if cfg.warmup_steps is not None
@@ -154,7 +155,7 @@ class _Run:
         for key in ("model", "img_size", "mask_ratio", "pool"):
             if key in saved and saved[key] != getattr(cfg, key):
                 raise SupmaeError(f"checkpoint {path} was made with {key}={saved[key]!r}, not {getattr(cfg, key)!r}")
-        if state.get("classes", self.folder.classes) != self.folder.classes:
+        if state.get("classes", self.source.classes) != self.source.classes:
             raise SupmaeError(f"checkpoint {path} was trained on other classes than {self.data} holds")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -171,17 +172,18 @@ class _Run:
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         state = dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
                      scaler=self.scaler.state_dict(), step=step, epoch=step / self.steps_per_epoch,
-                     config=dataclasses.asdict(self.cfg), classes=self.folder.classes, rng=rng, format="supmae/1")
+                     config=dataclasses.asdict(self.cfg), classes=self.source.classes, rng=rng, format="supmae/1")
         path = checkpoint_path(self.cfg.output, step)
         save_checkpoint(state, path)
         prune_checkpoints(self.cfg.output, self.cfg.keep_checkpoints)
         return path
 
-    def loader(self) -> TorchLoader:
+    def loader(self):
         cfg = self.cfg
         masks = MaskSampler(self.model.num_patches, cfg.mask_ratio, cfg.seed, self.device)
-        return TorchLoader(self.folder, cfg.batch_size, cfg.img_size, masks, self.device, self.workers, cfg.seed,
-                           start=self.step * cfg.accum_iter)
+        return create_loader(cfg.loader, self.source, LoaderSpec(
+            cfg.batch_size, cfg.img_size, masks, self.device, workers=self.workers, seed=cfg.seed,
+            start=self.step * cfg.accum_iter, order=cfg.order, os_cache=cfg.os_cache))
 
 
 def train_step(forward, micro_batches, optimizer, scaler, autocast) -> torch.Tensor:
@@ -208,12 +210,12 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
         json.dump(dict(dataclasses.asdict(cfg), data=run.data, device=str(run.device), precision=run.precision,
                        compile=run.compile, workers=run.workers, total_steps=run.total_steps,
                        warmup_steps=run.warmup_steps, peak_lr=run.peak_lr, effective_batch=run.effective_batch,
-                       classes=run.folder.classes), f, indent=2)
+                       classes=run.source.classes), f, indent=2)
     if cfg.accum_iter > 1 and run.supervised:
         log(f"warning: with --accum-iter {cfg.accum_iter} the classification head's BatchNorm normalises over "
             f"micro-batches of {cfg.batch_size}, not the effective batch of {run.effective_batch}")
     log(f"{cfg.model} on {run.device} ({run.precision}{', compiled' if run.compile else ''}): "
-        f"{len(run.folder.samples)} images in {len(run.folder.classes)} classes from {run.data}; "
+        f"{len(run.source)} images in {len(run.source.classes)} classes from {run.data} ({cfg.loader} loader); "
         f"steps {run.step}->{run.total_steps}, batch {run.effective_batch}, peak lr {run.peak_lr:.3g}")
 
     if run.step >= run.total_steps:

@@ -7,17 +7,17 @@ import torch
 from PIL import Image
 
 from supmae.errors import SupmaeError
-from supmae.pipelines.augment import random_resized_crop_flip, sample_crop
+from supmae.pipelines.augment import crop_and_flip, crop_resize_flip, sample_crop
 from supmae.pipelines.batch import IMAGENET_MEAN, IMAGENET_STD
-from supmae.pipelines.imagefolder import scan_image_folder
+from supmae.pipelines.loader import LoaderSpec, create_loader
 from supmae.pipelines.masking import MaskSampler
+from supmae.pipelines.sources import open_source, scan_image_folder
 from supmae.pipelines.synthetic import class_names
-from supmae.pipelines.torch_loader import TorchLoader
 
 
 def make_loader(folder, start=0, workers=0, seed=0, batch_size=8):
-    return TorchLoader(scan_image_folder(folder), batch_size, 32, MaskSampler(16, 0.75, seed, "cpu"), "cpu",
-                       workers=workers, seed=seed, start=start)
+    return create_loader("torch", open_source(folder), LoaderSpec(batch_size, 32, MaskSampler(16, 0.75, seed, "cpu"),
+                                                                  workers=workers, seed=seed, start=start))
 
 
 def take(loader, n):
@@ -70,10 +70,9 @@ def test_crop_area_and_aspect_statistics():
 
 def test_flip_rate_is_one_half():
     image = Image.fromarray(np.tile(np.arange(64, dtype=np.uint8) * 4, (64, 1))[..., None].repeat(3, axis=2))
-    rng = np.random.default_rng(1)
     flips = 0
-    for _ in range(1000):
-        out = np.asarray(random_resized_crop_flip(image, 16, rng), np.float32)[..., 0]
+    for index in range(1000):
+        out = np.asarray(crop_resize_flip(image, 16, *crop_and_flip(64, 64, 1, 0, index, train=True)), np.float32)[..., 0]
         flips += out[:, 0].mean() > out[:, -1].mean()  # the ramp now decreases left to right
     assert 450 < flips < 550
 

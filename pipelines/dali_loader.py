@@ -1,0 +1,81 @@
+"""The DALI engine: encoded bytes (image files or .beton samples) go to DALI, which decodes only each
+sample's crop (nvJPEG and the hardware JPEG decoder on a GPU, libjpeg-turbo on CPU), resizes, flips and
+hands uint8 batches over on the device.
+
+Crop boxes and flips are drawn in Python by the same function as the torch engine's, from
+(seed, epoch, index), so the two engines produce the same views; only decoder and resampler differ.
+"""
+from typing import Iterator
+
+import numpy as np
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+from supmae.errors import SupmaeError
+from supmae.pipelines.augment import crop_and_flip
+from supmae.pipelines.batch import Batch, to_device_batches
+from supmae.pipelines.order import Schedule
+
+
+class _Samples:
+    """DALI's per-sample source: what global batch `start + iteration` holds at `idx_in_batch`.
+
+    Runs in DALI's Python worker processes, which is where the file reads and crop draws happen."""
+
+    def __init__(self, source, schedule: Schedule, start: int, seed: int, train: bool):
+        self.source, self.schedule, self.start, self.seed, self.train = source, schedule, start, seed, train
+
+    def __call__(self, info):
+        epoch, indices = self.schedule.batch(self.start + info.iteration)
+        index = int(indices[info.idx_in_batch])
+        data, (width, height) = self.source.encoded(index)
+        (left, top, w, h), flip = crop_and_flip(width, height, self.seed, epoch, index, self.train)
+        return (data, np.array(self.source.labels[index], np.int64), np.array([left, top], np.float32),
+                np.array([w, h], np.float32), np.array(flip, np.int32))
+
+
+@pipeline_def
+def _views(samples: _Samples, size: int, on_gpu: bool, parallel: bool):
+    data, labels, anchor, shape, flip = fn.external_source(
+        samples, num_outputs=5, batch=False, parallel=parallel,
+        dtype=[types.UINT8, types.INT64, types.FLOAT, types.FLOAT, types.INT32])
+    images = fn.decoders.image_slice(data, anchor, shape, axis_names="WH", normalized_anchor=False,
+                                     normalized_shape=False, output_type=types.RGB,
+                                     device="mixed" if on_gpu else "cpu")
+    images = fn.resize(images, size=[size, size], interp_type=types.INTERP_CUBIC, antialias=True)
+    images = fn.flip(images, horizontal=flip)
+    return images, labels.gpu() if on_gpu else labels
+
+
+class DALILoader:
+    def __init__(self, source, spec):
+        self.source, self.spec = source, spec
+        self.schedule = spec.schedule(len(source))
+
+    def _pixels(self):
+        spec, device = self.spec, torch.device(self.spec.device)
+        on_gpu = device.type == "cuda"
+        samples = _Samples(self.source, self.schedule, spec.start, spec.seed, spec.train)
+        pipe = _views(samples, spec.img_size, on_gpu, spec.workers > 0,
+                      batch_size=spec.batch_size, num_threads=max(1, spec.workers), seed=spec.seed,
+                      device_id=(device.index if device.index is not None else torch.cuda.current_device())
+                      if on_gpu else None,
+                      py_num_workers=max(1, spec.workers),
+                      # forking a process that holds a CUDA context is unsafe
+                      py_start_method="spawn" if on_gpu else "fork")
+        try:
+            pipe.build()
+            for (out,) in DALIGenericIterator([pipe], ["images", "labels"], size=-1):
+                yield out["images"], out["labels"]
+        except RuntimeError as error:
+            raise SupmaeError(f"the dali loader failed: {_first_line(error)}") from None
+
+    def __iter__(self) -> Iterator[Batch]:
+        spec = self.spec
+        return to_device_batches(self._pixels(), spec.device, spec.mask_sampler, spec.start, spec.dtype)
+
+
+def _first_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return next((line for line in lines if "rror" in line), lines[0] if lines else type(error).__name__)

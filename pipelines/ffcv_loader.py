@@ -1,0 +1,88 @@
+"""The FFCV engine: .beton samples decoded and random-resized-cropped in one pass by FFCV's JIT-compiled
+threads, flipped, moved to the device as uint8 and normalised there.
+
+It follows the shared `Schedule` (FFCV's own quasi-random order is offered for process-cached datasets
+larger than memory). Crops and flips come from FFCV's per-thread generators: the same distribution as
+the other engines, but not reproducible from the seed.
+"""
+from typing import Iterator
+
+import torch
+from ffcv.fields.basics import IntDecoder
+from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
+from ffcv.loader import Loader
+from ffcv.traversal_order.base import TraversalOrder
+from ffcv.traversal_order.quasi_random import QuasiRandom
+from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor
+
+from supmae.errors import SupmaeError
+from supmae.pipelines.augment import CROP_RATIO, CROP_SCALE, EVAL_CROP_FRACTION, FLIP_PROBABILITY
+from supmae.pipelines.batch import Batch, to_device_batches
+from supmae.pipelines.order import Schedule
+from supmae.pipelines.sources import BetonSource
+
+
+class _Order(TraversalOrder):
+    """The shared schedule from `first_epoch` on, less that epoch's first `skip` batches.
+
+    FFCV 1.0 takes a custom order as an instance, which it calls with the loader it belongs to."""
+
+    def __init__(self, schedule: Schedule, first_epoch: int, skip: int, quasi_random: bool):
+        self.schedule, self.first_epoch, self.skip, self.quasi_random = schedule, first_epoch, skip, quasi_random
+        self.quasi = None
+
+    def __call__(self, loader) -> "_Order":
+        super().__init__(loader)
+        if self.quasi_random:
+            self.quasi = QuasiRandom(loader)
+        return self
+
+    def sample_order(self, epoch: int):
+        epoch += self.first_epoch
+        schedule = self.schedule
+        if self.quasi is None:
+            order = schedule.epoch(epoch)
+        else:
+            order = self.quasi.sample_order(epoch)[:schedule.batches_per_epoch * schedule.batch_size]
+        return order[self.skip * schedule.batch_size:] if epoch == self.first_epoch else order
+
+
+class FFCVLoader:
+    def __init__(self, source, spec):
+        if not isinstance(source, BetonSource):
+            raise SupmaeError(f"the ffcv loader reads .beton files; convert {source.path} first "
+                              f"(supmae convert {source.path} OUT.beton)")
+        if spec.order not in ("random", "quasi_random"):
+            raise SupmaeError(f"unknown order {spec.order!r}; use random or quasi_random")
+        if spec.order == "quasi_random" and spec.world_size > 1:
+            raise SupmaeError("quasi_random order cannot be sharded across ranks; use random")
+        self.source, self.spec = source, spec
+        self.schedule = spec.schedule(len(source))
+
+    def _loader(self, first_epoch: int, skip: int) -> Loader:
+        spec, device = self.spec, torch.device(self.spec.device)
+        size = (spec.img_size, spec.img_size)
+        if spec.train:
+            images = [RandomResizedCropRGBImageDecoder(size, scale=CROP_SCALE, ratio=CROP_RATIO),
+                      RandomHorizontalFlip(FLIP_PROBABILITY)]
+        else:
+            images = [CenterCropRGBImageDecoder(size, ratio=EVAL_CROP_FRACTION)]
+        images, labels = images + [ToTensor()], [IntDecoder(), ToTensor(), Squeeze(1)]
+        if device.type == "cuda":  # uint8 crosses on FFCV's own copy streams
+            images, labels = images + [ToDevice(device, non_blocking=True)], labels + [ToDevice(device, non_blocking=True)]
+        return Loader(self.source.path, batch_size=spec.batch_size, num_workers=max(1, spec.workers),
+                      os_cache=spec.os_cache, order=_Order(self.schedule, first_epoch, skip, spec.order == "quasi_random"),
+                      seed=spec.seed, drop_last=True, pipelines={"image": images, "label": labels})
+
+    def _pixels(self):
+        epoch, skip = divmod(self.spec.start, self.schedule.batches_per_epoch)
+        if skip:  # FFCV fixes an epoch's length at construction, so a part epoch gets a loader of its own
+            yield from self._loader(epoch, skip)
+            epoch += 1
+        loader = self._loader(epoch, 0)
+        while True:
+            yield from loader
+
+    def __iter__(self) -> Iterator[Batch]:
+        spec = self.spec
+        return to_device_batches(self._pixels(), spec.device, spec.mask_sampler, spec.start, spec.dtype)

@@ -1,0 +1,41 @@
+"""Which samples make up global batch i on this rank: the one schedule every engine follows.
+
+The order of an epoch is a function of (seed, epoch) alone and each rank takes a disjoint, equal share of
+it, so every engine, worker count and restart point sees the same samples in the same batches.
+"""
+import numpy as np
+import torch
+
+
+def epoch_order(num_samples: int, seed: int, epoch: int) -> np.ndarray:
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(num_samples, generator=generator).numpy()
+
+
+def shard(order: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+    """Rank `rank`'s share: every world_size-th sample, cut so all ranks hold the same number."""
+    return order[rank::world_size][:len(order) // world_size]
+
+
+class Schedule:
+    """Batches of `batch_size` sample indices, epoch after epoch; the partial last batch is dropped."""
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside a world of {world_size}")
+        self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.batches_per_epoch = num_samples // world_size // batch_size
+        self._cached = (None, None)
+
+    def epoch(self, epoch: int) -> np.ndarray:
+        """This rank's samples for `epoch`, in order, a whole number of batches long."""
+        if self._cached[0] != epoch:
+            order = shard(epoch_order(self.num_samples, self.seed, epoch), self.rank, self.world_size)
+            self._cached = (epoch, order[:self.batches_per_epoch * self.batch_size])
+        return self._cached[1]
+
+    def batch(self, index: int) -> tuple[int, np.ndarray]:
+        """(epoch, sample indices) of global batch `index`."""
+        epoch, b = divmod(index, self.batches_per_epoch)
+        return epoch, self.epoch(epoch)[b * self.batch_size:(b + 1) * self.batch_size]

@@ -1,0 +1,182 @@
+"""Where the images of a run come from: an image folder, a CSV/TSV file list, or a converted .beton file.
+
+Every source is a labelled, indexable set of encoded images. Engines ask it for a sample's encoded bytes
+(which they decode themselves) or for decoded RGB pixels (the PIL path); a .beton serves every engine, so
+all three can be compared on one file.
+"""
+import csv
+import json
+import os
+from typing import NamedTuple
+
+import numpy as np
+from PIL import Image
+
+from supmae.errors import SupmaeError
+from supmae.pipelines.decode import load_rgb, upright_size
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp")
+LIST_EXTENSIONS = (".csv", ".tsv")
+
+
+class LabelledImages(NamedTuple):
+    root: str                        # the folder or list file they were found from
+    classes: list[str]               # a label is an index into this list
+    samples: list[tuple[str, int]]   # (path, label)
+
+
+def scan_image_folder(root: str) -> LabelledImages:
+    """root/<class>/[sub/folders/]<image>; classes sorted by name, samples by class then path."""
+    if not os.path.exists(root):
+        raise SupmaeError(f"data path {root} does not exist")
+    if not os.path.isdir(root):
+        raise SupmaeError(f"data path {root} is not a directory (expected root/<class>/<image> folders)")
+    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
+    if not classes:
+        raise SupmaeError(f"data path {root} has no class sub-folders (expected root/<class>/<image> folders)")
+    samples = []
+    for label, name in enumerate(classes):
+        for folder, dirs, files in sorted(os.walk(os.path.join(root, name), followlinks=True)):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            samples += [(os.path.join(folder, f), label) for f in sorted(files)
+                        if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+    if not samples:
+        raise SupmaeError(f"data path {root} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    return LabelledImages(root, classes, samples)
+
+
+def read_file_list(path: str) -> LabelledImages:
+    """A CSV (or, for .tsv, tab-separated) list of `path,label` rows, with or without a header row.
+
+    Relative paths are taken from the list's folder. Labels are class names, sorted into indices, unless
+    every label is a non-negative integer, in which case the integers are the indices.
+    """
+    if not os.path.isfile(path):
+        raise SupmaeError(f"file list {path} does not exist")
+    base = os.path.dirname(os.path.abspath(path))
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = [row for row in csv.reader(f, delimiter="\t" if path.lower().endswith(".tsv") else ",") if row]
+    if rows and [c.strip().lower() for c in rows[0]] == ["path", "label"]:
+        rows = rows[1:]
+    for number, row in enumerate(rows, start=1):
+        if len(row) != 2 or not row[0].strip():
+            raise SupmaeError(f"{path}: row {number} is {row!r}, expected two columns: path,label")
+    if not rows:
+        raise SupmaeError(f"file list {path} lists no images")
+    names = [label.strip() for _, label in rows]
+    if all(name.isdigit() for name in names):
+        indices = [int(name) for name in names]
+        classes = [str(i) for i in range(max(indices) + 1)]
+    else:
+        classes = sorted(set(names))
+        index = {name: i for i, name in enumerate(classes)}
+        indices = [index[name] for name in names]
+    samples = [(os.path.join(base, p.strip()), y) for (p, _), y in zip(rows, indices)]
+    return LabelledImages(path, classes, samples)
+
+
+def scan_images(path: str) -> LabelledImages:
+    """An image folder or a file list."""
+    if path.lower().endswith(LIST_EXTENSIONS):
+        return read_file_list(path)
+    return scan_image_folder(path)
+
+
+class FolderSource:
+    """Images as files (from a folder or a list), decoded on demand."""
+
+    def __init__(self, images: LabelledImages):
+        self.path, self.classes = images.root, images.classes
+        self.paths = [p for p, _ in images.samples]
+        self.labels = np.array([y for _, y in images.samples], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def describe(self, index: int) -> str:
+        return self.paths[index]
+
+    def encoded(self, index: int) -> tuple[np.ndarray, tuple[int, int]]:
+        """The file's bytes and its upright (width, height)."""
+        data = np.fromfile(self.paths[index], dtype=np.uint8)
+        return data, upright_size(data)
+
+    def image(self, index: int) -> Image.Image:
+        return load_rgb(self.paths[index])
+
+
+def sidecar_path(beton: str) -> str:
+    return beton + ".json"
+
+
+class BetonSource:
+    """A .beton written by `supmae convert` (or any FFCV file with an RGB `image` and an int `label` field)."""
+
+    def __init__(self, path: str):
+        from ffcv.fields import IntField, RGBImageField
+        from ffcv.reader import Reader
+        if not os.path.isfile(path):
+            raise SupmaeError(f"data file {path} does not exist")
+        try:
+            reader = Reader(path)
+        except Exception as error:  # FFCV raises bare AssertionError/ValueError/IndexError on foreign files
+            raise SupmaeError(f"{path} is not a readable .beton file ({type(error).__name__}: {error})") from None
+        if not (isinstance(reader.handlers.get("image"), RGBImageField)
+                and isinstance(reader.handlers.get("label"), IntField)):
+            raise SupmaeError(f"{path} has fields {reader.field_names}; supmae needs an RGB 'image' and an int 'label'")
+        self.path = path
+        field = {name: f"f{i}" for i, name in enumerate(reader.field_names)}  # FFCV's metadata column names
+        self.labels = np.array(reader.metadata[field["label"]], dtype=np.int64)
+        self._image = np.array(reader.metadata[field["image"]])  # mode, width, height, data_ptr per sample
+        ptrs = reader.alloc_table["ptr"]
+        order = np.argsort(ptrs)
+        self._ptrs, self._sizes = ptrs[order], reader.alloc_table["size"][order]
+        self.classes = self._read_classes()
+        self._file = None
+
+    def _read_classes(self) -> list[str]:
+        try:
+            with open(sidecar_path(self.path)) as f:
+                return list(json.load(f)["class_to_index"])
+        except (OSError, ValueError, KeyError):  # no sidecar: the labels name themselves
+            return [str(i) for i in range(int(self.labels.max(initial=-1)) + 1)]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getstate__(self):
+        # Worker processes map the file themselves.
+        return {**self.__dict__, "_file": None}
+
+    def describe(self, index: int) -> str:
+        return f"{self.path}[{index}]"
+
+    def _stored(self, index: int) -> tuple[np.ndarray, bool, int, int]:
+        if self._file is None:
+            self._file = np.memmap(self.path, dtype=np.uint8, mode="r")
+        mode, width, height, ptr = self._image[index]
+        size = self._sizes[np.searchsorted(self._ptrs, ptr)]
+        return self._file[ptr:ptr + size], mode == _JPEG, int(width), int(height)
+
+    def encoded(self, index: int) -> tuple[np.ndarray, tuple[int, int]]:
+        """JPEG bytes as stored; raw pixels are wrapped as a binary PPM, which every decoder reads losslessly."""
+        data, is_jpeg, width, height = self._stored(index)
+        if not is_jpeg:
+            data = np.concatenate([np.frombuffer(f"P6\n{width} {height}\n255\n".encode(), np.uint8), data])
+        return np.asarray(data), (width, height)
+
+    def image(self, index: int) -> Image.Image:
+        data, is_jpeg, width, height = self._stored(index)
+        if is_jpeg:
+            return load_rgb(memoryview(data))
+        return Image.frombuffer("RGB", (width, height), np.ascontiguousarray(data), "raw", "RGB", 0, 1)
+
+
+_JPEG = 0  # FFCV's RGBImageField mode for JPEG-stored samples (1: raw pixels)
+
+
+def open_source(path: str):
+    """The source at `path`: a .beton file, a CSV/TSV file list, or an image folder."""
+    if path.lower().endswith(".beton"):
+        return BetonSource(path)
+    return FolderSource(scan_images(path))

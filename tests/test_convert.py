@@ -1,0 +1,182 @@
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from supmae.cli import main
+from supmae.errors import SupmaeError
+from supmae.pipelines.convert import ConvertOptions, convert, report_path
+from supmae.pipelines.sources import BetonSource, open_source, sidecar_path
+
+from test_cli import REPO, error_of
+
+
+def pattern(width=48, height=32) -> np.ndarray:
+    """An image with no symmetry, so any rotation, flip or channel swap shows."""
+    y, x = np.mgrid[0:height, 0:width]
+    return np.stack([x * 255 // (width - 1), y * 255 // (height - 1), (x + 2 * y) % 256], -1).astype(np.uint8)
+
+
+def quiet_convert(src, out, **options):
+    return convert(str(src), str(out), ConvertOptions(**options), workers=2, progress=False, log=lambda _: None)
+
+
+def stock_ffcv_images(path) -> tuple[list[np.ndarray], list[int]]:
+    """Every sample of `path` through an unmodified FFCV Loader, in file order."""
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.rgb_image import SimpleRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    loader = Loader(str(path), batch_size=1, num_workers=1, order=OrderOption.SEQUENTIAL, drop_last=False,
+                    pipelines={"image": [SimpleRGBImageDecoder()], "label": [IntDecoder()]})
+    images, labels = [], []
+    for image, label in loader:
+        images.append(np.array(image[0]))
+        labels.append(int(label[0, 0]))
+    return images, labels
+
+
+@pytest.fixture
+def awkward_folder(tmp_path):
+    """One class per way a file can hold an image, plus files that hold none."""
+    rgb = pattern()
+    root = tmp_path / "awkward"
+
+    def save(name, image, **kwargs):
+        (root / os.path.dirname(name)).mkdir(parents=True, exist_ok=True)
+        image.save(root / name, **kwargs)
+
+    save("rgb/a.png", Image.fromarray(rgb))
+    save("cmyk/a.tif", Image.fromarray(rgb).convert("CMYK"))
+    save("grey/a.png", Image.fromarray(rgb).convert("L"))
+    save("palette/a.png", Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=256))
+    rgba = np.concatenate([rgb, np.full(rgb.shape[:2] + (1,), 255, np.uint8)], -1)
+    rgba[:, :8, 3] = 0  # a transparent band on the left; its colour channels hold junk
+    rgba[:, :8, :3] = 7
+    save("rgba/a.png", Image.fromarray(rgba))
+    save("sixteen/a.png", Image.fromarray(rgb[..., 0].astype(np.uint16) * 257))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated: the viewer turns it 90 degrees clockwise
+    save("exif/a.png", Image.fromarray(np.rot90(rgb, 1).copy()), exif=exif.tobytes())
+    # files that hold no usable image
+    (root / "rgb" / "notes.jpg").write_bytes(b"this is text, not a JPEG")
+    (root / "rgb" / "empty.png").write_bytes(b"")
+    jpeg = io.BytesIO()
+    Image.fromarray(pattern(200, 160)).save(jpeg, format="JPEG", quality=90)
+    (root / "grey" / "truncated.jpg").write_bytes(jpeg.getvalue()[:len(jpeg.getvalue()) // 2])
+    return root
+
+
+def test_awkward_images_are_stored_upright_rgb_and_bad_files_skipped(awkward_folder, tmp_path):
+    out = tmp_path / "awkward.beton"
+    sidecar = quiet_convert(awkward_folder, out, write_mode="raw")
+    images, labels = stock_ffcv_images(out)
+    classes = list(sidecar["class_to_index"])
+    by_class = {classes[y]: image for image, y in zip(images, labels)}
+    rgb = pattern()
+    assert set(by_class) == {"rgb", "cmyk", "grey", "palette", "rgba", "sixteen", "exif"}
+    assert all(image.shape == (32, 48, 3) and image.dtype == np.uint8 for image in images)
+    np.testing.assert_array_equal(by_class["rgb"], rgb)
+    np.testing.assert_array_equal(by_class["exif"], rgb)  # upright again
+    assert np.abs(by_class["cmyk"].astype(int) - rgb).max() <= 2
+    grey = np.asarray(Image.fromarray(rgb).convert("L"))
+    assert np.abs(by_class["grey"].astype(int) - grey[..., None]).max() <= 1
+    np.testing.assert_array_equal(by_class["sixteen"], np.repeat(rgb[..., :1], 3, -1))  # 16 bits scaled to 8
+    assert np.abs(by_class["palette"].astype(int) - rgb).mean() < 6
+    np.testing.assert_array_equal(by_class["rgba"][:, :8], 255)  # transparent: white, not the junk colour
+    np.testing.assert_array_equal(by_class["rgba"][:, 8:], rgb[:, 8:])
+
+    assert sidecar["num_samples"] == 7 and sidecar["skipped"] == 3
+    with open(report_path(str(out))) as f:
+        rows = [line.rstrip("\n").split("\t") for line in f][1:]
+    assert sorted(os.path.basename(path) for path, _ in rows) == ["empty.png", "notes.jpg", "truncated.jpg"]
+    assert all(reason for _, reason in rows)
+    assert json.load(open(sidecar_path(str(out)))) == sidecar
+
+
+@pytest.mark.parametrize("mode", ["jpg", "raw", "smart", "proportion"])
+def test_labels_classes_and_pixels_survive_conversion(synth_folder, tmp_path, mode):
+    out = tmp_path / f"{mode}.beton"
+    sidecar = quiet_convert(synth_folder, out, write_mode=mode, max_resolution=64, smart_threshold=64 * 40 * 3)
+    source, folder = BetonSource(str(out)), open_source(synth_folder)
+    assert source.classes == folder.classes == list(sidecar["class_to_index"])
+    np.testing.assert_array_equal(source.labels, folder.labels)
+    assert sidecar["class_counts"] == {name: 12 for name in folder.classes}
+    assert sidecar["options"]["write_mode"] == mode and sidecar["options"]["max_resolution"] == 64
+    for i in (0, 17, 47):
+        stored, original = source.image(i), folder.image(i)
+        assert max(stored.size) in (63, 64)  # FFCV truncates the scaled sides
+        # the same picture: compared coarsely, past resampling and JPEG differences in fine texture
+        other = folder.image((i + 12) % 48)  # another class: what a mix-up would look like
+        coarse = [np.asarray(image.resize((16, 12), Image.BOX), np.float32) for image in (stored, original, other)]
+        assert np.abs(coarse[0] - coarse[1]).mean() < 5 < np.abs(coarse[0] - coarse[2]).mean()
+
+
+def test_file_lists_and_their_label_forms(tmp_path):
+    for i, name in enumerate(["cat", "dog", "cat"]):
+        Image.fromarray(pattern()).save(tmp_path / f"{i}.png")
+    (tmp_path / "named.csv").write_text("path,label\n0.png,cat\n1.png,dog\n2.png,cat\n")
+    (tmp_path / "numbered.tsv").write_text("0.png\t3\n1.png\t0\n2.png\t3\n")
+    (tmp_path / "ragged.csv").write_text("0.png,cat\n1.png\n")
+    quiet_convert(tmp_path / "named.csv", tmp_path / "named.beton")
+    named = BetonSource(str(tmp_path / "named.beton"))
+    assert named.classes == ["cat", "dog"] and named.labels.tolist() == [0, 1, 0]
+    quiet_convert(tmp_path / "numbered.tsv", tmp_path / "numbered.beton")
+    numbered = BetonSource(str(tmp_path / "numbered.beton"))
+    assert numbered.classes == ["0", "1", "2", "3"] and numbered.labels.tolist() == [3, 0, 3]
+    with pytest.raises(SupmaeError, match="row 2"):
+        quiet_convert(tmp_path / "ragged.csv", tmp_path / "ragged.beton")
+
+
+def test_existing_output_is_kept_unless_forced(synth_folder, tmp_path, capsys):
+    out = tmp_path / "data.beton"
+    out.write_bytes(b"precious")
+    err = error_of(capsys, "convert", synth_folder, str(out), "--no-progress")
+    assert "already exists" in err and out.read_bytes() == b"precious"
+    assert main(["convert", synth_folder, str(out), "--force", "--no-progress", "--max-res", "64"]) == 0
+    assert len(BetonSource(str(out))) == 48
+
+
+def test_bad_sources_and_options_are_one_line_errors(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert "does not exist" in error_of(capsys, "convert", str(tmp_path / "missing"), str(tmp_path / "o.beton"))
+    assert "no class sub-folders" in error_of(capsys, "convert", str(tmp_path / "empty"), str(tmp_path / "o.beton"))
+    assert "is a directory" in error_of(capsys, "convert", str(tmp_path / "empty"), str(tmp_path))
+    assert "--quality" in error_of(capsys, "convert", str(tmp_path / "empty"), "o.beton", "--quality", "x")
+    (tmp_path / "junk" / "a").mkdir(parents=True)
+    (tmp_path / "junk" / "a" / "x.jpg").write_bytes(b"no image here")
+    assert "could be read" in error_of(capsys, "convert", str(tmp_path / "junk"), str(tmp_path / "o.beton"),
+                                       "--no-progress")
+    assert not (tmp_path / "o.beton").exists()
+    (tmp_path / "junk.beton").write_bytes(os.urandom(4096))
+    assert "not a readable .beton" in error_of(capsys, "pretrain", "--data", str(tmp_path / "junk.beton"),
+                                               "--output", str(tmp_path / "run"))
+
+
+def test_interrupted_conversion_leaves_no_output(synth_folder, tmp_path):
+    """Killed while FFCV writes: OUT must not exist, nor any temporary file."""
+    out = tmp_path / "out" / "data.beton"
+    big = tmp_path / "big"
+    for c in ("a", "b"):
+        (big / c).mkdir(parents=True)
+        for i in range(48):
+            Image.fromarray(np.random.default_rng(i).integers(0, 255, (384, 512, 3), dtype=np.uint8)).save(
+                big / c / f"{i}.png", compress_level=1)
+    proc = subprocess.Popen([sys.executable, "-m", "supmae", "convert", str(big), str(out), "--workers", "1"],
+                            cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(p.name.startswith(".data.beton.partial") for p in out.parent.glob(".*")
+                                              if out.parent.exists()):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert not out.exists() and not list(out.parent.glob(".data.beton.partial*"))
