@@ -1,0 +1,189 @@
+"""The three engines behind one interface, on CPU: shapes, labels, augmentation statistics, determinism.
+
+Crops are measured, not trusted: the images are coordinate maps (red = x, green = y), so the pixels of
+an output view say which box of the source it shows and whether it was flipped.
+"""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from supmae.errors import SupmaeError
+from supmae.pipelines.augment import sample_crop
+from supmae.pipelines.batch import IMAGENET_MEAN, IMAGENET_STD
+from supmae.pipelines.convert import ConvertOptions, convert
+from supmae.pipelines.loader import LoaderSpec, create_loader
+from supmae.pipelines.masking import MaskSampler
+from supmae.pipelines.sources import open_source
+
+from test_cli import error_of
+
+WIDTH, HEIGHT, SIZE, BATCH = 240, 160, 32, 16
+ENGINES = [("torch", "folder"), ("torch", "raw"), ("ffcv", "raw"), ("dali", "folder"), ("dali", "raw")]
+
+
+def coordinate_image(label: int) -> Image.Image:
+    y, x = np.mgrid[0:HEIGHT, 0:WIDTH]
+    return Image.fromarray(np.stack([np.rint(x * 255 / (WIDTH - 1)), np.rint(y * 255 / (HEIGHT - 1)),
+                                     np.full_like(x, 40 * label)], -1).astype(np.uint8))
+
+
+@pytest.fixture(scope="session")
+def coordinates(tmp_path_factory):
+    """The same 4 x 8 coordinate images as a PNG folder, a raw .beton and a JPEG .beton."""
+    root = tmp_path_factory.mktemp("coordinates")
+    for label in range(4):
+        (root / "folder" / f"c{label}").mkdir(parents=True)
+        for i in range(8):
+            coordinate_image(label).save(root / "folder" / f"c{label}" / f"{i}.png")
+    for mode in ("raw", "jpg"):
+        convert(str(root / "folder"), str(root / f"{mode}.beton"), ConvertOptions(write_mode=mode), workers=2,
+                progress=False, log=lambda _: None)
+    return {"folder": str(root / "folder"), "raw": str(root / "raw.beton"), "jpg": str(root / "jpg.beton")}
+
+
+def spec(**overrides) -> LoaderSpec:
+    options = dict(batch_size=BATCH, img_size=SIZE, mask_sampler=MaskSampler(16, 0.75, 0, "cpu"), workers=2, seed=0)
+    options.update(overrides)
+    return LoaderSpec(**options)
+
+
+def take(engine, path, n, **overrides):
+    batches = iter(create_loader(engine, open_source(path), spec(**overrides)))
+    return [next(batches) for _ in range(n)]
+
+
+def pixels(batch) -> np.ndarray:
+    """Back from normalised (B, 3, H, W) to 0-255 (B, H, W, 3)."""
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return ((batch.images.float() * std + mean) * 255).permute(0, 2, 3, 1).numpy()
+
+
+def boxes(views: np.ndarray):
+    """(area fraction, aspect w/h, flipped) of each view, read off its coordinate pixels."""
+    red, green = views[..., 0], views[..., 1]
+    # Output pixel centres span (S - 1) / S of the crop, and red grows by 255 / (W - 1) per source pixel.
+    dx = (red[:, :, -1].mean(1) - red[:, :, 0].mean(1)) * (WIDTH - 1) / 255 * SIZE / (SIZE - 1)
+    dy = (green[:, -1, :].mean(1) - green[:, 0, :].mean(1)) * (HEIGHT - 1) / 255 * SIZE / (SIZE - 1)
+    w, h = np.abs(dx), dy
+    return w * h / (WIDTH * HEIGHT), w / h, dx < 0
+
+
+@pytest.fixture(scope="session")
+def views(coordinates):
+    """20 batches (320 views) from every engine, shared by the statistics tests."""
+    return {(engine, kind): take(engine, coordinates[kind], 20) for engine, kind in ENGINES}
+
+
+@pytest.mark.parametrize("engine,kind", ENGINES)
+def test_batches_have_the_interface_shapes_and_dtypes(views, engine, kind):
+    batch = views[engine, kind][0]
+    assert batch.images.shape == (BATCH, 3, SIZE, SIZE) and batch.images.dtype == torch.float32
+    assert batch.labels.shape == (BATCH,) and batch.labels.dtype == torch.int64
+    assert batch.masking.ids_keep.shape == (BATCH, 4) and batch.masking.ids_restore.shape == (BATCH, 16)
+    assert batch.masking.mask.sum().item() == BATCH * 12
+
+
+@pytest.mark.parametrize("engine,kind", ENGINES)
+def test_labels_arrive_intact(views, engine, kind):
+    """Blue encodes the class, so every image must arrive with its own label, and an epoch holds each once."""
+    for batch in views[engine, kind]:
+        blue = pixels(batch)[..., 2].mean((1, 2))
+        np.testing.assert_allclose(blue, batch.labels.numpy() * 40, atol=3)
+    epoch = torch.cat([b.labels for b in views[engine, kind][:2]])  # 32 images: one epoch
+    assert sorted(epoch.tolist()) == sorted(list(range(4)) * 8)
+
+
+@pytest.mark.parametrize("engine,kind", ENGINES)
+def test_crop_area_aspect_and_flip_statistics(views, engine, kind):
+    area, aspect, flipped = map(np.concatenate, zip(*(boxes(pixels(b)) for b in views[engine, kind])))
+    rng = np.random.default_rng(0)
+    reference = np.array([sample_crop(WIDTH, HEIGHT, rng) for _ in range(20000)], np.float64)
+    ref_area = reference[:, 2] * reference[:, 3] / (WIDTH * HEIGHT)
+    ref_aspect = reference[:, 2] / reference[:, 3]
+    assert area.min() > 0.17 and area.max() < 1.03
+    assert abs(area.mean() - ref_area.mean()) < 0.04 and abs(area.std() - ref_area.std()) < 0.04
+    assert np.exp(np.log(aspect).min()) > 0.7 and np.exp(np.log(aspect).max()) < 1.4
+    assert abs(np.log(aspect).mean() - np.log(ref_aspect).mean()) < 0.05
+    assert 0.38 < flipped.mean() < 0.62
+
+
+def test_torch_and_dali_draw_the_same_views(views):
+    """Both take boxes and flips from (seed, epoch, index): only their resamplers differ."""
+    for a, b in zip(views["torch", "folder"], views["dali", "raw"]):
+        assert torch.equal(a.labels, b.labels)
+        assert torch.equal(a.masking.ids_keep, b.masking.ids_keep)
+        assert np.abs(pixels(a) - pixels(b)).mean() < 2.0
+
+
+def test_every_engine_follows_the_same_schedule(views):
+    reference = views["torch", "folder"]
+    for key, batches in views.items():
+        for a, b in zip(reference, batches):
+            assert torch.equal(a.labels, b.labels), key
+            assert torch.equal(a.masking.mask, b.masking.mask), key
+
+
+@pytest.mark.parametrize("engine", ["torch", "dali"])
+def test_views_are_a_function_of_the_seed_and_resume_exactly(coordinates, views, engine):
+    kind = "raw"
+    full = views[engine, kind]
+    again = take(engine, coordinates[kind], 3, workers=1)
+    resumed = take(engine, coordinates[kind], 4, start=3)  # batch 3 is mid-epoch 1
+    for a, b in zip(full, again):
+        assert torch.equal(a.images, b.images)
+    for a, b in zip(full[3:], resumed):
+        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+        assert torch.equal(a.masking.ids_keep, b.masking.ids_keep)
+    other = take(engine, coordinates[kind], 1, seed=1)[0]
+    assert not torch.equal(other.images, full[0].images)
+
+
+def test_ffcv_resumes_on_the_schedule(coordinates, views):
+    """FFCV's crops come from its own generators; its order and masks still resume exactly."""
+    resumed = take("ffcv", coordinates["raw"], 4, start=3)
+    for a, b in zip(views["ffcv", "raw"][3:], resumed):
+        assert torch.equal(a.labels, b.labels) and torch.equal(a.masking.ids_keep, b.masking.ids_keep)
+
+
+def test_dali_decodes_a_beton_as_ffcv_does(coordinates, tmp_path):
+    """Centre views at the stored size, so no resampling: what remains is the JPEG decoders' difference."""
+    folder = tmp_path / "squares"
+    for label in range(2):
+        (folder / str(label)).mkdir(parents=True)
+        for i in range(8):
+            rng = np.random.default_rng(10 * label + i)
+            smooth = Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).resize((64, 64), Image.BICUBIC)
+            smooth.save(folder / str(label) / f"{i}.png")
+    beton = str(tmp_path / "squares.beton")
+    convert(str(folder), beton, ConvertOptions(write_mode="jpg", jpeg_quality=90), workers=1, progress=False,
+            log=lambda _: None)
+    ffcv, dali = (take(engine, beton, 1, train=False, img_size=56)[0] for engine in ("ffcv", "dali"))
+    assert torch.equal(ffcv.labels, dali.labels)
+    difference = np.abs(pixels(ffcv) - pixels(dali))
+    # FFCV decodes with libjpeg-turbo's fast integer IDCT, DALI with the accurate one: a level or so apart
+    assert difference.mean() < 1.5 and difference.max() <= 8
+
+
+def test_ffcv_needs_a_beton(coordinates):
+    with pytest.raises(SupmaeError, match="reads .beton files"):
+        create_loader("ffcv", open_source(coordinates["folder"]), spec())
+
+
+@pytest.mark.parametrize("engine,kind", [("ffcv", "jpg"), ("dali", "jpg"), ("dali", "folder")])
+def test_pretrain_runs_on_every_engine(capsys, coordinates, tmp_path, engine, kind):
+    from supmae.cli import main
+    code = main(["pretrain", "--data", coordinates[kind], "--loader", engine, "--model", "supmae_vit_tiny_patch16",
+                 "--img-size", "32", "--batch-size", "8", "--steps", "3", "--workers", "2", "--log-every", "1",
+                 "--output", str(tmp_path / "run"), "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    assert (tmp_path / "run" / "checkpoint-00000003.pt").exists()
+    assert f"({engine} loader)" in capsys.readouterr().out
+
+
+def test_engine_mismatches_are_one_line_errors(capsys, coordinates, tmp_path):
+    common = ["--model", "supmae_vit_tiny_patch16", "--img-size", "32", "--batch-size", "8", "--no-progress"]
+    assert "reads .beton files" in error_of(capsys, "pretrain", "--data", coordinates["folder"], "--loader", "ffcv",
+                                            "--output", str(tmp_path / "a"), *common)
+    assert "quasi_random" in error_of(capsys, "pretrain", "--data", coordinates["folder"], "--order", "quasi_random",
+                                      "--output", str(tmp_path / "b"), *common)
