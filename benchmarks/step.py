@@ -6,11 +6,8 @@ FLOP counter, and model FLOP utilisation against a matrix product measured in th
     python benchmarks/step.py --model supmae_vit_base_patch16 --batch-size 256 --json step.json
 """
 import argparse
-import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 
@@ -19,16 +16,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
+from benchmarks.common import commit, device_name, sync, versions, write_json  # noqa: E402
 from supmae import create_model  # noqa: E402
 from supmae.optim import build_optimizer  # noqa: E402
 from supmae.pipelines.batch import Batch  # noqa: E402
 from supmae.pipelines.masking import MaskSampler  # noqa: E402
 from supmae.train import PRECISIONS, autocast_for, resolve_device, speed_defaults, train_step  # noqa: E402
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def matmul_rate(device, dtype, n) -> float:
@@ -44,25 +37,6 @@ def matmul_rate(device, dtype, n) -> float:
         sync(device)
         times.append(time.perf_counter() - start)
     return 2 * n**3 / statistics.median(times)
-
-
-def device_name(device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or platform.machine()
-    return f"{model} ({os.cpu_count()} cores)"
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
 
 
 def main():
@@ -116,7 +90,7 @@ def main():
 
     result = dict(
         device=device_name(device),
-        commit=commit(), versions=dict(torch=torch.__version__, python=platform.python_version()),
+        commit=commit(), versions=versions(),
         config=dict(model=args.model, batch_size=args.batch_size, img_size=args.img_size, precision=precision,
                     compile=compiled),
         images_per_s=images_per_s, images_per_s_windows=rates, warmup_s=warmup_s,
@@ -126,9 +100,7 @@ def main():
     print(f"  {result['gflops_per_image']:.1f} GFLOP/image counted; matmul ceiling {peak / 1e12:.2f} TFLOP/s "
           f"measured; MFU {mfu:.1%}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
+        write_json(args.json, result)
 
 
 if __name__ == "__main__":

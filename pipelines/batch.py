@@ -26,18 +26,19 @@ def to_device_batches(pixel_batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
     still running on the main stream when the next batch is asked for.
     """
     device = torch.device(device)
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
     std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+    scale, shift = 1 / std, -torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255 / std
     side = torch.cuda.Stream(device) if device.type == "cuda" else None
     if side is not None:
-        side.wait_stream(torch.cuda.current_stream(device))  # mean and std are made on the main stream
+        side.wait_stream(torch.cuda.current_stream(device))  # scale and shift are made on the main stream
     for index, (images, labels) in enumerate(pixel_batches, start=start):
         stream = side if side is not None and images.device.type == "cpu" else None
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            images = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+            # Transposed while still uint8 (a quarter of the bytes), then scaled in place: three passes, not six.
+            images = images.to(device, non_blocking=True).permute(0, 3, 1, 2).contiguous()
+            images = images.to(torch.float32).mul_(scale).add_(shift).to(dtype)
             # Engines recycle their output buffers, so labels are copied even when already in place.
-            batch = Batch(((images - mean) / std).to(dtype).contiguous(),
-                          labels.to(device, non_blocking=True, copy=True), mask_sampler(images.shape[0], index))
+            batch = Batch(images, labels.to(device, non_blocking=True, copy=True), mask_sampler(images.shape[0], index))
         if stream is not None:
             main = torch.cuda.current_stream(device)
             main.wait_stream(stream)

@@ -7,6 +7,7 @@ place last, so an interrupted conversion never leaves a complete-looking file.
 """
 import contextlib
 import dataclasses
+import functools
 import json
 import multiprocessing
 import os
@@ -15,6 +16,7 @@ import sys
 import threading
 import time
 from typing import Optional
+from unittest import mock
 
 import numpy as np
 from tqdm import tqdm
@@ -136,6 +138,7 @@ def _write_atomic(path: str, text: str) -> None:
 def convert(src: str, out: str, options: ConvertOptions = ConvertOptions(), workers: Optional[int] = None,
             force: bool = False, progress: bool = True, log=print) -> dict:
     """Convert `src`; returns the sidecar's contents. Raises SupmaeError for bad input, leaving `out` as it was."""
+    import ffcv.writer
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
 
@@ -170,7 +173,9 @@ def convert(src: str, out: str, options: ConvertOptions = ConvertOptions(), work
     try:
         writer = DatasetWriter(tmp, fields, page_size=_page_size([s for _, s in kept], options.max_resolution),
                                num_workers=workers)
-        writer.from_indexed_dataset(_Images(samples, failed))
+        with mock.patch.object(ffcv.writer, "tqdm", functools.partial(tqdm, disable=not progress, unit="img",
+                                                                      desc="writing")):
+            writer.from_indexed_dataset(_Images(samples, failed))
         changed = [samples[i][0] for i in np.flatnonzero(np.frombuffer(failed, np.int8))]
         if changed:
             raise SupmaeError(f"{len(changed)} file(s) could not be read on the second pass (changed during the "
