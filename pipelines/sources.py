@@ -105,6 +105,9 @@ class FolderSource:
         return load_rgb(self.paths[index])
 
 
+_JPEG = 0  # FFCV's RGBImageField mode for JPEG-stored samples (1: raw pixels)
+
+
 def sidecar_path(beton: str) -> str:
     return beton + ".json"
 
@@ -170,9 +173,6 @@ class BetonSource:
         if is_jpeg:
             return load_rgb(memoryview(data))
         return Image.frombuffer("RGB", (width, height), np.ascontiguousarray(data), "raw", "RGB", 0, 1)
-
-
-_JPEG = 0  # FFCV's RGBImageField mode for JPEG-stored samples (1: raw pixels)
 
 
 def open_source(path: str):

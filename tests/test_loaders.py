@@ -187,3 +187,11 @@ def test_engine_mismatches_are_one_line_errors(capsys, coordinates, tmp_path):
                                             "--output", str(tmp_path / "a"), *common)
     assert "quasi_random" in error_of(capsys, "pretrain", "--data", coordinates["folder"], "--order", "quasi_random",
                                       "--output", str(tmp_path / "b"), *common)
+
+
+def test_ffcv_quasi_random_order_with_its_process_cache(coordinates):
+    """FFCV's page-aware order still visits every sample once per epoch."""
+    batches = take("ffcv", coordinates["raw"], 2, order="quasi_random", os_cache=False)
+    blue = np.concatenate([pixels(b)[..., 2].mean((1, 2)) for b in batches])
+    np.testing.assert_allclose(blue, torch.cat([b.labels for b in batches]).numpy() * 40, atol=3)
+    assert sorted(torch.cat([b.labels for b in batches]).tolist()) == sorted(list(range(4)) * 8)

@@ -137,3 +137,17 @@ def test_synthetic_images_look_like_imagenet(synth_folder):
     assert all(256 <= w <= 512 and 224 <= h <= 448 for w, h in sizes)
     assert len(set(sizes)) > len(sizes) // 2
     assert math.isclose(np.mean([w for w, _ in sizes]), 384, rel_tol=0.2)
+
+
+def test_rank_shards_are_disjoint_equal_and_cover_the_epoch():
+    from supmae.pipelines.order import Schedule
+    for world in (1, 2, 3):
+        shards = [Schedule(100, 4, seed=5, rank=r, world_size=world).epoch(2) for r in range(world)]
+        assert len({len(s) for s in shards}) == 1 and all(len(s) % 4 == 0 for s in shards)
+        seen = np.concatenate(shards)
+        assert len(set(seen.tolist())) == len(seen)                       # disjoint
+        assert len(seen) == world * (100 // world // 4 * 4)             # all but the remainder
+    one = Schedule(100, 4, seed=5)
+    assert not np.array_equal(one.epoch(0), one.epoch(1))              # a new order every epoch
+    with pytest.raises(ValueError):
+        Schedule(100, 4, rank=2, world_size=2)
