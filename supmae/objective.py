@@ -12,6 +12,15 @@ def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
     return x.reshape(b, (h // p) * (w // p), p * p * c)
 
 
+def gather_patches(images: torch.Tensor, ids: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """The patches `ids` (B, K) of each image as (B, K, C*p*p) rows flattened as (c, i, j): the order of
+    the patch-embedding convolution's weight, so a matmul with it embeds them."""
+    b, c, h, w = images.shape
+    p = patch_size
+    patches = images.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, c * p * p)
+    return torch.gather(patches, 1, ids.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+
+
 def norm_pix(target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Normalise each patch by its own mean and unbiased variance."""
     mean = target.mean(dim=-1, keepdim=True)
@@ -23,6 +32,16 @@ def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Te
     """Per-patch mean squared error, averaged over the removed patches (mask == 1) only."""
     per_patch = ((pred - target) ** 2).mean(dim=-1)
     return (per_patch * mask).sum() / mask.sum()
+
+
+def removed_patch_loss(pred: torch.Tensor, images: torch.Tensor, ids_removed: torch.Tensor, patch_size: int,
+                       norm_pix_loss: bool = True) -> torch.Tensor:
+    """`reconstruction_loss` when the prediction covers only the removed patches, `ids_removed` (B, R)."""
+    target = patchify(images, patch_size)
+    target = torch.gather(target, 1, ids_removed.unsqueeze(-1).expand(-1, -1, target.shape[-1])).float()
+    if norm_pix_loss:
+        target = norm_pix(target)
+    return ((pred.float() - target) ** 2).mean()
 
 
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor, ratio: float, temperature: float) -> torch.Tensor:

@@ -1,5 +1,10 @@
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # Triton kernels run in Triton's interpreter on CPU (set before they load)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from supmae.pipelines.synthetic import render, write_synthetic
 

@@ -1,0 +1,101 @@
+"""Every Triton kernel against its eager twin, on fresh random inputs over several shapes and dtypes.
+
+On CPU the kernels run in Triton's interpreter (conftest sets TRITON_INTERPRET=1); outputs are
+poisoned with NaN first, so an element a kernel fails to write fails the comparison.
+"""
+import pytest
+import torch
+
+from supmae.kernels.norm_pix_loss import norm_pix_mse_triton
+from supmae.kernels.patch_gather import gather_patches_triton
+from supmae.objective import gather_patches, patchify, reconstruction_loss, removed_patch_loss
+from supmae.pipelines.masking import num_kept, random_masking
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# (batch, image height, width, patch size, mask ratio): odd batches, patch sizes 8/14/16, sizes other than 224
+SHAPES = [(3, 32, 32, 8, 0.75), (5, 56, 56, 14, 0.5), (1, 48, 48, 16, 0.9), (3, 48, 32, 16, 0.6)]
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 5e-3}
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setenv("SUPMAE_POISON_OUTPUTS", "1")
+
+
+def masks(batch, h, w, p, ratio, seed):
+    num_patches = (h // p) * (w // p)
+    generator = torch.Generator().manual_seed(seed)
+    masking = random_masking(torch.rand(batch, num_patches, generator=generator), num_kept(num_patches, ratio))
+    ids_removed = torch.argsort(masking.ids_restore, dim=1)[:, masking.ids_keep.shape[1]:]
+    return masking, ids_removed
+
+
+def images_of(batch, h, w, dtype, seed):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, h, w, generator=generator).to(DEVICE, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch,h,w,p,ratio", SHAPES)
+def test_patch_gather_matches_its_twin(batch, h, w, p, ratio, dtype):
+    images = images_of(batch, h, w, dtype, seed=batch + h)
+    masking, _ = masks(batch, h, w, p, ratio, seed=p)
+    ids = masking.ids_keep.to(DEVICE)
+    out = gather_patches_triton(images, ids, p)
+    assert out.shape == (batch, ids.shape[1], 3 * p * p) and out.dtype == dtype
+    torch.testing.assert_close(out, gather_patches(images, ids, p), rtol=0, atol=0)  # a copy: exact
+
+
+def test_gathered_patches_embed_like_the_convolution():
+    """The (c, i, j) order is the patch-embedding weight's: a matmul with it equals the convolution."""
+    images = images_of(2, 32, 32, torch.float32, seed=0)
+    conv = torch.nn.Conv2d(3, 24, 8, 8).to(DEVICE)
+    masking, _ = masks(2, 32, 32, 8, 0.75, seed=1)
+    ids = masking.ids_keep.to(DEVICE)
+    rows = gather_patches_triton(images, ids, 8) @ conv.weight.flatten(1).T + conv.bias
+    full = conv(images).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(rows, torch.gather(full, 1, ids.unsqueeze(-1).expand(-1, -1, 24)), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("norm", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch,h,w,p,ratio", SHAPES)
+def test_norm_pix_loss_and_gradient_match_the_twin(batch, h, w, p, ratio, dtype, norm):
+    images = images_of(batch, h, w, dtype, seed=h * w)
+    _, ids_removed = masks(batch, h, w, p, ratio, seed=batch)
+    ids_removed = ids_removed.to(DEVICE)
+    generator = torch.Generator().manual_seed(7)
+    pred = torch.randn(batch, ids_removed.shape[1], 3 * p * p, generator=generator).to(DEVICE, dtype)
+    pred_k, pred_e = pred.clone().requires_grad_(), pred.clone().requires_grad_()
+    loss_k = norm_pix_mse_triton(pred_k, images, ids_removed, p, norm)
+    loss_e = removed_patch_loss(pred_e, images, ids_removed, p, norm)
+    (loss_k * 3).backward()
+    (loss_e * 3).backward()
+    assert loss_k.dtype == torch.float32 and pred_k.grad.dtype == dtype
+    tolerance = TOLERANCE[dtype]
+    torch.testing.assert_close(loss_k, loss_e, rtol=1e-5, atol=1e-6)  # both accumulate in float32
+    torch.testing.assert_close(pred_k.grad, pred_e.grad, rtol=tolerance, atol=tolerance * pred_e.grad.abs().max())
+
+
+def test_removed_patch_loss_is_the_reference_objective():
+    """The twin equals the reference: full prediction, loss averaged over mask == 1."""
+    images = images_of(3, 32, 32, torch.float32, seed=3)
+    masking, ids_removed = masks(3, 32, 32, 8, 0.75, seed=4)
+    pred = torch.randn(3, 16, 192, device=DEVICE)
+    ids_removed, mask = ids_removed.to(DEVICE), masking.mask.to(DEVICE)
+    from supmae.objective import norm_pix
+    reference = reconstruction_loss(pred, norm_pix(patchify(images, 8)), mask)
+    removed = torch.gather(pred, 1, ids_removed.unsqueeze(-1).expand(-1, -1, 192))
+    torch.testing.assert_close(removed_patch_loss(removed, images, ids_removed, 8), reference)
+
+
+def test_kernels_trace_without_graph_breaks():
+    images = images_of(2, 32, 32, torch.float32, seed=5)
+    masking, ids_removed = masks(2, 32, 32, 8, 0.75, seed=6)
+    ids_keep, ids_removed = masking.ids_keep.to(DEVICE), ids_removed.to(DEVICE)
+
+    def step(pred):
+        return gather_patches_triton(images, ids_keep, 8).sum() + norm_pix_mse_triton(pred, images, ids_removed, 8, True)
+
+    explanation = torch._dynamo.explain(step)(torch.randn(2, 12, 192, device=DEVICE, requires_grad=True))
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
