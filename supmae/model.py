@@ -113,9 +113,12 @@ class MaskedAutoencoderViT(nn.Module):
     def forward_encoder(self, images: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
         """Encode the kept patches; returns (B, 1 + n_keep, D) after the final norm, cls token first."""
         x = self.patch_embed(images) + self.pos_embed[:, 1:]
-        x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-        x = torch.cat([cls, x], dim=1)
+        return self.encode(torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1])))
+
+    def encode(self, visible: torch.Tensor) -> torch.Tensor:
+        """Embedded visible patches (B, n_keep, D), position included -> encoder output with cls token."""
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(visible.shape[0], -1, -1)
+        x = torch.cat([cls, visible], dim=1)
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x)
@@ -123,14 +126,24 @@ class MaskedAutoencoderViT(nn.Module):
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """Predict the pixels of every patch: (B, L, p*p*3), original patch order."""
         x = self.decoder_embed(latent)
-        b, n, d = x.shape
-        mask_tokens = self.mask_token.expand(b, ids_restore.shape[1] + 1 - n, -1)
-        x_ = torch.cat([x[:, 1:], mask_tokens], dim=1)
-        x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, d))
-        x = torch.cat([x[:, :1], x_], dim=1) + self.decoder_pos_embed
+        x = torch.cat([x[:, :1], unshuffle(x[:, 1:], self.mask_token, ids_restore)], dim=1)
+        return self.decoder_pred(self.decode(x))
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, 1 + L, D') cls + every patch's token in patch order -> decoder features (B, L, D'), cls dropped."""
+        x = tokens + self.decoder_pos_embed
         for blk in self.decoder_blocks:
             x = blk(x)
-        return self.decoder_pred(self.decoder_norm(x))[:, 1:]
+        return self.decoder_norm(x)[:, 1:]
+
+    def classify(self, latent: torch.Tensor, labels: Optional[torch.Tensor]):
+        """(logits, scaled classification loss), each None where there is no branch or no labels."""
+        if self.cls_head is None:
+            return None, None
+        logits = self.cls_head(self.pool_features(latent))
+        if labels is None:
+            return logits, None
+        return logits, classification_loss(logits, labels, self.cls_loss_ratio, self.temperature)
 
     def pool_features(self, latent: torch.Tensor) -> torch.Tensor:
         """(B, 1 + n_keep, D) encoder output -> (B, D) feature for the classification branch."""
@@ -156,14 +169,16 @@ class MaskedAutoencoderViT(nn.Module):
         if self.norm_pix_loss:
             target = norm_pix(target)
         rec_loss = reconstruction_loss(pred, target, masking.mask)
-
-        loss, cls_loss, logits = rec_loss, None, None
-        if self.cls_head is not None:
-            logits = self.cls_head(self.pool_features(latent))
-            if labels is not None:
-                cls_loss = classification_loss(logits, labels, self.cls_loss_ratio, self.temperature)
-                loss = rec_loss + cls_loss
+        logits, cls_loss = self.classify(latent, labels)
+        loss = rec_loss if cls_loss is None else rec_loss + cls_loss
         return Output(loss, rec_loss, cls_loss, pred, masking.mask, logits)
+
+
+def unshuffle(tokens: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+    """Visible tokens (B, K, D) + the mask token -> (B, L, D) in original patch order."""
+    b, k, d = tokens.shape
+    x = torch.cat([tokens, mask_token.expand(b, ids_restore.shape[1] - k, -1)], dim=1)
+    return torch.gather(x, 1, ids_restore.unsqueeze(-1).expand(-1, -1, d))
 
 
 def _rename_projection_head(state_dict, prefix, *args):

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from supmae.checkpoint import checkpoint_path, latest_checkpoint, list_checkpoints, load_checkpoint, \
     prune_checkpoints, save_checkpoint
 from supmae.errors import SupmaeError
+from supmae.fast import apply_kernels
 from supmae.optim import build_optimizer, lr_at
 from supmae.pipelines.loader import ENGINES, LoaderSpec, create_loader
 from supmae.pipelines.masking import MaskSampler
@@ -134,7 +135,12 @@ class _Run:
         self.optimizer = build_optimizer(self.model, self.peak_lr, cfg.weight_decay)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.step = self._restore()
-        self.forward = torch.compile(self.model) if self.compile else self.model
+        try:
+            self.forward = apply_kernels(self.model)  # Triton on CUDA, the eager twins elsewhere
+        except ValueError as error:
+            raise SupmaeError(str(error)) from None
+        if self.compile:
+            self.forward = torch.compile(self.forward)
 
     def _restore(self) -> int:
         cfg = self.cfg

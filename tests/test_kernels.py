@@ -99,3 +99,60 @@ def test_kernels_trace_without_graph_breaks():
 
     explanation = torch._dynamo.explain(step)(torch.randn(2, 12, 192, device=DEVICE, requires_grad=True))
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+
+
+def _model_and_batch(num_classes=4, seed=0):
+    from conftest import TINY
+    from supmae.registry import create_model
+    torch.manual_seed(seed)
+    model = create_model("supmae_vit_tiny_patch16", num_classes=num_classes, **TINY).to(DEVICE)
+    images = images_of(5, 32, 32, torch.float32, seed=seed)
+    masking, _ = masks(5, 32, 32, 8, 0.75, seed=seed + 1)
+    masking = type(masking)(*(t.to(DEVICE) for t in masking))
+    labels = torch.randint(0, max(num_classes, 1), (5,)).to(DEVICE)
+    return model, images, labels, masking
+
+
+def _loss_and_grads(forward, model, images, labels, masking):
+    model.zero_grad()
+    out = forward(images, labels, masking=masking)
+    out.loss.backward()
+    return out, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+@pytest.mark.parametrize("num_classes", [4, 0])
+def test_fast_path_has_the_reference_loss_and_gradients(backend, num_classes):
+    """Kernels on or off, the fast path trains the model exactly as its reference forward does."""
+    from supmae.fast import apply_kernels
+    model, images, labels, masking = _model_and_batch(num_classes)
+    reference, ref_grads = _loss_and_grads(model, model, images, labels, masking)
+    fast, grads = _loss_and_grads(apply_kernels(model, backend), model, images, labels, masking)
+    torch.testing.assert_close(fast.loss, reference.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fast.rec_loss, reference.rec_loss, rtol=1e-5, atol=1e-6)
+    assert set(grads) == set(ref_grads)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unshuffle_and_its_gradient_match_the_twin(dtype):
+    from supmae.kernels.unshuffle import unshuffle_triton
+    from supmae.model import unshuffle
+    for batch, length, ratio, width in [(3, 16, 0.75, 32), (5, 49, 0.5, 40), (1, 9, 0.9, 1100)]:
+        masking = random_masking(torch.rand(batch, length), num_kept(length, ratio))
+        ids_keep, ids_restore = masking.ids_keep.to(DEVICE), masking.ids_restore.to(DEVICE)
+        tokens = torch.randn(batch, ids_keep.shape[1], width, device=DEVICE, dtype=dtype)
+        mask_token = torch.randn(1, 1, width, device=DEVICE, dtype=dtype)
+        upstream = torch.randn(batch, length, width, device=DEVICE, dtype=dtype)
+        results = []
+        for op in (lambda t, m: unshuffle_triton(t, m, ids_restore, ids_keep), lambda t, m: unshuffle(t, m, ids_restore)):
+            t, m = tokens.clone().requires_grad_(), mask_token.clone().requires_grad_()
+            out = op(t, m)
+            (out.float() * upstream.float()).sum().backward()
+            results.append((out, t.grad, m.grad))
+        (out_k, dt_k, dm_k), (out_e, dt_e, dm_e) = results
+        torch.testing.assert_close(out_k, out_e, rtol=0, atol=0)
+        torch.testing.assert_close(dt_k, dt_e, rtol=0, atol=0)
+        tolerance = TOLERANCE[dtype]
+        torch.testing.assert_close(dm_k.float(), dm_e.float(), rtol=tolerance, atol=tolerance * dm_e.float().abs().max())

@@ -1,0 +1,76 @@
+"""The fast path of a plain model: `apply_kernels(model)` returns a module that runs the same parameters
+with the encoder embedding only the visible patches (gathered from pixels), the decoder unshuffled by a
+kernel, the prediction layer run on the removed patches only, and the fused norm-pix loss.
+
+The backend is Triton on CUDA and the eager twins elsewhere; SUPMAE_KERNELS=triton|eager overrides
+(with TRITON_INTERPRET=1, Triton runs on CPU). The model and its checkpoints keep the official layout,
+since this module holds no parameters of its own.
+"""
+import os
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from supmae.model import MaskedAutoencoderViT, Output, unshuffle
+from supmae.objective import gather_patches, removed_patch_loss
+from supmae.pipelines.masking import Masking
+
+BACKENDS = ("triton", "eager")
+
+
+def kernel_backend(device: torch.device) -> str:
+    chosen = os.environ.get("SUPMAE_KERNELS") or ("triton" if torch.device(device).type == "cuda" else "eager")
+    if chosen not in BACKENDS:
+        raise ValueError(f"SUPMAE_KERNELS must be one of {', '.join(BACKENDS)}, got {chosen!r}")
+    return chosen
+
+
+def _ops(backend: str):
+    if backend == "eager":
+        return gather_patches, lambda tokens, mask_token, ids_restore, ids_keep: unshuffle(
+            tokens, mask_token, ids_restore), removed_patch_loss
+    from supmae.kernels.norm_pix_loss import norm_pix_mse_triton
+    from supmae.kernels.patch_gather import gather_patches_triton
+    from supmae.kernels.unshuffle import unshuffle_triton
+    return gather_patches_triton, unshuffle_triton, norm_pix_mse_triton
+
+
+class KernelPath(nn.Module):
+    """`model` with the fast path's forward. Output.pred holds the removed patches' predictions only,
+    (B, R, p*p*3) in the order of `removed_ids(masking)`."""
+
+    def __init__(self, model: MaskedAutoencoderViT, backend: str):
+        super().__init__()
+        self.model, self.backend = model, backend
+        self._gather, self._unshuffle, self._loss = _ops(backend)
+
+    def forward(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                masking: Optional[Masking] = None) -> Output:
+        m, p = self.model, self.model.patch_size
+        ids_keep, ids_restore = masking.ids_keep, masking.ids_restore
+        proj = m.patch_embed.proj
+        visible = F.linear(self._gather(images, ids_keep, p).to(proj.weight.dtype), proj.weight.flatten(1), proj.bias)
+        latent = m.encode(visible + m.pos_embed[0, 1:][ids_keep])
+
+        tokens = m.decoder_embed(latent)
+        tokens = torch.cat([tokens[:, :1], self._unshuffle(tokens[:, 1:], m.mask_token, ids_restore, ids_keep)], 1)
+        features = m.decode(tokens)
+        ids_removed = removed_ids(masking)
+        removed = torch.gather(features, 1, ids_removed.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
+        pred = m.decoder_pred(removed)
+        rec_loss = self._loss(pred, images, ids_removed, p, m.norm_pix_loss)
+        logits, cls_loss = m.classify(latent, labels)
+        loss = rec_loss if cls_loss is None else rec_loss + cls_loss
+        return Output(loss, rec_loss, cls_loss, pred, masking.mask, logits)
+
+
+def removed_ids(masking: Masking) -> torch.Tensor:
+    """(B, R) the removed patches, in shuffled order (after the kept ones)."""
+    return torch.argsort(masking.ids_restore, dim=1)[:, masking.ids_keep.shape[1]:]
+
+
+def apply_kernels(model: MaskedAutoencoderViT, backend: Optional[str] = None) -> KernelPath:
+    device = next(model.parameters()).device
+    return KernelPath(model, backend or kernel_backend(device))
