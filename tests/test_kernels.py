@@ -156,3 +156,14 @@ def test_unshuffle_and_its_gradient_match_the_twin(dtype):
         torch.testing.assert_close(dt_k, dt_e, rtol=0, atol=0)
         tolerance = TOLERANCE[dtype]
         torch.testing.assert_close(dm_k.float(), dm_e.float(), rtol=tolerance, atol=tolerance * dm_e.float().abs().max())
+
+
+def test_backend_choice(monkeypatch, capsys, synth_folder, tmp_path):
+    from supmae.fast import kernel_backend
+    from test_cli import error_of
+    assert kernel_backend(torch.device("cpu")) == "eager" and kernel_backend(torch.device("cuda")) == "triton"
+    monkeypatch.setenv("SUPMAE_KERNELS", "triton")
+    assert kernel_backend(torch.device("cpu")) == "triton"
+    monkeypatch.setenv("SUPMAE_KERNELS", "fast")
+    assert "SUPMAE_KERNELS" in error_of(capsys, "pretrain", "--data", synth_folder, "--output", str(tmp_path),
+                                        "--model", "supmae_vit_tiny_patch16", "--batch-size", "8", "--no-progress")
