@@ -162,6 +162,9 @@ def main(argv=None) -> int:
     except SupmaeError as error:
         print(f"supmae: error: {error}", file=sys.stderr)
         return 1
+    except OSError as error:  # a path that cannot be written or read: the system's own words suffice
+        print(f"supmae: error: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("supmae: interrupted", file=sys.stderr)
         return 130

@@ -89,3 +89,9 @@ def test_end_to_end_from_the_checkout(tmp_path):
 def test_models_lists_the_registry(capsys):
     assert main(["models"]) == 0
     assert "supmae_vit_base_patch16" in capsys.readouterr().out.split()
+
+
+def test_unwritable_outputs_are_one_line_errors(capsys, synth_folder):
+    assert "Not a directory" in error_of(capsys, "pretrain", "--data", synth_folder, "--output", "/dev/null/run",
+                                         "--model", "supmae_vit_tiny_patch16", "--batch-size", "8", "--no-progress")
+    assert "supmae: error:" in error_of(capsys, "convert", synth_folder, "/dev/null/data.beton", "--no-progress")
