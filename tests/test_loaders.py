@@ -195,3 +195,18 @@ def test_ffcv_quasi_random_order_with_its_process_cache(coordinates):
     blue = np.concatenate([pixels(b)[..., 2].mean((1, 2)) for b in batches])
     np.testing.assert_allclose(blue, torch.cat([b.labels for b in batches]).numpy() * 40, atol=3)
     assert sorted(torch.cat([b.labels for b in batches]).tolist()) == sorted(list(range(4)) * 8)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("engine,kind", [("torch", "raw"), ("ffcv", "jpg"), ("dali", "jpg"), ("dali", "folder")])
+def test_gpu_batches_arrive_on_the_device(coordinates, views, engine, kind):
+    """On a GPU: mixed decode (DALI), FFCV's copy streams, the side stream of host batches."""
+    device = torch.device("cuda")
+    batches = take(engine, coordinates[kind], 3, device=device, mask_sampler=MaskSampler(16, 0.75, 0, device),
+                   dtype=torch.bfloat16)
+    for batch, reference in zip(batches, views["torch", "folder"]):
+        assert batch.images.device.type == "cuda" and batch.images.dtype == torch.bfloat16
+        assert batch.labels.device.type == "cuda" and batch.masking.ids_keep.device.type == "cuda"
+        assert torch.equal(batch.labels.cpu(), reference.labels)
+        blue = pixels(type(batch)(batch.images.float().cpu(), None, None))[..., 2].mean((1, 2))
+        np.testing.assert_allclose(blue, batch.labels.cpu().numpy() * 40, atol=4)
