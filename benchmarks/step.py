@@ -1,7 +1,9 @@
 """Training-step throughput on an on-device synthetic batch: no data loading, just the SupMAE step.
 
 Reports images/s (median over timed windows after warm-up), the step's FLOPs as counted by PyTorch's
-FLOP counter, and model FLOP utilisation against a matrix product measured in the same run.
+FLOP counter, and model FLOP utilisation against a matrix product measured in the same run; and, in
+the same run, the official code's style of step (eager reference forward, fp16 + GradScaler on GPU,
+a host sync per step), giving the speed-up as a ratio.
 
     python benchmarks/step.py --model supmae_vit_base_patch16 --batch-size 256 --json step.json
 """
@@ -40,6 +42,23 @@ def matmul_rate(device, dtype, n) -> float:
     return 2 * n**3 / statistics.median(times)
 
 
+def measure(step, device, args) -> tuple[list[float], float]:
+    """images/s of each timed window, and the seconds the warm-up (compilation included) took."""
+    start = time.perf_counter()
+    for _ in range(args.warmup):
+        step()
+    sync(device)
+    warmup_s = time.perf_counter() - start
+    rates = []
+    for _ in range(args.windows):
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        sync(device)
+        rates.append(args.steps * args.batch_size / (time.perf_counter() - start))
+    return rates, warmup_s
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="supmae_vit_base_patch16")
@@ -51,6 +70,8 @@ def main():
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--steps", type=int, default=5, help="steps per timed window")
     p.add_argument("--windows", type=int, default=5)
+    p.add_argument("--official", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time the official code's style of step, for the ratio")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
 
@@ -75,21 +96,33 @@ def main():
     with FlopCounterMode(display=False) as counter:
         train_step(apply_kernels(model, "eager"), [batch], optimizer, scaler, autocast)
     flops_per_step = counter.get_total_flops()
-    start = time.perf_counter()
-    for _ in range(args.warmup):
-        step()
-    sync(device)
-    warmup_s = time.perf_counter() - start
-    rates = []
-    for _ in range(args.windows):
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            step()
-        sync(device)
-        rates.append(args.steps * args.batch_size / (time.perf_counter() - start))
+    rates, warmup_s = measure(step, device, args)
     images_per_s = statistics.median(rates)
     peak = matmul_rate(device, PRECISIONS[precision] or torch.float32, 8192 if on_gpu else 1024)
     mfu = images_per_s * flops_per_step / args.batch_size / peak
+
+    official = None
+    if args.official:
+        # The official code's step: the reference forward, eager, fp16 autocast with a GradScaler on GPU
+        # (fp32 on CPU, where fp16 matmuls are not a real option), unfused AdamW, and a host sync per step.
+        official_precision = "fp16" if on_gpu else "fp32"
+        official_scaler = torch.amp.GradScaler(device.type, enabled=official_precision == "fp16")
+        official_optimizer = build_optimizer(model, 1e-4, 0.05, fused=False)
+        official_autocast = autocast_for(device, official_precision)
+
+        def official_step():
+            with official_autocast:
+                loss = model(batch.images, batch.labels, masking=batch.masking).loss
+            official_scaler.scale(loss).backward()
+            official_scaler.step(official_optimizer)
+            official_scaler.update()
+            official_optimizer.zero_grad()
+            loss.item()
+            sync(device)
+
+        official_rates, _ = measure(official_step, device, args)
+        official = dict(precision=official_precision, images_per_s=statistics.median(official_rates),
+                        images_per_s_windows=official_rates)
 
     result = dict(
         device=device_name(device),
@@ -97,11 +130,15 @@ def main():
         config=dict(model=args.model, batch_size=args.batch_size, img_size=args.img_size, precision=precision,
                     compile=compiled),
         images_per_s=images_per_s, images_per_s_windows=rates, warmup_s=warmup_s,
-        gflops_per_image=flops_per_step / args.batch_size / 1e9, matmul_tflops=peak / 1e12, mfu=mfu)
+        gflops_per_image=flops_per_step / args.batch_size / 1e9, matmul_tflops=peak / 1e12, mfu=mfu,
+        official=official, step_vs_official=official and images_per_s / official["images_per_s"])
     print(f"{args.model} batch {args.batch_size} {precision}{' compiled' if compiled else ''} on {result['device']}")
     print(f"  step: {images_per_s:.1f} images/s (median of {args.windows}; min {min(rates):.1f}, max {max(rates):.1f})")
     print(f"  {result['gflops_per_image']:.1f} GFLOP/image counted; matmul ceiling {peak / 1e12:.2f} TFLOP/s "
           f"measured; MFU {mfu:.1%}")
+    if official:
+        print(f"  official-style eager {official['precision']} step: {official['images_per_s']:.1f} images/s; "
+              f"this step is {result['step_vs_official']:.2f}x that")
     if args.json:
         write_json(args.json, result)
 
