@@ -47,7 +47,7 @@ def _ignore_sigint():
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-class _catch_interrupts(list):
+class _Interrupts(list):
     """Turns SIGINT and SIGTERM into KeyboardInterrupt and remembers them, for the main thread's writes."""
 
     def __init__(self):
@@ -169,7 +169,7 @@ def convert(src: str, out: str, options: ConvertOptions = ConvertOptions(), work
                                      smart_threshold=options.smart_threshold, jpeg_quality=options.jpeg_quality,
                                      compress_probability=options.compress_probability),
               "label": IntField()}
-    interrupted = _catch_interrupts()
+    interrupted = _Interrupts()
     try:
         writer = DatasetWriter(tmp, fields, page_size=_page_size([s for _, s in kept], options.max_resolution),
                                num_workers=workers)
