@@ -60,14 +60,15 @@ def _add_convert(sub):
     p.add_argument("--write-mode", choices=WRITE_MODES, default=d.write_mode,
                    help="how images are stored: JPEG, raw pixels, a random proportion as JPEG, or JPEG when "
                         "larger than --smart-threshold bytes raw")
-    p.add_argument("--max-res", dest="max_resolution", type=_count(8), default=d.max_resolution,
-                   help="resize so the longest side is at most this (default: keep the original size)")
-    p.add_argument("--quality", dest="jpeg_quality", type=_count(1), default=d.jpeg_quality, help="JPEG quality")
-    p.add_argument("--compress-probability", type=_number(0, 1, open_low=False, open_high=False),
+    p.add_argument("--max-res", dest="max_resolution", metavar="PIXELS", type=_count(8), default=d.max_resolution,
+                   help="resize so the longest side is at most this; unset (None) keeps the original size")
+    p.add_argument("--quality", dest="jpeg_quality", metavar="Q", type=_count(1), default=d.jpeg_quality,
+                   help="JPEG quality, 1-100")
+    p.add_argument("--compress-probability", metavar="P", type=_number(0, 1, open_low=False, open_high=False),
                    default=d.compress_probability, help="share stored as JPEG in proportion mode")
-    p.add_argument("--smart-threshold", type=_count(0), default=d.smart_threshold,
+    p.add_argument("--smart-threshold", metavar="BYTES", type=_count(0), default=d.smart_threshold,
                    help="smart mode: raw bytes above which an image is stored as JPEG")
-    p.add_argument("--workers", type=_count(1), default=None, help="processes (default: all cores)")
+    p.add_argument("--workers", metavar="N", type=_count(1), default=None, help="processes; unset: all cores")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
 
