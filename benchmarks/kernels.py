@@ -52,8 +52,7 @@ def main():
     device, b, s, ps = torch.device("cuda"), args.batch_size, args.img_size, args.patch_size
     n = (s // ps) ** 2
     masking = random_masking(torch.rand(b, n, device=device), num_kept(n, 0.75))
-    ids_keep, ids_restore = masking.ids_keep, masking.ids_restore
-    ids_removed = torch.argsort(ids_restore, 1)[:, ids_keep.shape[1]:]
+    ids_keep, ids_restore, ids_removed = masking.ids_keep, masking.ids_restore, masking.ids_removed
     images = torch.randn(b, 3, s, s, device=device, dtype=torch.bfloat16)
     tokens = torch.randn(b, ids_keep.shape[1], args.decoder_dim, device=device, dtype=torch.bfloat16)
     mask_token = torch.randn(1, 1, args.decoder_dim, device=device, dtype=torch.bfloat16)

@@ -12,6 +12,7 @@ class Masking(NamedTuple):
     ids_keep: torch.Tensor     # (B, n_keep) int64: kept patch indices, in ascending-noise order
     ids_restore: torch.Tensor  # (B, L) int64: position of each patch in the shuffled order
     mask: torch.Tensor         # (B, L) float32 in original patch order: 0 kept, 1 removed
+    ids_removed: torch.Tensor  # (B, L - n_keep) int64: the other patches, in ascending-noise order
 
 
 def num_kept(num_patches: int, mask_ratio: float) -> int:
@@ -25,7 +26,7 @@ def random_masking(noise: torch.Tensor, n_keep: int) -> Masking:
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     # A patch is removed exactly when its place in the shuffled order is past the kept prefix.
     mask = (ids_restore >= n_keep).to(torch.float32)
-    return Masking(ids_shuffle[:, :n_keep], ids_restore, mask)
+    return Masking(ids_shuffle[:, :n_keep], ids_restore, mask, ids_shuffle[:, n_keep:])
 
 
 class MaskSampler:

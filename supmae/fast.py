@@ -39,7 +39,7 @@ def _ops(backend: str):
 
 class KernelPath(nn.Module):
     """`model` with the fast path's forward. Output.pred holds the removed patches' predictions only,
-    (B, R, p*p*3) in the order of `removed_ids(masking)`."""
+    (B, R, p*p*3) in the order of `masking.ids_removed`."""
 
     def __init__(self, model: MaskedAutoencoderViT, backend: str):
         super().__init__()
@@ -57,18 +57,13 @@ class KernelPath(nn.Module):
         tokens = m.decoder_embed(latent)
         tokens = torch.cat([tokens[:, :1], self._unshuffle(tokens[:, 1:], m.mask_token, ids_restore, ids_keep)], 1)
         features = m.decode(tokens)
-        ids_removed = removed_ids(masking)
+        ids_removed = masking.ids_removed
         removed = torch.gather(features, 1, ids_removed.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
         pred = m.decoder_pred(removed)
         rec_loss = self._loss(pred, images, ids_removed, p, m.norm_pix_loss)
         logits, cls_loss = m.classify(latent, labels)
         loss = rec_loss if cls_loss is None else rec_loss + cls_loss
         return Output(loss, rec_loss, cls_loss, pred, masking.mask, logits)
-
-
-def removed_ids(masking: Masking) -> torch.Tensor:
-    """(B, R) the removed patches, in shuffled order (after the kept ones)."""
-    return torch.argsort(masking.ids_restore, dim=1)[:, masking.ids_keep.shape[1]:]
 
 
 def apply_kernels(model: MaskedAutoencoderViT, backend: Optional[str] = None) -> KernelPath:

@@ -26,8 +26,7 @@ def masks(batch, h, w, p, ratio, seed):
     num_patches = (h // p) * (w // p)
     generator = torch.Generator().manual_seed(seed)
     masking = random_masking(torch.rand(batch, num_patches, generator=generator), num_kept(num_patches, ratio))
-    ids_removed = torch.argsort(masking.ids_restore, dim=1)[:, masking.ids_keep.shape[1]:]
-    return masking, ids_removed
+    return masking, masking.ids_removed
 
 
 def images_of(batch, h, w, dtype, seed):

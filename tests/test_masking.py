@@ -9,7 +9,7 @@ def test_masking_invariants(length, ratio):
     n_keep = num_kept(length, ratio)
     assert n_keep == int(length * (1 - ratio))
     noise = torch.rand(7, length)
-    ids_keep, ids_restore, mask = random_masking(noise, n_keep)
+    ids_keep, ids_restore, mask, ids_removed = random_masking(noise, n_keep)
     assert ids_keep.shape == (7, n_keep) and ids_restore.shape == (7, length) and mask.shape == (7, length)
     # exactly n_keep kept per sample, and the kept ones are those the mask marks 0
     assert torch.equal(mask.sum(1), torch.full((7,), float(length - n_keep)))
