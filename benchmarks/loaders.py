@@ -8,49 +8,44 @@ Each engine gets a warm-up (start-up and JIT compilation are reported apart), th
 the figure is the median pass, with min and max beside it, and the CPU utilisation during the passes.
 """
 import argparse
-import gc
 import os
-import statistics
 import sys
-import time
-
-import psutil
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from benchmarks.common import commit, device_name, sync, versions, write_json  # noqa: E402
 from supmae.errors import SupmaeError  # noqa: E402
-from supmae.pipelines.loader import ENGINES, LoaderSpec, create_loader  # noqa: E402
+from supmae.measure import commit, device_name, versions, write_json  # noqa: E402
+from supmae.pipelines.loader import ENGINES, LoaderSpec  # noqa: E402
 from supmae.pipelines.masking import MaskSampler  # noqa: E402
 from supmae.pipelines.sources import open_source  # noqa: E402
+from supmae.profiler import ProfileOptions, measure_loader  # noqa: E402
 from supmae.train import resolve_device  # noqa: E402
 
 
-def measure(engine: str, source, spec: LoaderSpec, warmup: int, batches: int, passes: int) -> dict:
-    device = torch.device(spec.device)
-    start = time.perf_counter()
-    stream = iter(create_loader(engine, source, spec))
-    next(stream)
-    sync(device)
-    first_batch_s = time.perf_counter() - start
-    for _ in range(warmup):
-        next(stream)
-    sync(device)
-    rates = []
-    psutil.cpu_percent(percpu=True)  # starts the utilisation window
-    for _ in range(passes):
-        start = time.perf_counter()
-        for _ in range(batches):
-            batch = next(stream)
-        batch.images.sum().item()  # the last batch is on the device and normalised
-        sync(device)
-        rates.append(batches * spec.batch_size / (time.perf_counter() - start))
-    per_core = psutil.cpu_percent(percpu=True)
-    del stream
-    gc.collect()
-    return dict(images_per_s=statistics.median(rates), min=min(rates), max=max(rates), passes=rates,
-                first_batch_s=first_batch_s, cpu_percent=sum(per_core) / len(per_core), cpu_percent_per_core=per_core)
+def benchmark_loaders(data: str, engines: list[str], workers: int, batch_size: int = 256, img_size: int = 224,
+                      device: str = "auto", warmup: int = 5, batches: int = 20, passes: int = 5, log=print) -> dict:
+    device = resolve_device(device)
+    source = open_source(data)
+    timing = ProfileOptions(steps=batches * passes, warmup=warmup + 1, window=batches)
+    results = {}
+    for engine in engines:
+        spec = LoaderSpec(batch_size, img_size, MaskSampler((img_size // 16) ** 2, 0.75, 0, device), device,
+                          workers=workers, seed=0)
+        results[engine] = r = measure_loader(engine, source, spec, timing)
+        rate = r["images_per_s"]
+        log(f"{engine:>6}: {rate['median']:8.1f} images/s (min {rate['min']:.1f}, max {rate['max']:.1f}); "
+            f"first batch {r['first_call_s']:.1f} s; CPU {r['cpu_percent']:.0f}%")
+    baseline = results.get("torch")
+    ratios = {f"{e}_vs_torch": r["images_per_s"]["median"] / baseline["images_per_s"]["median"]
+              for e, r in results.items() if baseline and e != "torch"}
+    for name, ratio in ratios.items():
+        log(f"{name}: {ratio:.2f}x")
+    return dict(device=device_name(device), commit=commit(),
+                versions=versions("ffcv", "nvidia-dali-cuda130", "pillow", "numba"),
+                config=dict(data=os.path.abspath(data), num_samples=len(source), workers=workers,
+                            batch_size=batch_size, img_size=img_size, warmup=warmup, batches=batches, passes=passes,
+                            cpu_count=os.cpu_count()),
+                engines=results, ratios=ratios)
 
 
 def main():
@@ -66,31 +61,12 @@ def main():
     p.add_argument("--passes", type=int, default=5)
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
-
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     try:
-        device = resolve_device(args.device)
-        source = open_source(args.data)
-        engines = [e.strip() for e in args.engines.split(",") if e.strip()]
-        results = {}
-        for engine in engines:
-            spec = LoaderSpec(args.batch_size, args.img_size, MaskSampler((args.img_size // 16) ** 2, 0.75, 0, device),
-                              device, workers=args.workers, seed=0)
-            results[engine] = r = measure(engine, source, spec, args.warmup, args.batches, args.passes)
-            print(f"{engine:>6}: {r['images_per_s']:8.1f} images/s (min {r['min']:.1f}, max {r['max']:.1f}); "
-                  f"first batch {r['first_batch_s']:.1f} s; CPU {r['cpu_percent']:.0f}%", flush=True)
+        report = benchmark_loaders(args.data, engines, args.workers, args.batch_size, args.img_size, args.device,
+                                   args.warmup, args.batches, args.passes)
     except SupmaeError as error:
         sys.exit(f"loaders.py: error: {error}")
-    baseline = results.get("torch")
-    ratios = {f"{e}_vs_torch": r["images_per_s"] / baseline["images_per_s"]
-              for e, r in results.items() if baseline and e != "torch"}
-    for name, ratio in ratios.items():
-        print(f"{name}: {ratio:.2f}x")
-    report = dict(device=device_name(device), commit=commit(),
-                  versions=versions("ffcv", "nvidia-dali-cuda130", "pillow", "numba"),
-                  config=dict(data=os.path.abspath(args.data), num_samples=len(source), workers=args.workers,
-                              batch_size=args.batch_size, img_size=args.img_size, warmup=args.warmup,
-                              batches=args.batches, passes=args.passes, cpu_count=os.cpu_count()),
-                  engines=results, ratios=ratios)
     if args.json:
         write_json(args.json, report)
 

@@ -18,12 +18,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from benchmarks.common import commit, device_name, sync, versions, write_json  # noqa: E402
 from supmae import create_model  # noqa: E402
 from supmae.fast import apply_kernels  # noqa: E402
+from supmae.measure import commit, device_name, measure, sync, versions, write_json  # noqa: E402
 from supmae.optim import build_optimizer  # noqa: E402
-from supmae.pipelines.batch import Batch  # noqa: E402
-from supmae.pipelines.masking import MaskSampler  # noqa: E402
+from supmae.profiler import synthetic_batch  # noqa: E402
 from supmae.train import PRECISIONS, autocast_for, resolve_device, speed_defaults, train_step  # noqa: E402
 
 
@@ -42,67 +41,35 @@ def matmul_rate(device, dtype, n) -> float:
     return 2 * n**3 / statistics.median(times)
 
 
-def measure(step, device, args) -> tuple[list[float], float]:
-    """images/s of each timed window, and the seconds the warm-up (compilation included) took."""
-    start = time.perf_counter()
-    for _ in range(args.warmup):
-        step()
-    sync(device)
-    warmup_s = time.perf_counter() - start
-    rates = []
-    for _ in range(args.windows):
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            step()
-        sync(device)
-        rates.append(args.steps * args.batch_size / (time.perf_counter() - start))
-    return rates, warmup_s
-
-
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="supmae_vit_base_patch16")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", choices=("auto", *PRECISIONS), default="auto")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    p.add_argument("--steps", type=int, default=5, help="steps per timed window")
-    p.add_argument("--windows", type=int, default=5)
-    p.add_argument("--official", action=argparse.BooleanOptionalAction, default=True,
-                   help="also time the official code's style of step, for the ratio")
-    p.add_argument("--json", help="write the results here")
-    args = p.parse_args()
-
-    device = resolve_device(args.device)
+def benchmark_step(model_name: str = "supmae_vit_base_patch16", batch_size: int = 256, img_size: int = 224,
+                   device: str = "auto", precision: str = "auto", compile=None, warmup: int = 3, steps: int = 5,
+                   windows: int = 5, official: bool = True) -> dict:
+    device = resolve_device(device)
     on_gpu = device.type == "cuda"
-    precision, compiled = speed_defaults(device, args.precision, args.compile)
-    model = create_model(args.model, img_size=args.img_size).to(device).train()
+    precision, compiled = speed_defaults(device, precision, compile)
+    model = create_model(model_name, img_size=img_size).to(device).train()
     optimizer = build_optimizer(model, 1e-4, 0.05)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     autocast = autocast_for(device, precision)
     forward = apply_kernels(model)  # the training loop's forward: Triton kernels on CUDA
     forward = torch.compile(forward) if compiled else forward
     num_classes = model.cls_head[-1].out_features if model.cls_head is not None else 1
-    batch = Batch(torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device),
-                  torch.randint(0, num_classes, (args.batch_size,), device=device),
-                  MaskSampler(model.num_patches, model.mask_ratio, 0, device)(args.batch_size, 0))
+    batch = synthetic_batch(batch_size, img_size, model.num_patches, model.mask_ratio, num_classes, device)
+    timing = dict(device=device, steps=steps * windows, warmup=warmup, window=steps)
 
     def step():
-        return train_step(forward, [batch], optimizer, scaler, autocast)
+        train_step(forward, [batch], optimizer, scaler, autocast)
 
     # Counted on the eager twins of the same path: the kernels add data movement, not arithmetic.
     with FlopCounterMode(display=False) as counter:
         train_step(apply_kernels(model, "eager"), [batch], optimizer, scaler, autocast)
     flops_per_step = counter.get_total_flops()
-    rates, warmup_s = measure(step, device, args)
-    images_per_s = statistics.median(rates)
+    fast = measure(step, batch_size, **timing)
+    images_per_s = fast["images_per_s"]["median"]
     peak = matmul_rate(device, PRECISIONS[precision] or torch.float32, 8192 if on_gpu else 1024)
-    mfu = images_per_s * flops_per_step / args.batch_size / peak
 
-    official = None
-    if args.official:
+    reference = None
+    if official:
         # The official code's step: the reference forward, eager, fp16 autocast with a GradScaler on GPU
         # (fp32 on CPU, where fp16 matmuls are not a real option), unfused AdamW, and a host sync per step.
         official_precision = "fp16" if on_gpu else "fp32"
@@ -120,25 +87,51 @@ def main():
             loss.item()
             sync(device)
 
-        official_rates, _ = measure(official_step, device, args)
-        official = dict(precision=official_precision, images_per_s=statistics.median(official_rates),
-                        images_per_s_windows=official_rates)
+        reference = dict(precision=official_precision, **measure(official_step, batch_size, **timing))
 
-    result = dict(
-        device=device_name(device),
-        commit=commit(), versions=versions(),
-        config=dict(model=args.model, batch_size=args.batch_size, img_size=args.img_size, precision=precision,
-                    compile=compiled),
-        images_per_s=images_per_s, images_per_s_windows=rates, warmup_s=warmup_s,
-        gflops_per_image=flops_per_step / args.batch_size / 1e9, matmul_tflops=peak / 1e12, mfu=mfu,
-        official=official, step_vs_official=official and images_per_s / official["images_per_s"])
-    print(f"{args.model} batch {args.batch_size} {precision}{' compiled' if compiled else ''} on {result['device']}")
-    print(f"  step: {images_per_s:.1f} images/s (median of {args.windows}; min {min(rates):.1f}, max {max(rates):.1f})")
-    print(f"  {result['gflops_per_image']:.1f} GFLOP/image counted; matmul ceiling {peak / 1e12:.2f} TFLOP/s "
-          f"measured; MFU {mfu:.1%}")
-    if official:
-        print(f"  official-style eager {official['precision']} step: {official['images_per_s']:.1f} images/s; "
-              f"this step is {result['step_vs_official']:.2f}x that")
+    return dict(
+        device=device_name(device), commit=commit(), versions=versions("timm", "triton"),
+        config=dict(model=model_name, batch_size=batch_size, img_size=img_size, precision=precision,
+                    compile=compiled, warmup=warmup, steps=steps, windows=windows),
+        images_per_s=images_per_s, step=fast,
+        gflops_per_image=flops_per_step / batch_size / 1e9, matmul_tflops=peak / 1e12,
+        mfu=images_per_s * flops_per_step / batch_size / peak,
+        official=reference, step_vs_official=reference and images_per_s / reference["images_per_s"]["median"])
+
+
+def describe(result: dict) -> str:
+    c, rates = result["config"], result["step"]["images_per_s"]
+    lines = [f"{c['model']} batch {c['batch_size']} {c['precision']}{' compiled' if c['compile'] else ''} "
+             f"on {result['device']}",
+             f"  step: {rates['median']:.1f} images/s (median of {c['windows']}; min {rates['min']:.1f}, "
+             f"max {rates['max']:.1f}; warm-up {result['step']['warmup_s']:.1f} s)",
+             f"  {result['gflops_per_image']:.1f} GFLOP/image counted; matmul ceiling "
+             f"{result['matmul_tflops']:.2f} TFLOP/s measured; MFU {result['mfu']:.1%}"]
+    if result["official"]:
+        lines.append(f"  official-style eager {result['official']['precision']} step: "
+                     f"{result['official']['images_per_s']['median']:.1f} images/s; this step is "
+                     f"{result['step_vs_official']:.2f}x that")
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="supmae_vit_base_patch16")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", choices=("auto", *PRECISIONS), default="auto")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--steps", type=int, default=5, help="steps per timed window")
+    p.add_argument("--windows", type=int, default=5)
+    p.add_argument("--official", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time the official code's style of step, for the ratio")
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args()
+    result = benchmark_step(args.model, args.batch_size, args.img_size, args.device, args.precision, args.compile,
+                            args.warmup, args.steps, args.windows, args.official)
+    print(describe(result))
     if args.json:
         write_json(args.json, result)
 

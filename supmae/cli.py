@@ -73,51 +73,31 @@ def _add_convert(sub):
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
 
 
-def _add_pretrain(sub):
+def _add_shared(p, d) -> None:
+    """The options a training run and its profile share: what is read, by what, on what, into what."""
     from supmae.pipelines.loader import ENGINES
-    from supmae.train import PretrainConfig
-    d = PretrainConfig()
-    p = sub.add_parser("pretrain", help="pretrain a SupMAE/MAE model",
-                       description="Pretrain a SupMAE (or MAE) ViT with the official recipe as defaults.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    run = p.add_argument_group("run")
-    run.add_argument("--data", help="image folder, CSV/TSV file list or .beton (default: the embedded synthetic "
-                                    "dataset)")
-    run.add_argument("--model", default=d.model, help="a name from `supmae models`")
-    run.add_argument("--batch-size", type=_count(1), default=d.batch_size, help="images per device per micro-batch")
-    length = run.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=_number(0), default=None, help="run length in epochs (default 400)")
-    length.add_argument("--steps", type=_count(1), default=None, help="run length in optimizer steps")
-    run.add_argument("--output", default=d.output, help="folder for checkpoints, metrics and config")
-    run.add_argument("--checkpoint-every", type=_count(0), default=d.checkpoint_every,
-                     help="steps between checkpoints (0: only at the end)")
-    run.add_argument("--keep-checkpoints", type=_count(1), default=d.keep_checkpoints)
-    run.add_argument("--resume", metavar="PATH|auto", help="continue from a checkpoint, or the newest in --output")
-    run.add_argument("--loader", choices=tuple(ENGINES), default=d.loader,
-                     help="decoding engine (ffcv reads .beton files only)")
-    run.add_argument("--order", choices=("random", "quasi_random"), default=d.order,
-                     help="sample order; quasi_random (ffcv) reads pages in near-random order, for data "
-                          "larger than memory")
-    run.add_argument("--process-cache", dest="os_cache", action="store_false",
-                     help="ffcv: cache pages in the process instead of relying on the OS page cache")
-    run.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
-    run.add_argument("--workers", type=_count(0), default=None, help="loader processes (default: cores - 1, max 10)")
-    run.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default=d.precision,
-                     help="auto: bf16 on GPU, fp32 on CPU; fp16 uses a GradScaler")
-    run.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                     help="torch.compile the model (default: on for GPU, off for CPU)")
-    run.add_argument("--log-every", type=_count(1), default=d.log_every, help="steps between metrics lines")
-    run.add_argument("--seed", type=_count(0), default=d.seed)
-    run.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
-    opt = p.add_argument_group("optimisation")
-    opt.add_argument("--accum-iter", type=_count(1), default=d.accum_iter, help="micro-batches per optimizer step")
-    opt.add_argument("--blr", type=_number(0), default=d.blr, help="base lr: lr = blr * effective batch / 256")
-    opt.add_argument("--lr", type=_number(0), default=None, help="absolute lr (overrides --blr)")
-    opt.add_argument("--min-lr", type=_number(0, open_low=False), default=d.min_lr)
-    opt.add_argument("--weight-decay", type=_number(0, open_low=False), default=d.weight_decay)
-    opt.add_argument("--warmup-epochs", type=_number(0, open_low=False), default=d.warmup_epochs)
-    opt.add_argument("--warmup-steps", type=_count(0), default=None, help="overrides --warmup-epochs")
+    data = p.add_argument_group("data")
+    data.add_argument("--data", help="image folder, CSV/TSV file list or .beton (default: the embedded synthetic "
+                                     "dataset)")
+    data.add_argument("--loader", choices=tuple(ENGINES), default=d.loader,
+                      help="decoding engine (ffcv reads .beton files only)")
+    data.add_argument("--order", choices=("random", "quasi_random"), default=d.order,
+                      help="sample order; quasi_random (ffcv) reads pages in near-random order, for data "
+                           "larger than memory")
+    data.add_argument("--process-cache", dest="os_cache", action="store_false",
+                      help="ffcv: cache pages in the process instead of relying on the OS page cache")
+    data.add_argument("--workers", type=_count(0), default=None, help="loader processes (default: cores - 1, max 10)")
+    data.add_argument("--seed", type=_count(0), default=d.seed)
+    hardware = p.add_argument_group("hardware")
+    hardware.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
+    hardware.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default=d.precision,
+                          help="auto: bf16 on GPU, fp32 on CPU; fp16 uses a GradScaler")
+    hardware.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                          help="torch.compile the model (default: on for GPU, off for CPU)")
     mdl = p.add_argument_group("model and objective")
+    mdl.add_argument("--model", default=d.model, help="a name from `supmae models`")
+    mdl.add_argument("--batch-size", type=_count(1), default=d.batch_size, help="images per device per micro-batch")
+    mdl.add_argument("--accum-iter", type=_count(1), default=d.accum_iter, help="micro-batches per optimizer step")
     mdl.add_argument("--img-size", type=_count(1), default=d.img_size)
     mdl.add_argument("--mask-ratio", type=_number(0, 1), default=d.mask_ratio)
     mdl.add_argument("--pool", choices=("avg", "token", "max", "map"), default=d.pool,
@@ -127,12 +107,59 @@ def _add_pretrain(sub):
     mdl.add_argument("--temperature", type=_number(0), default=d.temperature)
 
 
+def _add_pretrain(sub):
+    from supmae.train import PretrainConfig
+    d = PretrainConfig()
+    p = sub.add_parser("pretrain", help="pretrain a SupMAE/MAE model",
+                       description="Pretrain a SupMAE (or MAE) ViT with the official recipe as defaults.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    run = p.add_argument_group("run")
+    length = run.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=_number(0), default=None, help="run length in epochs (default 400)")
+    length.add_argument("--steps", type=_count(1), default=None, help="run length in optimizer steps")
+    run.add_argument("--output", default=d.output, help="folder for checkpoints, metrics and config")
+    run.add_argument("--checkpoint-every", type=_count(0), default=d.checkpoint_every,
+                     help="steps between checkpoints (0: only at the end)")
+    run.add_argument("--keep-checkpoints", type=_count(1), default=d.keep_checkpoints)
+    run.add_argument("--resume", metavar="PATH|auto", help="continue from a checkpoint, or the newest in --output")
+    run.add_argument("--log-every", type=_count(1), default=d.log_every, help="steps between metrics lines")
+    run.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    _add_shared(p, d)
+    opt = p.add_argument_group("optimisation")
+    opt.add_argument("--blr", type=_number(0), default=d.blr, help="base lr: lr = blr * effective batch / 256")
+    opt.add_argument("--lr", type=_number(0), default=None, help="absolute lr (overrides --blr)")
+    opt.add_argument("--min-lr", type=_number(0, open_low=False), default=d.min_lr)
+    opt.add_argument("--weight-decay", type=_number(0, open_low=False), default=d.weight_decay)
+    opt.add_argument("--warmup-epochs", type=_number(0, open_low=False), default=d.warmup_epochs)
+    opt.add_argument("--warmup-steps", type=_count(0), default=None, help="overrides --warmup-epochs")
+
+
+def _add_profile(sub):
+    from supmae.profiler import ProfileOptions
+    from supmae.train import PretrainConfig
+    d, o = PretrainConfig(), ProfileOptions()
+    p = sub.add_parser("profile", help="measure loader, step and end to end; name what bounds the run",
+                       description="Measure, with a run's configuration, the loader alone, the training step "
+                                   "alone and the real loop; print a table and a verdict naming the stage that "
+                                   "bounds the run, and write a JSON report and plots.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    m = p.add_argument_group("measurement")
+    m.add_argument("--steps", type=_count(1), default=o.steps, help="timed steps (batches) per stage")
+    m.add_argument("--warmup", type=_count(0), default=o.warmup, help="untimed steps first, per stage")
+    m.add_argument("--window", type=_count(1), default=o.window, help="steps per timing window")
+    m.add_argument("--out", metavar="DIR", default=None,
+                   help="folder for profile.json and the plots; None: runs/profile-<time>")
+    m.add_argument("--json", metavar="FILE", help="also write the JSON report here")
+    _add_shared(p, d)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="supmae", description="Fast pretraining of ViTs with Supervised Masked Autoencoders.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser, required=True)
     _add_synth(sub)
     _add_convert(sub)
     _add_pretrain(sub)
+    _add_profile(sub)
     sub.add_parser("models", help="list the model names")
     return parser
 
@@ -151,6 +178,16 @@ def _run(args) -> None:
         from supmae.train import PretrainConfig, pretrain
         options = {k: v for k, v in vars(args).items() if k != "command"}
         pretrain(PretrainConfig(**options))
+    elif args.command == "profile":
+        import dataclasses
+        import time
+        from supmae.profiler import ProfileOptions, profile
+        from supmae.train import PretrainConfig
+        measurement = {"steps", "warmup", "window", "out", "json"}
+        options = ProfileOptions(**{k: getattr(args, k) for k in measurement})
+        options.out = options.out or time.strftime("runs/profile-%Y%m%d-%H%M%S")
+        run_fields = {f.name for f in dataclasses.fields(PretrainConfig)} - measurement
+        profile(PretrainConfig(**{k: v for k, v in vars(args).items() if k in run_fields}, progress=False), options)
     elif args.command == "models":
         from supmae.registry import list_models
         print("\n".join(list_models()))

@@ -95,8 +95,9 @@ def autocast_for(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
 
-class _Run:
-    """Everything a pretraining run holds, built once from a config."""
+class Run:
+    """Everything a pretraining run holds, built once from a config: data, model, optimiser and the
+    (compiled, kernel-backed) forward. `restore()` moves it to a checkpoint's step."""
 
     def __init__(self, cfg: PretrainConfig, log):
         self.cfg, self.log = cfg, log
@@ -134,7 +135,7 @@ class _Run:
 
         self.optimizer = build_optimizer(self.model, self.peak_lr, cfg.weight_decay)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
-        self.step = self._restore()
+        self.step = 0
         try:
             self.forward = apply_kernels(self.model)  # Triton on CUDA, the eager twins elsewhere
         except ValueError as error:
@@ -142,7 +143,7 @@ class _Run:
         if self.compile:
             self.forward = torch.compile(self.forward)
 
-    def _restore(self) -> int:
+    def restore(self) -> None:
         cfg = self.cfg
         found = None
         if cfg.resume == "auto":
@@ -155,7 +156,7 @@ class _Run:
             raise SupmaeError(f"{cfg.output} already holds checkpoints; pass --resume auto to continue that run "
                               "or choose another --output")
         if found is None:
-            return 0
+            return
         path, state = found
         saved = state.get("config", {})
         for key in ("model", "img_size", "mask_ratio", "pool"):
@@ -170,7 +171,7 @@ class _Run:
         if self.device.type == "cuda" and "cuda" in state["rng"]:
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
         self.log(f"resumed from {path} at step {state['step']}")
-        return state["step"]
+        self.step = state["step"]
 
     def save(self, step: int) -> str:
         rng = {"cpu": torch.get_rng_state()}
@@ -184,12 +185,14 @@ class _Run:
         prune_checkpoints(self.cfg.output, self.cfg.keep_checkpoints)
         return path
 
-    def loader(self):
+    def loader_spec(self) -> LoaderSpec:
         cfg = self.cfg
         masks = MaskSampler(self.model.num_patches, cfg.mask_ratio, cfg.seed, self.device)
-        return create_loader(cfg.loader, self.source, LoaderSpec(
-            cfg.batch_size, cfg.img_size, masks, self.device, workers=self.workers, seed=cfg.seed,
-            start=self.step * cfg.accum_iter, order=cfg.order, os_cache=cfg.os_cache))
+        return LoaderSpec(cfg.batch_size, cfg.img_size, masks, self.device, workers=self.workers, seed=cfg.seed,
+                          start=self.step * cfg.accum_iter, order=cfg.order, os_cache=cfg.os_cache)
+
+    def loader(self):
+        return create_loader(self.cfg.loader, self.source, self.loader_spec())
 
 
 def train_step(forward, micro_batches, optimizer, scaler, autocast) -> torch.Tensor:
@@ -210,7 +213,8 @@ def train_step(forward, micro_batches, optimizer, scaler, autocast) -> torch.Ten
 def pretrain(cfg: PretrainConfig, log=print) -> dict:
     """Run (or continue) a pretraining run; returns the summary it also prints and logs."""
     _check(cfg)
-    run = _Run(cfg, log)
+    run = Run(cfg, log)
+    run.restore()
     os.makedirs(cfg.output, exist_ok=True)
     with open(os.path.join(cfg.output, "config.json"), "w") as f:
         json.dump(dict(dataclasses.asdict(cfg), data=run.data, device=str(run.device), precision=run.precision,

@@ -1,0 +1,132 @@
+"""How supmae measures throughput: timed windows after a warm-up, utilisation alongside, and where the
+figures came from (device, versions, commit). `supmae profile` and every benchmark use these.
+"""
+import importlib.metadata
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from typing import Callable, Optional
+
+import psutil
+import torch
+
+
+def sync(device: torch.device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_name(device: torch.device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    return f"{model} ({os.cpu_count()} cores)"
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def versions(*packages: str) -> dict:
+    found = dict(python=platform.python_version(), torch=torch.__version__)
+    for package in packages:
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+def write_json(path: str, report: dict) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2)
+        f.write("\n")
+
+
+class Usage:
+    """CPU per core, resident memory of this process and its loader workers, and the GPU's utilisation
+    and peak memory, over one measured interval."""
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self.process = psutil.Process()
+        self.rss_peak = 0
+        self.gpu_utilization = []
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        psutil.cpu_percent(percpu=True)  # opens the CPU window
+
+    def sample(self) -> None:
+        rss = 0
+        for process in [self.process, *self.process.children(recursive=True)]:
+            try:
+                rss += process.memory_info().rss
+            except psutil.Error:  # a worker that has just exited
+                pass
+        self.rss_peak = max(self.rss_peak, rss)
+        if self.device.type == "cuda":
+            try:
+                self.gpu_utilization.append(torch.cuda.utilization(self.device))
+            except Exception:  # NVML (pynvml) is optional
+                pass
+
+    def finish(self) -> dict:
+        per_core = psutil.cpu_percent(percpu=True)
+        figures = dict(cpu_percent=sum(per_core) / len(per_core), cpu_percent_per_core=per_core,
+                       rss_gib=self.rss_peak / 2**30)
+        if self.device.type == "cuda":
+            figures.update(
+                gpu_utilization_percent=statistics.median(self.gpu_utilization) if self.gpu_utilization else None,
+                gpu_memory_peak_gib=torch.cuda.max_memory_allocated(self.device) / 2**30,
+                gpu_memory_total_gib=torch.cuda.get_device_properties(self.device).total_memory / 2**30)
+        return figures
+
+
+def measure(call: Callable[[], Optional[float]], images_per_call: int, device: torch.device, steps: int,
+            warmup: int, window: int) -> dict:
+    """Time `call` over `steps` calls in windows of `window` calls, after `warmup` untimed ones
+    (at least one).
+
+    `call` may return the seconds it spent waiting for data; their share of each window is its
+    data-wait fraction. The first call (start-up, compilation) and the whole warm-up are reported
+    apart and never enter the images/s figures, which are per window: median, min and max.
+    """
+    device = torch.device(device)
+    start = time.perf_counter()
+    call()
+    sync(device)
+    first_call_s = time.perf_counter() - start
+    for _ in range(max(0, warmup - 1)):
+        call()
+    sync(device)
+    warmup_s = time.perf_counter() - start
+    usage = Usage(device)
+    windows, began = [], time.perf_counter()
+    for first in range(0, steps, window):
+        calls = min(window, steps - first)
+        window_start, waited = time.perf_counter(), 0.0
+        for _ in range(calls):
+            waited += call() or 0.0
+        sync(device)
+        seconds = time.perf_counter() - window_start
+        windows.append(dict(end_s=time.perf_counter() - began, images_per_s=calls * images_per_call / seconds,
+                            data_wait_fraction=waited / seconds))
+        usage.sample()
+    rates = [w["images_per_s"] for w in windows]
+    return dict(images_per_s=dict(median=statistics.median(rates), min=min(rates), max=max(rates)),
+                data_wait_fraction=statistics.median(w["data_wait_fraction"] for w in windows),
+                first_call_s=first_call_s, warmup_s=warmup_s, windows=windows, **usage.finish())

@@ -1,0 +1,241 @@
+"""`supmae profile`: where a run's images/s go, and what bounds it.
+
+Three stages are measured in one process, each after its own warm-up, with the same configuration the
+run would use: the loader alone (batches delivered to the device, no model), the step alone (the
+training step on an on-device synthetic batch: the run's ceiling), and end to end (the real loop).
+The verdict names the slower of loader and step, by how much, and the levers that would move it; the
+report is a terminal table, a JSON file and two plots.
+"""
+import dataclasses
+import gc
+import os
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from supmae.errors import SupmaeError
+from supmae.measure import commit, device_name, measure, versions, write_json
+from supmae.pipelines.batch import Batch
+from supmae.pipelines.loader import LoaderSpec, create_loader
+from supmae.pipelines.masking import MaskSampler
+from supmae.train import PretrainConfig, Run, autocast_for, train_step
+
+STAGES = ("loader", "step", "end_to_end")
+LABELS = dict(loader="loader alone", step="step alone", end_to_end="end to end")
+
+
+@dataclass
+class ProfileOptions:
+    steps: int = 20              # timed steps (or batches) per stage
+    warmup: int = 3              # untimed ones first: worker start-up, compilation
+    window: int = 4              # steps per timing window; figures are median, min, max over windows
+    stages: tuple = STAGES
+    out: Optional[str] = None    # folder for profile.json and the plots; None: no files
+    json: Optional[str] = None   # also write the JSON report here
+
+
+def synthetic_batch(batch_size: int, img_size: int, num_patches: int, mask_ratio: float, num_classes: int,
+                    device: torch.device) -> Batch:
+    """A normalised random batch with labels and a mask, made on the device: the step with no loader."""
+    return Batch(torch.randn(batch_size, 3, img_size, img_size, device=device),
+                 torch.randint(0, max(1, num_classes), (batch_size,), device=device),
+                 MaskSampler(num_patches, mask_ratio, 0, device)(batch_size, 0))
+
+
+def measure_loader(engine: str, source, spec: LoaderSpec, options: ProfileOptions) -> dict:
+    """The loader alone: batches delivered to the device, normalised and masked, with no model."""
+    batches = iter(create_loader(engine, source, spec))
+
+    def next_batch() -> None:
+        next(batches)
+    try:
+        return measure(next_batch, spec.batch_size, spec.device, options.steps, options.warmup, options.window)
+    finally:
+        del batches  # stops the loader's workers before the next measurement starts its own
+        gc.collect()
+
+
+def _stage(run: Run, stage: str, options: ProfileOptions) -> dict:
+    cfg = run.cfg
+    if stage == "loader":
+        return measure_loader(cfg.loader, run.source, run.loader_spec(), options)
+    autocast = autocast_for(run.device, run.precision)
+    timing = dict(device=run.device, steps=options.steps, warmup=options.warmup, window=options.window)
+    if stage == "step":
+        batch = synthetic_batch(cfg.batch_size, cfg.img_size, run.model.num_patches, cfg.mask_ratio,
+                                len(run.source.classes), run.device)
+
+        def synthetic_step() -> None:
+            train_step(run.forward, [batch] * cfg.accum_iter, run.optimizer, run.scaler, autocast)
+        return measure(synthetic_step, run.effective_batch, **timing)
+    batches = iter(run.loader())
+
+    def step() -> float:
+        start = time.perf_counter()
+        micro_batches = [next(batches) for _ in range(cfg.accum_iter)]
+        waited = time.perf_counter() - start
+        train_step(run.forward, micro_batches, run.optimizer, run.scaler, autocast)
+        return waited
+    try:
+        return measure(step, run.effective_batch, **timing)
+    finally:
+        del batches
+        gc.collect()
+
+
+def _workers(n: int) -> str:
+    return f"{n} worker{'' if n == 1 else 's'}"
+
+
+def _rate(images_per_s: float) -> str:
+    return f"{images_per_s / 1000:.1f}k" if images_per_s >= 1000 else f"{images_per_s:.1f}"
+
+
+def _either(levers: list[str]) -> str:
+    return levers[0] if len(levers) == 1 else ", ".join(levers[:-1]) + " or " + levers[-1]
+
+
+def verdict(stages: dict, run: Run) -> dict:
+    """Which of loader and step bounds the run, by how much, and what would move it."""
+    cfg, on_gpu = run.cfg, run.device.type == "cuda"
+    loader, step = (stages[s]["images_per_s"]["median"] for s in ("loader", "step"))
+    if loader < step:
+        levers = {"torch": ["use --loader dali or --loader ffcv"], "ffcv": ["use --loader dali"]}.get(cfg.loader, [])
+        levers.append("store the data at a lower resolution (supmae convert --max-res)")
+        cpu = stages["loader"]["cpu_percent"]
+        levers.append(f"add workers (--workers, now {run.workers})" if cpu < 85 else
+                      f"give it more CPU cores (its {_workers(run.workers)} keep them {cpu:.0f}% busy)")
+        bound, text = "loader", (f"loader-bound: the step could do {_rate(step)} img/s, the loader gives "
+                                 f"{_rate(loader)} ({loader / step:.0%} of it) — {_either(levers)}")
+    else:
+        levers = [] if on_gpu else ["train on a GPU"]
+        if not run.compile:
+            levers.append("turn on --compile")
+        if on_gpu and run.precision == "fp32":
+            levers.append("use --precision bf16")
+        if on_gpu:
+            memory = stages["step"]
+            levers.append(f"raise --batch-size while memory allows (peak {memory['gpu_memory_peak_gib']:.1f} of "
+                          f"{memory['gpu_memory_total_gib']:.0f} GiB)")
+        levers.append("pick a smaller --model")
+        bound, text = "step", (f"step-bound: the loader gives {_rate(loader)} img/s, {loader / step:.1f}x what the "
+                               f"step takes ({_rate(step)} img/s) — {_either(levers)}")
+    result = dict(bound=bound, loader_vs_step=loader / step, text=text)
+    if "end_to_end" in stages:
+        end = stages["end_to_end"]
+        result["end_to_end_fraction_of_step"] = fraction = end["images_per_s"]["median"] / step
+        result["text"] += (f". End to end: {_rate(end['images_per_s']['median'])} img/s, {fraction:.0%} of the step "
+                           f"alone, waiting on data {end['data_wait_fraction']:.0%} of the time")
+        if end["images_per_s"]["median"] < 0.8 * min(loader, step):
+            result["text"] += (" — well under both stages alone: the loader's workers and the step compete for "
+                               + ("the CPU cores" if not on_gpu else "the host (check the loader's CPU use)"))
+    return result
+
+
+def profile(cfg: PretrainConfig, options: ProfileOptions, log=print) -> dict:
+    """Measure the stages, print the table and verdict, write the JSON and plots; returns the report."""
+    for name in ("steps", "window"):
+        if getattr(options, name) < 1:
+            raise SupmaeError(f"{name} must be at least 1, got {getattr(options, name)}")
+    if options.warmup < 0:
+        raise SupmaeError(f"warmup must not be negative, got {options.warmup}")
+    unknown = set(options.stages) - set(STAGES)
+    if unknown:
+        raise SupmaeError(f"unknown stage(s) {', '.join(sorted(unknown))}; stages are {', '.join(STAGES)}")
+    run = Run(cfg, log)
+    run.model.train()
+    log(f"profiling {cfg.model}, batch {run.effective_batch}, {cfg.loader} loader ({_workers(run.workers)}) on "
+        f"{device_name(run.device)}, {run.precision}{', compiled' if run.compile else ''}: {options.steps} steps "
+        f"per stage after {options.warmup} warm-up")
+    stages = {}
+    for stage in options.stages:
+        stages[stage] = _stage(run, stage, options)
+        log(f"  {LABELS[stage]}: {_rate(stages[stage]['images_per_s']['median'])} img/s")
+    report = dict(
+        device=device_name(run.device), commit=commit(),
+        versions=versions("timm", "triton", "ffcv", "nvidia-dali-cuda130", "numpy", "psutil"),
+        config=dict(run=dict(dataclasses.asdict(cfg), data=run.data, device=str(run.device),
+                             precision=run.precision, compile=run.compile, workers=run.workers,
+                             effective_batch=run.effective_batch),
+                    profile=dataclasses.asdict(options)),
+        stages=stages)
+    if "loader" in stages and "step" in stages:
+        report["verdict"] = verdict(stages, run)
+    log(table(report))
+    written = []
+    if options.out:
+        written.append(os.path.join(options.out, "profile.json"))
+        write_json(written[-1], report)
+        written += plot(report, options.out)
+    if options.json:
+        write_json(options.json, report)
+        written.append(options.json)
+    if written:
+        log("wrote " + ", ".join(written))
+    return report
+
+
+def table(report: dict) -> str:
+    on_gpu = "gpu_memory_peak_gib" in next(iter(report["stages"].values()))
+    head = f"{'stage':<14}{'images/s':>10}{'min':>10}{'max':>10}{'first call':>12}{'data wait':>11}{'CPU':>6}" \
+           f"{'memory':>10}" + (f"{'GPU':>6}{'GPU mem':>10}" if on_gpu else "")
+    lines = [head]
+    for stage, f in report["stages"].items():
+        rate = f["images_per_s"]
+        wait = f"{f['data_wait_fraction']:.0%}" if stage == "end_to_end" else "-"
+        line = (f"{LABELS[stage]:<14}{rate['median']:>10.1f}{rate['min']:>10.1f}{rate['max']:>10.1f}"
+                f"{f['first_call_s']:>10.1f} s{wait:>11}{f['cpu_percent']:>5.0f}%{f['rss_gib']:>6.1f} GiB")
+        if on_gpu:
+            util = f["gpu_utilization_percent"]
+            line += f"{'-' if util is None else f'{util:.0f}%':>6}{f['gpu_memory_peak_gib']:>6.1f} GiB"
+        lines.append(line)
+    if "verdict" in report:
+        lines.append(report["verdict"]["text"])
+    return "\n".join(lines)
+
+
+def _scale(ax, values: list[float]) -> None:
+    # Stages often differ by orders of magnitude (a CPU step against a loader); a linear axis would
+    # flatten the slow ones to nothing.
+    if max(values) > 10 * min(values):
+        ax.set_yscale("log")
+    else:
+        ax.set_ylim(bottom=0)
+
+
+def plot(report: dict, out: str) -> list[str]:
+    """images/s over time per stage, and the stages against the step's ceiling, as PNGs in `out`."""
+    from matplotlib.figure import Figure  # no pyplot: no display backend, no global state
+
+    os.makedirs(out, exist_ok=True)
+    stages, title = report["stages"], f"{report['config']['run']['model']} on {report['device']}"
+    over_time = Figure(figsize=(8, 4.5), layout="constrained")
+    ax = over_time.subplots()
+    for stage, f in stages.items():
+        ax.plot([w["end_s"] for w in f["windows"]], [w["images_per_s"] for w in f["windows"]], marker="o",
+                label=LABELS[stage])
+    ax.set(xlabel="seconds into the stage's timed part", ylabel="images/s", title=title)
+    _scale(ax, [w["images_per_s"] for f in stages.values() for w in f["windows"]])
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+
+    bars = Figure(figsize=(6, 4.5), layout="constrained")
+    ax = bars.subplots()
+    names = list(stages)
+    medians = [stages[s]["images_per_s"]["median"] for s in names]
+    spread = [[m - stages[s]["images_per_s"]["min"] for s, m in zip(names, medians)],
+              [stages[s]["images_per_s"]["max"] - m for s, m in zip(names, medians)]]
+    drawn = ax.bar([LABELS[s] for s in names], medians, yerr=spread, capsize=6, color="tab:blue")
+    ax.bar_label(drawn, [_rate(m) for m in medians], label_type="center", color="white")
+    _scale(ax, [stages[s]["images_per_s"][k] for s in names for k in ("min", "max")])
+    if "step" in stages:
+        ax.axhline(stages["step"]["images_per_s"]["median"], color="tab:red", linestyle="--", label="step ceiling")
+        ax.legend()
+    ax.set(ylabel="images/s (median; bars: min to max)", title=title)
+
+    paths = [os.path.join(out, "images_per_s.png"), os.path.join(out, "stages.png")]
+    for figure, path in zip((over_time, bars), paths):
+        figure.savefig(path, dpi=120)
+    return paths

@@ -1,0 +1,137 @@
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from supmae.pipelines.batch import to_device_batches
+from supmae.pipelines.loader import ENGINES
+from supmae.profiler import ProfileOptions, profile
+from supmae.train import PretrainConfig
+
+from test_cli import REPO, error_of, run_cli
+
+BATCH, DELAY = 8, 0.2  # the slowed loader sleeps DELAY seconds per batch: it can give at most BATCH / DELAY img/s
+
+
+class PausingLoader:
+    """A loader engine whose every batch costs exactly `delay` seconds of waiting and almost nothing else."""
+    delay = 0.0
+
+    def __init__(self, source, spec):
+        self.spec = spec
+
+    def __iter__(self):
+        spec = self.spec
+        pixels = torch.randint(0, 256, (spec.batch_size, spec.img_size, spec.img_size, 3), dtype=torch.uint8)
+        labels = torch.randint(0, 4, (spec.batch_size,))
+
+        def host_batches():
+            while True:
+                time.sleep(self.delay)
+                yield pixels, labels
+        return to_device_batches(host_batches(), spec.device, spec.mask_sampler, spec.start, spec.dtype)
+
+
+class SlowLoader(PausingLoader):
+    delay = DELAY
+
+
+def profiled(engine, synth_folder, tmp_path, monkeypatch):
+    monkeypatch.setitem(ENGINES, engine, f"{__name__}:{dict(slow='SlowLoader', instant='PausingLoader')[engine]}")
+    cfg = PretrainConfig(data=synth_folder, loader=engine, model="supmae_vit_tiny_patch16", img_size=64,
+                         batch_size=BATCH, workers=0, progress=False)
+    lines = []
+    report = profile(cfg, ProfileOptions(steps=6, warmup=2, window=2, out=str(tmp_path / "profile")), log=lines.append)
+    return report, "\n".join(lines)
+
+
+def median(report, stage):
+    return report["stages"][stage]["images_per_s"]["median"]
+
+
+def test_a_slowed_loader_is_named_as_the_bound(synth_folder, tmp_path, monkeypatch):
+    report, printed = profiled("slow", synth_folder, tmp_path, monkeypatch)
+    ceiling = BATCH / DELAY
+    assert 0.6 * ceiling < median(report, "loader") <= ceiling
+    assert median(report, "step") > 2 * median(report, "loader")  # the tiny step is far faster than the pause
+    assert median(report, "end_to_end") <= ceiling
+    assert report["stages"]["end_to_end"]["data_wait_fraction"] > 0.5
+    verdict = report["verdict"]
+    assert verdict["bound"] == "loader" and verdict["text"].startswith("loader-bound")
+    assert verdict["loader_vs_step"] == pytest.approx(median(report, "loader") / median(report, "step"))
+    assert verdict["text"] in printed and "--workers" in verdict["text"]
+
+
+def test_a_fast_loader_leaves_the_step_as_the_bound(synth_folder, tmp_path, monkeypatch):
+    report, printed = profiled("instant", synth_folder, tmp_path, monkeypatch)
+    assert median(report, "loader") > 2 * median(report, "step")
+    verdict = report["verdict"]
+    assert verdict["bound"] == "step" and verdict["text"].startswith("step-bound")
+    assert report["stages"]["end_to_end"]["data_wait_fraction"] < 0.3
+    assert 0.3 < verdict["end_to_end_fraction_of_step"] < 1.5
+    assert "train on a GPU" in verdict["text"]  # the lever that fits a CPU run
+
+
+def test_report_figures_hang_together(synth_folder, tmp_path, monkeypatch):
+    report, _ = profiled("instant", synth_folder, tmp_path, monkeypatch)
+    out = tmp_path / "profile"
+    with open(out / "profile.json") as f:
+        assert json.load(f) == json.loads(json.dumps(report))
+    for name in ("images_per_s.png", "stages.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report["config"]["run"]["loader"] == "instant" and report["config"]["profile"]["steps"] == 6
+    for stage, figures in report["stages"].items():
+        rates = figures["images_per_s"]
+        assert rates["min"] <= rates["median"] <= rates["max"]
+        assert len(figures["windows"]) == 3  # 6 steps in windows of 2
+        assert sorted(w["images_per_s"] for w in figures["windows"])[1] == pytest.approx(rates["median"])
+        assert figures["first_call_s"] <= figures["warmup_s"] and figures["rss_gib"] > 0
+        assert len(figures["cpu_percent_per_core"]) == os.cpu_count()
+
+
+def test_profile_cli_on_the_embedded_dataset(tmp_path):
+    out, report = tmp_path / "out", tmp_path / "report.json"
+    done = run_cli("profile", "--model", "supmae_vit_tiny_patch16", "--img-size", "64", "--batch-size", "16",
+                   "--steps", "4", "--window", "2", "--warmup", "1", "--workers", "1", "--out", str(out),
+                   "--json", str(report), SUPMAE_HOME=str(tmp_path / "home"))
+    assert done.returncode == 0, done.stderr
+    for row in ("loader alone", "step alone", "end to end"):
+        assert row in done.stdout
+    assert "-bound:" in done.stdout
+    with open(report) as f:
+        written = json.load(f)
+    assert written["config"]["run"]["data"].startswith(str(tmp_path / "home"))
+    assert set(written["stages"]) == {"loader", "step", "end_to_end"} and written["verdict"]["bound"] in ("loader", "step")
+    assert {p.name for p in out.iterdir()} == {"profile.json", "images_per_s.png", "stages.png"}
+
+
+@pytest.mark.parametrize("args, expected", [
+    (("--steps", "0"), "--steps: must be at least 1"),
+    (("--window", "0"), "--window: must be at least 1"),
+    (("--loader", "nope"), "invalid choice"),
+    (("--data", "/no/such/folder"), "/no/such/folder"),
+])
+def test_profile_bad_inputs_are_one_line_errors(capsys, args, expected):
+    assert expected in error_of(capsys, "profile", "--model", "supmae_vit_tiny_patch16", *args)
+
+
+def test_benchmark_suite_writes_a_consistent_summary(synth_folder, tmp_path):
+    out = tmp_path / "suite.json"
+    done = subprocess.run([sys.executable, "benchmarks/suite.py", "--data", synth_folder, "--engines", "torch",
+                           "--model", "supmae_vit_tiny_patch16", "--img-size", "64", "--batch-size", "8",
+                           "--steps", "4", "--window", "2", "--warmup", "1", "--workers", "1", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    with open(out) as f:
+        report = json.load(f)
+    assert {"device", "commit", "versions", "summary"} <= set(report)
+    s = report["summary"]
+    assert s["step_vs_official"] == pytest.approx(s["step_images_per_s"] / s["official_step_images_per_s"])
+    assert s["end_to_end_fraction_of_step"]["torch"] == pytest.approx(
+        s["end_to_end_images_per_s"]["torch"] / s["step_images_per_s"])
+    assert s["loader_images_per_s"]["torch"] == report["engines"]["torch"]["loader"]["images_per_s"]["median"]
+    assert s["mfu"] > 0 and (report["kernels"] is None) == (not torch.cuda.is_available())  # kernels need a GPU
