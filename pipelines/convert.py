@@ -24,6 +24,7 @@ from tqdm import tqdm
 from supmae.errors import SupmaeError
 from supmae.pipelines.decode import UNREADABLE, load_rgb, probe
 from supmae.pipelines.sources import scan_images, sidecar_path
+from supmae.pipelines.torch_threads import keep_torch_threads
 
 WRITE_MODES = ("jpg", "raw", "proportion", "smart")
 _MIN_PAGE, _MAX_PAGE = 1 << 23, 1 << 31
@@ -138,9 +139,10 @@ def _write_atomic(path: str, text: str) -> None:
 def convert(src: str, out: str, options: ConvertOptions = ConvertOptions(), workers: Optional[int] = None,
             force: bool = False, progress: bool = True, log=print) -> dict:
     """Convert `src`; returns the sidecar's contents. Raises SupmaeError for bad input, leaving `out` as it was."""
-    import ffcv.writer
-    from ffcv.fields import IntField, RGBImageField
-    from ffcv.writer import DatasetWriter
+    with keep_torch_threads():
+        import ffcv.writer
+        from ffcv.fields import IntField, RGBImageField
+        from ffcv.writer import DatasetWriter
 
     _validate(options)
     if os.path.isdir(out):

@@ -5,21 +5,42 @@ It follows the shared `Schedule` (FFCV's own quasi-random order is offered for p
 larger than memory). Crops and flips come from FFCV's per-thread generators: the same distribution as
 the other engines, but not reproducible from the seed.
 """
+import sys
+import traceback
 from typing import Iterator
 
 import torch
-from ffcv.fields.basics import IntDecoder
-from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
-from ffcv.loader import Loader
-from ffcv.traversal_order.base import TraversalOrder
-from ffcv.traversal_order.quasi_random import QuasiRandom
-from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor
+
+from supmae.pipelines.torch_threads import keep_torch_threads
+
+with keep_torch_threads():
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
+    from ffcv.loader import Loader
+    from ffcv.traversal_order.base import TraversalOrder
+    from ffcv.traversal_order.quasi_random import QuasiRandom
+    from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor
 
 from supmae.errors import SupmaeError
 from supmae.pipelines.augment import CROP_RATIO, CROP_SCALE, EVAL_CROP_FRACTION, FLIP_PROBABILITY
 from supmae.pipelines.batch import Batch, to_device_batches
 from supmae.pipelines.order import Schedule
 from supmae.pipelines.sources import BetonSource
+
+
+def _ignore_numba_finalizer_errors(previous=sys.unraisablehook):
+    """FFCV compiles each loader's pipeline into fresh numba dispatchers. When one is garbage-collected,
+    numba's finalizer can raise a KeyError that changes nothing (the memory is released either way) but
+    that Python prints, traceback and all, in the middle of a run. Only that one is silenced."""
+    def hook(unraisable):
+        frames = traceback.extract_tb(unraisable.exc_traceback) if unraisable.exc_traceback else []
+        if unraisable.exc_type is KeyError and any(f.filename.endswith("numba/core/dispatcher.py") for f in frames):
+            return
+        previous(unraisable)
+    sys.unraisablehook = hook
+
+
+_ignore_numba_finalizer_errors()
 
 
 class _Order(TraversalOrder):
@@ -70,19 +91,27 @@ class FFCVLoader:
         images, labels = images + [ToTensor()], [IntDecoder(), ToTensor(), Squeeze(1)]
         if device.type == "cuda":  # uint8 crosses on FFCV's own copy streams
             images, labels = images + [ToDevice(device, non_blocking=True)], labels + [ToDevice(device, non_blocking=True)]
-        return Loader(self.source.path, batch_size=spec.batch_size, num_workers=max(1, spec.workers),
-                      os_cache=spec.os_cache, order=_Order(self.schedule, first_epoch, skip, spec.order == "quasi_random"),
-                      seed=spec.seed, drop_last=True, pipelines={"image": images, "label": labels})
+        with keep_torch_threads():
+            return Loader(self.source.path, batch_size=spec.batch_size, num_workers=max(1, spec.workers),
+                          os_cache=spec.os_cache, seed=spec.seed, drop_last=True,
+                          order=_Order(self.schedule, first_epoch, skip, spec.order == "quasi_random"),
+                          pipelines={"image": images, "label": labels})
 
     def _pixels(self):
         epoch, skip = divmod(self.spec.start, self.schedule.batches_per_epoch)
         if skip:  # FFCV fixes an epoch's length at construction, so a part epoch gets a loader of its own
-            yield from self._loader(epoch, skip)
+            yield from _one_epoch(self._loader(epoch, skip))
             epoch += 1
         loader = self._loader(epoch, 0)
         while True:
-            yield from loader
+            yield from _one_epoch(loader)
 
     def __iter__(self) -> Iterator[Batch]:
         spec = self.spec
         return to_device_batches(self._pixels(), spec.device, spec.mask_sampler, spec.start, spec.dtype)
+
+
+def _one_epoch(loader: Loader):
+    with keep_torch_threads():  # FFCV sets them again for every epoch
+        batches = iter(loader)
+    yield from batches

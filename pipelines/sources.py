@@ -14,6 +14,7 @@ from PIL import Image
 
 from supmae.errors import SupmaeError
 from supmae.pipelines.decode import load_rgb, upright_size
+from supmae.pipelines.torch_threads import keep_torch_threads
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp")
 LIST_EXTENSIONS = (".csv", ".tsv")
@@ -116,8 +117,9 @@ class BetonSource:
     """A .beton written by `supmae convert` (or any FFCV file with an RGB `image` and an int `label` field)."""
 
     def __init__(self, path: str):
-        from ffcv.fields import IntField, RGBImageField
-        from ffcv.reader import Reader
+        with keep_torch_threads():
+            from ffcv.fields import IntField, RGBImageField
+            from ffcv.reader import Reader
         if not os.path.isfile(path):
             raise SupmaeError(f"data file {path} does not exist")
         try:

@@ -165,6 +165,17 @@ def test_dali_decodes_a_beton_as_ffcv_does(coordinates, tmp_path):
     assert difference.mean() < 1.5 and difference.max() <= 8
 
 
+def test_ffcv_leaves_torch_threads_alone(coordinates):
+    """FFCV sets torch's intra-op threads to its worker count; a CPU step would run on that many cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(before + 1)
+    try:
+        take("ffcv", coordinates["raw"], 2, workers=1)
+        assert torch.get_num_threads() == before + 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_ffcv_needs_a_beton(coordinates):
     with pytest.raises(SupmaeError, match="reads .beton files"):
         create_loader("ffcv", open_source(coordinates["folder"]), spec())
