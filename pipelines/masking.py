@@ -33,18 +33,22 @@ class MaskSampler:
     """Draws the masks of a run on the device, reproducibly.
 
     The noise for batch `index` depends only on (seed, index), never on how many batches came before,
-    so a resumed run or a loader restarted mid-epoch draws exactly the masks it would have drawn.
+    so a resumed run or a loader restarted mid-epoch draws exactly the masks it would have drawn. On
+    rank r of W, it draws the noise of the whole global batch and keeps rows r, r + W, ...: the samples
+    `order.shard` gives that rank, so every sample gets the mask a one-process run would give it.
     """
 
-    def __init__(self, num_patches: int, mask_ratio: float, seed: int, device: torch.device):
+    def __init__(self, num_patches: int, mask_ratio: float, seed: int, device: torch.device, rank: int = 0,
+                 world_size: int = 1):
         self.num_patches = num_patches
         self.n_keep = num_kept(num_patches, mask_ratio)
-        self.seed = seed
+        self.seed, self.rank, self.world_size = seed, rank, world_size
         self.device = torch.device(device)
         self._generator = torch.Generator(device=self.device)
 
     def __call__(self, batch_size: int, index: int) -> Masking:
         # Well-mixed 64 bits: the CPU generator only uses the low 32 bits of its seed.
         self._generator.manual_seed(int(np.random.SeedSequence([self.seed, index]).generate_state(1, np.uint64)[0]))
-        noise = torch.rand(batch_size, self.num_patches, generator=self._generator, device=self.device)
-        return random_masking(noise, self.n_keep)
+        noise = torch.rand(batch_size * self.world_size, self.num_patches, generator=self._generator,
+                           device=self.device)
+        return random_masking(noise[self.rank::self.world_size], self.n_keep)

@@ -124,6 +124,10 @@ def _add_pretrain(sub):
     run.add_argument("--resume", metavar="PATH|auto", help="continue from a checkpoint, or the newest in --output")
     run.add_argument("--log-every", type=_count(1), default=d.log_every, help="steps between metrics lines")
     run.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    run.add_argument("--no-tensorboard", dest="tensorboard", action="store_false",
+                     help="write metrics.jsonl only, no TensorBoard scalars")
+    run.add_argument("--sync-bn", action="store_true",
+                     help="several ranks (torchrun): the classification head's BatchNorm over the global batch")
     _add_shared(p, d)
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--blr", type=_number(0), default=d.blr, help="base lr: lr = blr * effective batch / 256")

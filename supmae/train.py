@@ -20,7 +20,9 @@ from tqdm import tqdm
 from supmae.checkpoint import checkpoint_path, latest_checkpoint, list_checkpoints, load_checkpoint, \
     prune_checkpoints, save_checkpoint
 from supmae.errors import SupmaeError
+from supmae.distributed import any_rank, apply_ddp, apply_global_batchnorm, barrier, init_world, mean_over_ranks
 from supmae.fast import apply_kernels
+from supmae.stop import StopRequests
 from supmae.optim import build_optimizer, lr_at
 from supmae.pipelines.loader import ENGINES, LoaderSpec, create_loader
 from supmae.pipelines.masking import MaskSampler
@@ -64,6 +66,8 @@ class PretrainConfig:
     temperature: float = 10.0
     log_every: int = 20
     seed: int = 0
+    sync_bn: bool = False               # several ranks: the classification head's BatchNorm over the global batch
+    tensorboard: bool = True            # TensorBoard scalars beside metrics.jsonl
     progress: bool = True
 
 
@@ -105,12 +109,13 @@ class Run:
             raise SupmaeError(f"unknown loader {cfg.loader!r}; available: {', '.join(ENGINES)}")
         if cfg.precision != "auto" and cfg.precision not in PRECISIONS:
             raise SupmaeError(f"unknown precision {cfg.precision!r}; use auto, {', '.join(PRECISIONS)}")
-        self.device = resolve_device(cfg.device)
+        self.world, self.device = init_world(resolve_device(cfg.device))
         self.precision, self.compile = speed_defaults(self.device, cfg.precision, cfg.compile)
         self.workers = cfg.workers if cfg.workers is not None else min(10, max(1, (os.cpu_count() or 2) - 1))
 
         self.data = cfg.data or default_dataset()
         self.source = open_source(self.data)
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank and in every run of this seed
         try:
             supervised = model_config(cfg.model)["num_classes"] != 0
             self.model = create_model(
@@ -121,16 +126,18 @@ class Run:
             raise SupmaeError(str(error)) from None
         self.supervised = supervised
         self.model.to(self.device)
+        if cfg.sync_bn and self.world.distributed:
+            apply_global_batchnorm(self.model)
 
-        self.batches_per_epoch = len(self.source) // cfg.batch_size
+        self.batches_per_epoch = len(self.source) // (cfg.batch_size * self.world.world_size)
         self.steps_per_epoch = self.batches_per_epoch // cfg.accum_iter
         if self.steps_per_epoch < 1:
             raise SupmaeError(f"{len(self.source)} images make no full step of {cfg.accum_iter} x "
-                              f"{cfg.batch_size}; lower --batch-size or --accum-iter")
+                              f"{cfg.batch_size} on {self.world.world_size} rank(s); lower --batch-size or --accum-iter")
         self.total_steps = cfg.steps or math.ceil((400 if cfg.epochs is None else cfg.epochs) * self.steps_per_epoch)
         self.warmup_steps = (cfg.warmup_steps if cfg.warmup_steps is not None
                              else round(cfg.warmup_epochs * self.steps_per_epoch))
-        self.effective_batch = cfg.batch_size * cfg.accum_iter
+        self.effective_batch = cfg.batch_size * cfg.accum_iter * self.world.world_size
         self.peak_lr = cfg.lr if cfg.lr is not None else cfg.blr * self.effective_batch / 256
 
         self.optimizer = build_optimizer(self.model, self.peak_lr, cfg.weight_decay)
@@ -140,6 +147,8 @@ class Run:
             self.forward = apply_kernels(self.model)  # Triton on CUDA, the eager twins elsewhere
         except ValueError as error:
             raise SupmaeError(str(error)) from None
+        if self.world.distributed:
+            self.forward = apply_ddp(self.forward, self.device)
         if self.compile:
             self.forward = torch.compile(self.forward)
 
@@ -162,6 +171,9 @@ class Run:
         for key in ("model", "img_size", "mask_ratio", "pool"):
             if key in saved and saved[key] != getattr(cfg, key):
                 raise SupmaeError(f"checkpoint {path} was made with {key}={saved[key]!r}, not {getattr(cfg, key)!r}")
+        if state.get("world_size", 1) != self.world.world_size:
+            raise SupmaeError(f"checkpoint {path} was made on {state.get('world_size', 1)} rank(s), not "
+                              f"{self.world.world_size}: the data order and batch would change")
         if state.get("classes", self.source.classes) != self.source.classes:
             raise SupmaeError(f"checkpoint {path} was trained on other classes than {self.data} holds")
         self.model.load_state_dict(state["model"])
@@ -174,22 +186,31 @@ class Run:
         self.step = state["step"]
 
     def save(self, step: int) -> str:
+        """Rank 0 writes; every rank returns once the checkpoint is in place."""
+        path = checkpoint_path(self.cfg.output, step)
+        if self.world.is_main:
+            self._write(step, path)
+        barrier(self.world)
+        return path
+
+    def _write(self, step: int, path: str) -> None:
         rng = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         state = dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
                      scaler=self.scaler.state_dict(), step=step, epoch=step / self.steps_per_epoch,
-                     config=dataclasses.asdict(self.cfg), classes=self.source.classes, rng=rng, format="supmae/1")
-        path = checkpoint_path(self.cfg.output, step)
+                     config=dataclasses.asdict(self.cfg), world_size=self.world.world_size, classes=self.source.classes,
+                     rng=rng, format="supmae/1")
         save_checkpoint(state, path)
         prune_checkpoints(self.cfg.output, self.cfg.keep_checkpoints)
-        return path
 
     def loader_spec(self) -> LoaderSpec:
         cfg = self.cfg
-        masks = MaskSampler(self.model.num_patches, cfg.mask_ratio, cfg.seed, self.device)
+        rank, world_size = self.world.rank, self.world.world_size
+        masks = MaskSampler(self.model.num_patches, cfg.mask_ratio, cfg.seed, self.device, rank, world_size)
         return LoaderSpec(cfg.batch_size, cfg.img_size, masks, self.device, workers=self.workers, seed=cfg.seed,
-                          start=self.step * cfg.accum_iter, order=cfg.order, os_cache=cfg.os_cache)
+                          start=self.step * cfg.accum_iter, order=cfg.order, os_cache=cfg.os_cache, rank=rank,
+                          world_size=world_size)
 
     def loader(self):
         return create_loader(self.cfg.loader, self.source, self.loader_spec())
@@ -198,8 +219,9 @@ class Run:
 def train_step(forward, micro_batches, optimizer, scaler, autocast) -> torch.Tensor:
     """One optimizer step over the micro-batches; returns their mean (loss, rec_loss, cls_loss), on the device."""
     losses = []
-    for batch in micro_batches:
-        with autocast:
+    no_sync = getattr(forward, "no_sync", None)  # DDP: reduce gradients once, after the last micro-batch
+    for i, batch in enumerate(micro_batches):
+        with autocast, (no_sync() if no_sync and i < len(micro_batches) - 1 else contextlib.nullcontext()):
             out = forward(batch.images, batch.labels, masking=batch.masking)
         scaler.scale(out.loss / len(micro_batches)).backward()
         cls_loss = torch.zeros_like(out.rec_loss) if out.cls_loss is None else out.cls_loss
@@ -211,68 +233,144 @@ def train_step(forward, micro_batches, optimizer, scaler, autocast) -> torch.Ten
 
 
 def pretrain(cfg: PretrainConfig, log=print) -> dict:
-    """Run (or continue) a pretraining run; returns the summary it also prints and logs."""
+    """Run (or continue) a pretraining run; returns the summary it also prints and logs.
+
+    SIGTERM or Ctrl-C ends the run after the current step with a checkpoint (summary["stopped"] names
+    the signal). On several ranks, rank 0 alone logs and writes files."""
     _check(cfg)
     run = Run(cfg, log)
+    if not run.world.is_main:
+        log = run.log = lambda *_: None
     run.restore()
-    os.makedirs(cfg.output, exist_ok=True)
-    with open(os.path.join(cfg.output, "config.json"), "w") as f:
-        json.dump(dict(dataclasses.asdict(cfg), data=run.data, device=str(run.device), precision=run.precision,
-                       compile=run.compile, workers=run.workers, total_steps=run.total_steps,
-                       warmup_steps=run.warmup_steps, peak_lr=run.peak_lr, effective_batch=run.effective_batch,
-                       classes=run.source.classes), f, indent=2)
+    if run.world.is_main:
+        os.makedirs(cfg.output, exist_ok=True)
+        _write_config(run)
+    barrier(run.world)
     if cfg.accum_iter > 1 and run.supervised:
         log(f"warning: with --accum-iter {cfg.accum_iter} the classification head's BatchNorm normalises over "
             f"micro-batches of {cfg.batch_size}, not the effective batch of {run.effective_batch}")
-    log(f"{cfg.model} on {run.device} ({run.precision}{', compiled' if run.compile else ''}): "
+    ranks = f" x {run.world.world_size} ranks" if run.world.distributed else ""
+    log(f"{cfg.model} on {run.device}{ranks} ({run.precision}{', compiled' if run.compile else ''}): "
         f"{len(run.source)} images in {len(run.source.classes)} classes from {run.data} ({cfg.loader} loader); "
         f"steps {run.step}->{run.total_steps}, batch {run.effective_batch}, peak lr {run.peak_lr:.3g}")
 
     if run.step >= run.total_steps:
         log(f"nothing to do: the run is already at step {run.step} of {run.total_steps}")
-        return dict(steps=run.total_steps, images_per_s=None, checkpoint=None, metrics=None)
-    model, optimizer, scaler = run.model, run.optimizer, run.scaler
+        return dict(steps=run.total_steps, images_per_s=None, checkpoint=None, metrics=None, stopped=None)
+    with Metrics(cfg.output, run.step, run.world.is_main, cfg.tensorboard) as metrics, StopRequests() as stop:
+        summary = _loop(run, metrics, stop)
+    log(f"{'stopped by ' + summary['stopped'] + ' at' if summary['stopped'] else 'done:'} step {summary['steps']}, "
+        f"{summary['images_per_s']:.1f} images/s; checkpoint {summary['checkpoint']}; metrics {metrics.path}")
+    return dict(summary, metrics=metrics.path)
+
+
+def _loop(run: Run, metrics: "Metrics", stop: StopRequests) -> dict:
+    cfg, optimizer = run.cfg, run.optimizer
     autocast = autocast_for(run.device, run.precision)
-    metrics_path = os.path.join(cfg.output, "metrics.jsonl")
     loss_sums = torch.zeros(3, device=run.device)  # total, reconstruction, classification
-    model.train()
+    # The first step whose loss was not finite, found on the device: no host sync per step.
+    first_bad = torch.full((), -1, dtype=torch.long, device=run.device)
+    run.model.train()
     batches = iter(run.loader())
     windows = []  # (images, seconds) per log interval
-    window_start, window_steps, checkpoint = time.perf_counter(), 0, None
-    with open(metrics_path, "a") as metrics, tqdm(total=run.total_steps, initial=run.step, unit="step", file=sys.stderr,
-                                                  disable=not cfg.progress, dynamic_ncols=True) as bar:
+    window_start, window_steps, checkpoint, done = time.perf_counter(), 0, None, run.step
+    with tqdm(total=run.total_steps, initial=run.step, unit="step", file=sys.stderr, dynamic_ncols=True,
+              disable=not (cfg.progress and run.world.is_main)) as bar:
         for step in range(run.step, run.total_steps):
             lr = lr_at(step, run.peak_lr, run.warmup_steps, run.total_steps, cfg.min_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_sums += train_step(run.forward, [next(batches) for _ in range(cfg.accum_iter)], optimizer,
-                                    scaler, autocast)
+            losses = train_step(run.forward, [next(batches) for _ in range(cfg.accum_iter)], optimizer, run.scaler,
+                                autocast)
+            loss_sums += losses
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(losses[0]), step + 1, first_bad)
             bar.update(1)
             window_steps += 1
             done = step + 1
-            if done % cfg.log_every == 0 or done == run.total_steps:
-                loss, rec_loss, cls_loss = (loss_sums / window_steps).tolist()  # the one host sync
+            stopping = any_rank(stop.requested(), run.world)
+            if done % cfg.log_every == 0 or done == run.total_steps or stopping:
+                loss, rec_loss, cls_loss = mean_over_ranks(loss_sums / window_steps, run.world).tolist()  # the one sync
                 now = time.perf_counter()
                 windows.append((window_steps * run.effective_batch, now - window_start))
                 record = dict(step=done, epoch=round(done / run.steps_per_epoch, 4), lr=lr, loss=loss,
                               rec_loss=rec_loss, images_per_s=windows[-1][0] / windows[-1][1])
                 if run.supervised:
                     record["cls_loss"] = cls_loss
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
+                metrics.write(record)
                 if not math.isfinite(loss):
-                    raise SupmaeError(f"loss is {loss} at step {done}; stopping (the last checkpoint is kept)")
+                    bad = any_bad_step(first_bad, run.world)
+                    raise SupmaeError(f"loss became {loss} at step {bad}; stopping with the last good checkpoint kept")
                 bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{record['images_per_s']:.1f}")
                 loss_sums.zero_()
                 window_start, window_steps = time.perf_counter(), 0
-            if done == run.total_steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
+            if (done == run.total_steps or stopping
+                    or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)):
                 checkpoint = run.save(done)
+            if stopping:
+                break
     # The first window holds start-up and compilation; leave it out when there is more.
     steady = windows[1:] or windows
     images_per_s = sum(n for n, _ in steady) / max(sum(s for _, s in steady), 1e-9)
-    summary = dict(steps=run.total_steps, images_per_s=images_per_s, checkpoint=checkpoint, metrics=metrics_path)
-    log(f"done: step {run.total_steps}, {images_per_s:.1f} images/s; checkpoint {checkpoint}; metrics {metrics_path}")
-    return summary
+    return dict(steps=done, images_per_s=images_per_s, checkpoint=checkpoint, stopped=stop.signal)
+
+
+def any_bad_step(first_bad: torch.Tensor, world) -> int:
+    """The earliest step any rank saw a non-finite loss at."""
+    steps = [int(first_bad)]
+    if world.distributed:
+        gathered = [torch.zeros_like(first_bad) for _ in range(world.world_size)]
+        torch.distributed.all_gather(gathered, first_bad)
+        steps = [int(t) for t in gathered]
+    return min(s for s in steps if s >= 0)
+
+
+def _write_config(run: Run) -> None:
+    cfg = run.cfg
+    with open(os.path.join(cfg.output, "config.json"), "w") as f:
+        json.dump(dict(dataclasses.asdict(cfg), data=run.data, device=str(run.device), precision=run.precision,
+                       compile=run.compile, workers=run.workers, world_size=run.world.world_size,
+                       total_steps=run.total_steps, warmup_steps=run.warmup_steps, peak_lr=run.peak_lr,
+                       effective_batch=run.effective_batch, classes=run.source.classes), f, indent=2)
+
+
+class Metrics:
+    """metrics.jsonl and TensorBoard scalars, written by rank 0. A resumed run first drops the lines past
+    its checkpoint (a killed run may have logged steps it never saved), so the file is one clean curve."""
+
+    def __init__(self, output: str, step: int, enabled: bool, tensorboard: bool):
+        self.path, self.enabled = os.path.join(output, "metrics.jsonl"), enabled
+        self.file = self.board = None
+        if not enabled:
+            return
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+            with open(self.path + ".tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(self.path + ".tmp", self.path)
+        self.file = open(self.path, "a")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.board = SummaryWriter(os.path.join(output, "tensorboard"), purge_step=step + 1)
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.board:
+            for key, value in record.items():
+                if key not in ("step", "epoch"):
+                    self.board.add_scalar(f"train/{key}", value, record["step"])
+            self.board.flush()
+
+    def __enter__(self) -> "Metrics":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in (self.file, self.board):
+            if handle is not None:
+                handle.close()
 
 
 def _check(cfg: PretrainConfig) -> None:

@@ -1,0 +1,121 @@
+"""Data parallelism on CPU with gloo: two ranks must do exactly what one process with their global batch does."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from supmae import create_model
+from supmae.checkpoint import load_checkpoint
+from supmae.distributed import apply_ddp, apply_global_batchnorm, init_world
+from supmae.fast import apply_kernels
+from supmae.pipelines.masking import MaskSampler
+from supmae.pipelines.order import Schedule
+
+from conftest import TINY
+from test_cli import REPO
+
+WORLD = 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def batch(size=8):
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(size, 3, 32, 32, generator=generator), torch.randint(0, 4, (size,), generator=generator)
+
+
+def model():
+    torch.manual_seed(0)
+    return create_model("supmae_vit_tiny_patch16", **TINY, num_classes=4)
+
+
+def gradients(m):
+    return {name: p.grad.clone() for name, p in m.named_parameters() if p.grad is not None}
+
+
+def _rank_gradients(rank, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      LOCAL_RANK=str(rank))
+    world, device = init_world(torch.device("cpu"))
+    m = apply_global_batchnorm(model())
+    forward = apply_ddp(apply_kernels(m, "eager"), device)
+    images, labels = batch()
+    masking = MaskSampler(m.num_patches, 0.75, 0, device, world.rank, world.world_size)(4, 0)
+    forward(images[rank::WORLD], labels[rank::WORLD], masking=masking).loss.backward()
+    torch.save(gradients(m), os.path.join(out, f"rank{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def test_gradients_are_equal_across_ranks_and_to_one_process(tmp_path):
+    mp.spawn(_rank_gradients, args=(free_port(), str(tmp_path)), nprocs=WORLD)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    m = model()
+    images, labels = batch()
+    masking = MaskSampler(m.num_patches, 0.75, 0, "cpu")(8, 0)
+    apply_kernels(m, "eager")(images, labels, masking=masking).loss.backward()
+    single = gradients(m)
+    assert set(ranks[0]) == set(single) and any(n.startswith("cls_head.1") for n in single)
+    for name, grad in single.items():
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+        torch.testing.assert_close(ranks[0][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_rank_shards_and_masks_make_up_the_global_batch():
+    one = Schedule(50, 8, seed=3)
+    shards = [Schedule(50, 4, seed=3, rank=r, world_size=WORLD) for r in range(WORLD)]
+    assert one.batches_per_epoch == shards[0].batches_per_epoch == 6
+    for index in (0, 5, 6, 13):  # across an epoch boundary too
+        epoch, whole = one.batch(index)
+        parts = [s.batch(index)[1] for s in shards]
+        assert not set(parts[0]) & set(parts[1])
+        assert sorted([*parts[0], *parts[1]]) == sorted(whole)
+        for r, part in enumerate(parts):
+            assert list(part) == list(whole[r::WORLD])  # the rows the rank's mask sampler keeps
+    for epoch in range(2):  # together the ranks cover every epoch's batches
+        covered = [i for s in shards for b in range(6) for i in s.batch(epoch * 6 + b)[1]]
+        assert len(set(covered)) == len(covered) == 48
+    full = MaskSampler(16, 0.75, 0, "cpu")(8, 7)
+    for r in range(WORLD):
+        part = MaskSampler(16, 0.75, 0, "cpu", r, WORLD)(4, 7)
+        assert torch.equal(part.mask, full.mask[r::WORLD]) and torch.equal(part.ids_keep, full.ids_keep[r::WORLD])
+
+
+def pretrain_cli(*args, ranks=1):
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] if ranks > 1 else []
+    return subprocess.run([sys.executable, *launcher, "-m", "supmae", "pretrain", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"})
+
+
+def test_two_ranks_follow_the_one_process_loss_curve(synth_folder, tmp_path):
+    common = ["--data", synth_folder, "--model", "supmae_vit_tiny_patch16", "--img-size", "32", "--steps", "6",
+              "--warmup-steps", "2", "--lr", "1e-3", "--workers", "0", "--log-every", "1", "--no-progress",
+              "--sync-bn", "--no-tensorboard"]
+    one = pretrain_cli(*common, "--batch-size", "8", "--output", str(tmp_path / "one"))
+    two = pretrain_cli(*common, "--batch-size", "4", "--output", str(tmp_path / "two"), ranks=WORLD)
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr
+    assert f"x {WORLD} ranks" in two.stdout and "batch 8" in two.stdout
+    curves = []
+    for run in ("one", "two"):
+        with open(tmp_path / run / "metrics.jsonl") as f:
+            curves.append([json.loads(line) for line in f])
+    assert [r["step"] for r in curves[1]] == list(range(1, 7))
+    for a, b in zip(*curves):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4) and b["cls_loss"] == pytest.approx(a["cls_loss"], rel=1e-4)
+    final = [load_checkpoint(str(tmp_path / run / "checkpoint-00000006.pt")) for run in ("one", "two")]
+    assert final[1]["world_size"] == WORLD
+    # Adam scales every gradient to about lr per step, so where the true gradient is zero (attention's key
+    # bias) rounding-level differences become steps of up to lr: weights agree to a few lr, no closer.
+    for name, value in final[0]["model"].items():
+        if value.is_floating_point():
+            torch.testing.assert_close(final[1]["model"][name], value, rtol=0, atol=6 * 1e-3, msg=name)

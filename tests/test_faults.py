@@ -1,0 +1,85 @@
+"""What a run does when it is stopped, killed or diverges."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from supmae.checkpoint import list_checkpoints, load_checkpoint
+from supmae.errors import SupmaeError
+from supmae.train import pretrain
+
+from test_cli import REPO
+from test_train import config, metrics
+
+
+def start(*args):
+    return subprocess.Popen([sys.executable, "-m", "supmae", "pretrain", *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": REPO})
+
+
+def wait_for(condition, process, timeout=300):
+    deadline = time.time() + timeout
+    while not condition():
+        assert process.poll() is None, process.communicate()
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def arguments(data, output, steps, *extra):
+    return ["--data", data, "--output", str(output), "--model", "supmae_vit_tiny_patch16", "--img-size", "32",
+            "--batch-size", "4", "--steps", str(steps), "--warmup-steps", "5", "--lr", "1e-3", "--workers", "0",
+            "--log-every", "1", "--no-progress", *extra]
+
+
+def logged_steps(output):
+    path = os.path.join(output, "metrics.jsonl")
+    return sum(1 for _ in open(path)) if os.path.exists(path) else 0
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_finishes_the_step_checkpoints_and_exits_0(synth_folder, tmp_path, signum):
+    run = start(*arguments(synth_folder, tmp_path, 100_000, "--checkpoint-every", "0"))
+    wait_for(lambda: logged_steps(tmp_path) >= 3, run)
+    run.send_signal(signum)
+    out, err = run.communicate(timeout=300)
+    assert run.returncode == 0, err
+    stopped_at = metrics(tmp_path)[-1]["step"]
+    assert f"stopped by {signal.Signals(signum).name} at step {stopped_at}" in out
+    assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path))] == [f"checkpoint-{stopped_at:08d}.pt"]
+    assert load_checkpoint(list_checkpoints(str(tmp_path))[0])["step"] == stopped_at
+
+
+def test_a_killed_run_resumes_onto_the_uninterrupted_curve(synth_folder, tmp_path):
+    steps = 150
+    straight = start(*arguments(synth_folder, tmp_path / "straight", steps, "--checkpoint-every", "10"))
+    assert straight.wait(timeout=600) == 0, straight.communicate()
+    killed = tmp_path / "killed"
+    run = start(*arguments(synth_folder, killed, steps, "--checkpoint-every", "10"))
+    wait_for(lambda: len(list_checkpoints(str(killed))) >= 2, run)
+    run.kill()  # SIGKILL: no handler, no last checkpoint
+    run.communicate()
+    saved = load_checkpoint(list_checkpoints(str(killed))[-1])["step"]
+    assert saved < steps, "the run ended before it could be killed"
+    resumed = start(*arguments(synth_folder, killed, steps, "--checkpoint-every", "10", "--resume", "auto"))
+    out, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err
+    assert "resumed from" in out and f"at step {saved}" in out
+    a, b = metrics(tmp_path / "straight"), metrics(killed)
+    assert [r["step"] for r in b] == list(range(1, steps + 1))  # steps logged after the checkpoint were dropped
+    for x, y in zip(a, b):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5, abs=1e-7), x["step"]
+
+
+def test_a_diverging_loss_stops_naming_its_first_step(synth_folder, tmp_path):
+    cfg = config(synth_folder, tmp_path, steps=40, lr=1e6, warmup_steps=0, log_every=20, checkpoint_every=20)
+    with pytest.raises(SupmaeError, match=r"loss became (nan|inf) at step \d+; stopping") as raised:
+        pretrain(cfg, log=lambda *_: None)
+    first = int(str(raised.value).split("at step ")[1].split(";")[0])
+    logged = metrics(tmp_path)
+    assert first <= logged[-1]["step"]  # found between syncs, not at the log step that noticed it
+    for path in list_checkpoints(str(tmp_path)):  # what was kept was saved before the divergence
+        assert load_checkpoint(path)["step"] < first
