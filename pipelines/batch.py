@@ -1,6 +1,6 @@
 """The batch every loader yields: on the training device, normalised, with its patch mask drawn there."""
 import contextlib
-from typing import Iterable, Iterator, NamedTuple
+from typing import Iterable, Iterator, NamedTuple, Optional
 
 import torch
 
@@ -13,13 +13,14 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class Batch(NamedTuple):
     images: torch.Tensor  # (B, 3, H, W) normalised, in the compute dtype
     labels: torch.Tensor  # (B,) int64
-    masking: Masking
+    masking: Optional[Masking]
 
 
 def to_device_batches(pixel_batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
-                      mask_sampler: MaskSampler, start: int = 0,
+                      mask_sampler: Optional[MaskSampler], start: int = 0,
                       dtype: torch.dtype = torch.float32) -> Iterator[Batch]:
-    """(uint8 (B, H, W, 3), labels) batches, on the host or already on `device` -> Batch; batch i gets mask i.
+    """(uint8 (B, H, W, 3), labels) batches, on the host or already on `device` -> Batch; batch i gets mask i
+    (none without a sampler: evaluation).
 
     Pixels cross to the device as uint8 (a quarter of float32's bytes) and are normalised there. On a GPU,
     a host batch's copy, normalisation and mask run on a side stream, so they overlap the step that is
@@ -38,10 +39,11 @@ def to_device_batches(pixel_batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
             images = images.to(device, non_blocking=True).permute(0, 3, 1, 2).contiguous()
             images = images.to(torch.float32).mul_(scale).add_(shift).to(dtype)
             # Engines recycle their output buffers, so labels are copied even when already in place.
-            batch = Batch(images, labels.to(device, non_blocking=True, copy=True), mask_sampler(images.shape[0], index))
+            masking = mask_sampler(images.shape[0], index) if mask_sampler is not None else None
+            batch = Batch(images, labels.to(device, non_blocking=True, copy=True), masking)
         if stream is not None:
             main = torch.cuda.current_stream(device)
             main.wait_stream(stream)
-            for tensor in (batch.images, batch.labels, *batch.masking):
+            for tensor in (batch.images, batch.labels, *(batch.masking or ())):
                 tensor.record_stream(main)  # made on the side stream, freed after the main stream's use
         yield batch

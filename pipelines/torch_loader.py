@@ -83,3 +83,12 @@ def _raise_unreadable(batches):
         if isinstance(batch, _Unreadable):
             raise SupmaeError(f"cannot read image {batch.name}: {batch.reason}")
         yield batch
+
+
+def ordered_views(source, img_size: int, batch_size: int, workers: int, device) -> Iterator[Batch]:
+    """Every sample once, in order, centre-cropped, with no mask: what evaluation reads."""
+    n = len(source)
+    keys = [[(0, i) for i in range(first, min(first + batch_size, n))] for first in range(0, n, batch_size)]
+    loader = DataLoader(_Views(source, img_size, 0, train=False), batch_sampler=keys, num_workers=workers,
+                        collate_fn=_collate, pin_memory=torch.device(device).type == "cuda")
+    return to_device_batches(_raise_unreadable(loader), device, None)

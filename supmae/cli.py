@@ -76,6 +76,8 @@ def _add_convert(sub):
 def _add_shared(p, d) -> None:
     """The options a training run and its profile share: what is read, by what, on what, into what."""
     from supmae.pipelines.loader import ENGINES
+    p.add_argument("--config", metavar="FILE",
+                   help="a TOML or YAML table of these options (as option = value); the command line overrides it")
     data = p.add_argument_group("data")
     data.add_argument("--data", help="image folder, CSV/TSV file list or .beton (default: the embedded synthetic "
                                      "dataset)")
@@ -157,6 +159,39 @@ def _add_profile(sub):
     _add_shared(p, d)
 
 
+def _add_export(sub):
+    from supmae.export import POOLS
+    p = sub.add_parser("export", help="write a checkpoint's encoder as a timm ViT checkpoint (safetensors)",
+                       description="Write the encoder of a pretraining checkpoint as a timm VisionTransformer "
+                                   "state dict in safetensors, for timm.create_model(..., pretrained=True, "
+                                   "pretrained_cfg_overlay=dict(file=OUT)).",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("checkpoint", metavar="CHECKPOINT")
+    p.add_argument("out", metavar="OUT", help="the .safetensors file to write")
+    p.add_argument("--global-pool", choices=POOLS, default="avg",
+                   help="the timm global_pool the weights are for (avg: the final norm becomes fc_norm)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+
+
+def _add_eval(sub):
+    p = sub.add_parser("eval", help="evaluate a frozen encoder")
+    kinds = p.add_subparsers(dest="kind", metavar="KIND", parser_class=_Parser, required=True)
+    knn = kinds.add_parser("knn", help="weighted k-NN top-1 on the encoder's features",
+                           description="Weighted k-NN classification (top-1) of the validation images by the "
+                                       "frozen encoder's features of the training images.",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    knn.add_argument("--checkpoint", required=True)
+    knn.add_argument("--train", required=True, help="image folder, file list or .beton with the labelled train split")
+    knn.add_argument("--val", required=True, help="the validation split, with the same classes")
+    knn.add_argument("--k", type=_count(1), default=20)
+    knn.add_argument("--temperature", type=_number(0), default=0.07)
+    knn.add_argument("--pool", choices=("avg", "token"), default="avg", help="how the encoder's tokens are pooled")
+    knn.add_argument("--batch-size", type=_count(1), default=64)
+    knn.add_argument("--workers", type=_count(0), default=2)
+    knn.add_argument("--device", default="auto")
+    knn.add_argument("--json", metavar="FILE", help="also write the result here")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="supmae", description="Fast pretraining of ViTs with Supervised Masked Autoencoders.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser, required=True)
@@ -164,7 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert(sub)
     _add_pretrain(sub)
     _add_profile(sub)
+    _add_export(sub)
+    _add_eval(sub)
     sub.add_parser("models", help="list the model names")
+    parser.commands = sub.choices
     return parser
 
 
@@ -180,7 +218,7 @@ def _run(args) -> None:
         convert(args.src, args.out, options, args.workers, args.force, args.progress)
     elif args.command == "pretrain":
         from supmae.train import PretrainConfig, pretrain
-        options = {k: v for k, v in vars(args).items() if k != "command"}
+        options = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
         pretrain(PretrainConfig(**options))
     elif args.command == "profile":
         import dataclasses
@@ -192,14 +230,32 @@ def _run(args) -> None:
         options.out = options.out or time.strftime("runs/profile-%Y%m%d-%H%M%S")
         run_fields = {f.name for f in dataclasses.fields(PretrainConfig)} - measurement
         profile(PretrainConfig(**{k: v for k, v in vars(args).items() if k in run_fields}, progress=False), options)
+    elif args.command == "export":
+        from supmae.export import export
+        info = export(args.checkpoint, args.out, args.global_pool, args.force)
+        print(f"wrote {args.out}: {info['tensors']} tensors, {info['parameters'] / 1e6:.1f}M parameters of "
+              f"{info['supmae_model']} (step {info['step']}), for timm global_pool={args.global_pool!r}")
+    elif args.command == "eval":
+        from supmae.evaluate import eval_knn
+        from supmae.measure import write_json
+        result = eval_knn(args.checkpoint, args.train, args.val, args.k, args.temperature, args.batch_size,
+                          args.workers, args.device, args.pool)
+        if args.json:
+            write_json(args.json, result)
     elif args.command == "models":
         from supmae.registry import list_models
         print("\n".join(list_models()))
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
+        if getattr(args, "config", None):
+            from supmae.config_file import config_words
+            args = parser.parse_args([argv[0], *config_words(parser.commands[args.command], args.config, argv[1:]),
+                                      *argv[1:]])
         _run(args)
     except SupmaeError as error:
         print(f"supmae: error: {error}", file=sys.stderr)

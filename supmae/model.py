@@ -117,11 +117,21 @@ class MaskedAutoencoderViT(nn.Module):
 
     def encode(self, visible: torch.Tensor) -> torch.Tensor:
         """Embedded visible patches (B, n_keep, D), position included -> encoder output with cls token."""
+        return self.norm(self.blocks_forward(visible))
+
+    def blocks_forward(self, visible: torch.Tensor) -> torch.Tensor:
+        """The encoder before its final norm: (B, n, D) embedded patches -> (B, 1 + n, D), cls token first."""
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(visible.shape[0], -1, -1)
         x = torch.cat([cls, visible], dim=1)
         for blk in self.blocks:
             x = blk(x)
-        return self.norm(x)
+        return x
+
+    def features(self, images: torch.Tensor, pool: str = "avg") -> torch.Tensor:
+        """The frozen encoder's image features, every patch visible, pooled as timm's ViT pools: `avg`
+        normalises the patch tokens' mean (timm's fc_norm), `token` takes the normalised cls token."""
+        x = self.blocks_forward(self.patch_embed(images) + self.pos_embed[:, 1:])
+        return self.norm(x[:, 1:].mean(1)) if pool == "avg" else self.norm(x)[:, 0]
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """Predict the pixels of every patch: (B, L, p*p*3), original patch order."""

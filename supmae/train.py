@@ -99,6 +99,24 @@ def autocast_for(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
 
+def build_model(cfg: PretrainConfig, num_classes: int):
+    """The model a run of `cfg` trains, on data with `num_classes` classes (MAE models have no branch)."""
+    try:
+        supervised = model_config(cfg.model)["num_classes"] != 0
+        return create_model(
+            cfg.model, img_size=cfg.img_size, mask_ratio=cfg.mask_ratio, norm_pix_loss=cfg.norm_pix_loss,
+            **(dict(num_classes=num_classes, pool=cfg.pool, cls_loss_ratio=cfg.cls_loss_ratio,
+                    temperature=cfg.temperature) if supervised else {}))
+    except ValueError as error:
+        raise SupmaeError(str(error)) from None
+
+
+def config_of(state: dict) -> PretrainConfig:
+    """The configuration a checkpoint was trained with (options added since take their defaults)."""
+    known = {f.name for f in dataclasses.fields(PretrainConfig)}
+    return PretrainConfig(**{k: v for k, v in state.get("config", {}).items() if k in known})
+
+
 class Run:
     """Everything a pretraining run holds, built once from a config: data, model, optimiser and the
     (compiled, kernel-backed) forward. `restore()` moves it to a checkpoint's step."""
@@ -116,15 +134,8 @@ class Run:
         self.data = cfg.data or default_dataset()
         self.source = open_source(self.data)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank and in every run of this seed
-        try:
-            supervised = model_config(cfg.model)["num_classes"] != 0
-            self.model = create_model(
-                cfg.model, img_size=cfg.img_size, mask_ratio=cfg.mask_ratio, norm_pix_loss=cfg.norm_pix_loss,
-                **(dict(num_classes=len(self.source.classes), pool=cfg.pool, cls_loss_ratio=cfg.cls_loss_ratio,
-                        temperature=cfg.temperature) if supervised else {}))
-        except ValueError as error:
-            raise SupmaeError(str(error)) from None
-        self.supervised = supervised
+        self.model = build_model(cfg, len(self.source.classes))
+        self.supervised = self.model.cls_head is not None
         self.model.to(self.device)
         if cfg.sync_bn and self.world.distributed:
             apply_global_batchnorm(self.model)

@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -95,3 +96,32 @@ def test_unwritable_outputs_are_one_line_errors(capsys, synth_folder):
     assert "Not a directory" in error_of(capsys, "pretrain", "--data", synth_folder, "--output", "/dev/null/run",
                                          "--model", "supmae_vit_tiny_patch16", "--batch-size", "8", "--no-progress")
     assert "supmae: error:" in error_of(capsys, "convert", synth_folder, "/dev/null/data.beton", "--no-progress")
+
+
+def test_config_file_with_command_line_overrides(synth_folder, tmp_path):
+    (tmp_path / "run.toml").write_text(f'data = "{synth_folder}"\nmodel = "mae_vit_tiny_patch16"\nimg-size = 32\n'
+                                       'batch-size = 4\nepochs = 5\nprogress = false\ntensorboard = false\n'
+                                       'workers = 0\nmask-ratio = 0.5\n')
+    out = tmp_path / "run"
+    assert main(["pretrain", "--config", str(tmp_path / "run.toml"), "--steps", "2", "--batch-size", "8",
+                 "--output", str(out)]) == 0
+    with open(out / "config.json") as f:
+        saved = json.load(f)
+    assert (saved["batch_size"], saved["steps"], saved["epochs"]) == (8, 2, None)  # the command line wins
+    assert (saved["model"], saved["mask_ratio"], saved["progress"], saved["tensorboard"]) == \
+        ("mae_vit_tiny_patch16", 0.5, False, False)
+    (tmp_path / "run.yaml").write_text("model: mae_vit_tiny_patch16\nimg-size: 32\ncompile: false\n")
+    assert main(["pretrain", "--config", str(tmp_path / "run.yaml"), "--data", synth_folder, "--steps", "1",
+                 "--batch-size", "4", "--workers", "0", "--no-progress", "--output", str(tmp_path / "yaml")]) == 0
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("bogus = 1", "unknown option 'bogus'"),
+    ("batch-size = 0", "--batch-size: must be at least 1"),
+    ("compile = 3", "compile must be true or false"),
+    ("x = [", "cannot be parsed"),
+])
+def test_bad_config_files_are_one_line_errors(capsys, tmp_path, text, expected):
+    (tmp_path / "bad.toml").write_text(text + "\n")
+    assert expected in error_of(capsys, "pretrain", "--config", str(tmp_path / "bad.toml"))
+    assert "does not exist" in error_of(capsys, "pretrain", "--config", str(tmp_path / "none.toml"))

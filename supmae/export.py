@@ -1,0 +1,46 @@
+"""`supmae export`: a checkpoint's encoder as a timm ViT checkpoint (safetensors).
+
+    timm.create_model("vit_base_patch16_224", pretrained=True, num_classes=N, global_pool="avg",
+                      pretrained_cfg_overlay=dict(file="encoder.safetensors"))
+
+The encoder's parameter names are timm's already; the final norm becomes `fc_norm` for average pooling
+(timm normalises after pooling then), and the decoder, mask token and classification branch are left
+out. timm's features then equal `MaskedAutoencoderViT.features` with the same pooling.
+"""
+import os
+
+from supmae.checkpoint import load_checkpoint
+from supmae.errors import SupmaeError
+
+POOLS = ("avg", "token")
+_ENCODER = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
+
+
+def timm_state_dict(model_state: dict, global_pool: str = "avg") -> dict:
+    if global_pool not in POOLS:
+        raise SupmaeError(f"global pool must be one of {', '.join(POOLS)}, got {global_pool!r}")
+    encoder = {k: v for k, v in model_state.items() if k.startswith(_ENCODER)}
+    if "pos_embed" not in encoder or not any(k.startswith("blocks.") for k in encoder):
+        raise SupmaeError("the checkpoint holds no ViT encoder")
+    rename = (lambda k: "fc_norm." + k[len("norm."):] if k.startswith("norm.") else k) if global_pool == "avg" \
+        else (lambda k: k)
+    return {rename(k): v.detach().contiguous() for k, v in encoder.items()}
+
+
+def export(checkpoint: str, out: str, global_pool: str = "avg", force: bool = False) -> dict:
+    from safetensors.torch import save_file
+    if os.path.exists(out) and not force:
+        raise SupmaeError(f"{out} exists; pass --force to replace it")
+    state = load_checkpoint(checkpoint)
+    tensors = timm_state_dict(state["model"], global_pool)
+    config = state.get("config", {})
+    metadata = {"format": "pt", "supmae_model": str(config.get("model")), "global_pool": global_pool,
+                "img_size": str(config.get("img_size")), "step": str(state.get("step"))}
+    tmp = f"{out}.tmp-{os.getpid()}"
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return dict(tensors=len(tensors), parameters=sum(t.numel() for t in tensors.values()), **metadata)
