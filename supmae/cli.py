@@ -180,16 +180,66 @@ def _add_eval(sub):
                            description="Weighted k-NN classification (top-1) of the validation images by the "
                                        "frozen encoder's features of the training images.",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    knn.add_argument("--checkpoint", required=True)
-    knn.add_argument("--train", required=True, help="image folder, file list or .beton with the labelled train split")
-    knn.add_argument("--val", required=True, help="the validation split, with the same classes")
+    _add_splits(knn)
     knn.add_argument("--k", type=_count(1), default=20)
     knn.add_argument("--temperature", type=_number(0), default=0.07)
     knn.add_argument("--pool", choices=("avg", "token"), default="avg", help="how the encoder's tokens are pooled")
     knn.add_argument("--batch-size", type=_count(1), default=64)
-    knn.add_argument("--workers", type=_count(0), default=2)
-    knn.add_argument("--device", default="auto")
-    knn.add_argument("--json", metavar="FILE", help="also write the result here")
+    linear = kinds.add_parser("linear", help="linear probe top-1 on the frozen encoder's features",
+                              description="Train BatchNorm (no affine) + Linear on the frozen encoder's features of "
+                                          "the training images; report top-1 on the validation images.",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_splits(linear)
+    linear.add_argument("--epochs", type=_count(1), default=90)
+    linear.add_argument("--batch-size", type=_count(1), default=256)
+    linear.add_argument("--blr", type=_number(0), default=0.1, help="base lr: lr = blr * batch / 256")
+    for kind in (knn, linear):
+        kind.add_argument("--json", metavar="FILE", help="also write the result here")
+
+
+def _add_splits(p) -> None:
+    p.add_argument("--checkpoint", required=True, help="a pretraining checkpoint")
+    p.add_argument("--train", required=True, help="image folder, file list or .beton with the labelled train split")
+    p.add_argument("--val", required=True, help="the validation split, with the same classes")
+    p.add_argument("--workers", type=_count(0), default=2, help="decoding processes")
+    p.add_argument("--device", default="auto")
+
+
+def _add_finetune(sub):
+    from supmae.finetune import FinetuneConfig
+    from supmae.pipelines.loader import ENGINES
+    d = FinetuneConfig("", "", "")
+    p = sub.add_parser("finetune", help="fine-tune the encoder on labels (official recipe); report top-1",
+                       description="Fine-tune a pretrained encoder as a timm ViT with global average pooling, "
+                                   "with the official recipe as defaults; report top-1 on the validation split.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_splits(p)
+    p.add_argument("--epochs", type=_number(0), default=d.epochs)
+    p.add_argument("--batch-size", type=_count(1), default=d.batch_size)
+    p.add_argument("--blr", type=_number(0), default=d.blr, help="base lr: lr = blr * batch / 256")
+    p.add_argument("--layer-decay", type=_number(0, 1, open_high=False), default=d.layer_decay)
+    p.add_argument("--weight-decay", type=_number(0, open_low=False), default=d.weight_decay)
+    p.add_argument("--drop-path", type=_number(0, 1, open_low=False), default=d.drop_path)
+    p.add_argument("--smoothing", type=_number(0, 1, open_low=False), default=d.smoothing)
+    p.add_argument("--mixup", type=_number(0, open_low=False), default=d.mixup, help="mixup alpha (0: off)")
+    p.add_argument("--cutmix", type=_number(0, open_low=False), default=d.cutmix, help="cutmix alpha (0: off)")
+    p.add_argument("--warmup-epochs", type=_number(0, open_low=False), default=d.warmup_epochs)
+    p.add_argument("--loader", choices=tuple(ENGINES), default=d.loader)
+    p.add_argument("--seed", type=_count(0), default=d.seed)
+    p.add_argument("--output", help="folder for the fine-tuned model.safetensors")
+
+
+def _add_visualize(sub):
+    p = sub.add_parser("visualize", help="PNG grid: original | visible | reconstruction",
+                       description="Write a PNG grid of a few images: the original, the visible patches, the "
+                                   "reconstruction, and the reconstruction with the visible patches pasted back.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", required=True, help="image folder, file list or .beton; its first images are shown")
+    p.add_argument("--out", required=True, help="the PNG to write")
+    p.add_argument("--images", type=_count(1), default=6)
+    p.add_argument("--seed", type=_count(0), default=0, help="mask seed")
+    p.add_argument("--device", default="auto")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -201,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_profile(sub)
     _add_export(sub)
     _add_eval(sub)
+    _add_finetune(sub)
+    _add_visualize(sub)
     sub.add_parser("models", help="list the model names")
     parser.commands = sub.choices
     return parser
@@ -236,12 +288,23 @@ def _run(args) -> None:
         print(f"wrote {args.out}: {info['tensors']} tensors, {info['parameters'] / 1e6:.1f}M parameters of "
               f"{info['supmae_model']} (step {info['step']}), for timm global_pool={args.global_pool!r}")
     elif args.command == "eval":
-        from supmae.evaluate import eval_knn
         from supmae.measure import write_json
-        result = eval_knn(args.checkpoint, args.train, args.val, args.k, args.temperature, args.batch_size,
-                          args.workers, args.device, args.pool)
+        if args.kind == "knn":
+            from supmae.evaluate import eval_knn
+            result = eval_knn(args.checkpoint, args.train, args.val, args.k, args.temperature, args.batch_size,
+                              args.workers, args.device, args.pool)
+        else:
+            from supmae.finetune import linear_probe
+            result = linear_probe(args.checkpoint, args.train, args.val, args.epochs, args.batch_size, args.blr,
+                                  args.workers, args.device)
         if args.json:
             write_json(args.json, result)
+    elif args.command == "finetune":
+        from supmae.finetune import FinetuneConfig, finetune
+        finetune(FinetuneConfig(**{k: v for k, v in vars(args).items() if k != "command"}))
+    elif args.command == "visualize":
+        from supmae.visualize import visualize
+        visualize(args.checkpoint, args.data, args.out, args.images, args.seed, args.device)
     elif args.command == "models":
         from supmae.registry import list_models
         print("\n".join(list_models()))

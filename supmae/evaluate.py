@@ -23,10 +23,11 @@ def load_encoder(checkpoint: str, device: torch.device):
 
 
 @torch.no_grad()
-def extract(model, source, img_size: int, batch_size: int, workers: int, device, pool: str):
+def extract(model, source, img_size: int, batch_size: int, workers: int, device, pool: str, normalise: bool = True):
     features, labels = [], []
     for batch in ordered_views(source, img_size, batch_size, workers, device):
-        features.append(F.normalize(model.features(batch.images, pool).float(), dim=1))
+        f = model.features(batch.images, pool).float()
+        features.append(F.normalize(f, dim=1) if normalise else f)
         labels.append(batch.labels)
     return torch.cat(features), torch.cat(labels)
 

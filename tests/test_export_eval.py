@@ -7,6 +7,7 @@ import torch
 from supmae.checkpoint import save_checkpoint
 from supmae.cli import main
 from supmae.evaluate import eval_knn, knn_top1, load_encoder
+from supmae.finetune import layer_decay_groups, linear_probe, timm_vit
 from supmae.pipelines.synthetic import write_synthetic
 from supmae.train import PretrainConfig, build_model, pretrain
 
@@ -58,20 +59,73 @@ def test_knn_votes_by_weighted_neighbours():
     assert knn_top1(train, labels, val, torch.tensor([1, 1, 1]), k=3) == pytest.approx(2 / 3)
 
 
-def test_short_supmae_run_beats_chance_and_a_same_length_mae_run(tmp_path):
-    train = write_synthetic(str(tmp_path / "train"), 4, 16, seed=0, workers=1)
-    val = write_synthetic(str(tmp_path / "val"), 4, 10, seed=1, workers=1)
-    top1 = {}
+@pytest.fixture(scope="module")
+def short_runs(tmp_path_factory):
+    """Same-length SupMAE and MAE runs on the embedded-style data, and a held-out split drawn with another seed."""
+    root = tmp_path_factory.mktemp("short")
+    train = write_synthetic(str(root / "train"), 4, 16, seed=0, workers=1)
+    val = write_synthetic(str(root / "val"), 4, 10, seed=1, workers=1)
+    checkpoints = {}
     for model in ("supmae_vit_tiny_patch16", "mae_vit_tiny_patch16"):
-        summary = pretrain(PretrainConfig(data=train, model=model, img_size=64, batch_size=16, steps=100,
-                                          warmup_steps=10, lr=1.5e-3, workers=1, progress=False, tensorboard=False,
-                                          output=str(tmp_path / model), log_every=50), log=lambda *_: None)
-        top1[model] = eval_knn(summary["checkpoint"], train, val, k=10, log=lambda *_: None)["top1"]
+        checkpoints[model] = pretrain(PretrainConfig(
+            data=train, model=model, img_size=64, batch_size=16, steps=100, warmup_steps=10, lr=1.5e-3, workers=1,
+            progress=False, tensorboard=False, output=str(root / model), log_every=50), log=lambda *_: None)["checkpoint"]
+    return train, val, checkpoints
+
+
+def test_short_supmae_run_beats_chance_and_a_same_length_mae_run(short_runs):
+    train, val, checkpoints = short_runs
+    top1 = {m: eval_knn(c, train, val, k=10, log=lambda *_: None)["top1"] for m, c in checkpoints.items()}
     assert top1["supmae_vit_tiny_patch16"] >= 0.25 + 0.4  # chance is 25%
     assert top1["supmae_vit_tiny_patch16"] > top1["mae_vit_tiny_patch16"] + 0.1
+
+
+def test_linear_probe_and_finetune_report_top1(capsys, short_runs, tmp_path):
+    train, val, checkpoints = short_runs
+    supmae = checkpoints["supmae_vit_tiny_patch16"]
+    assert linear_probe(supmae, train, val, epochs=30, workers=0, log=lambda *_: None)["top1"] >= 0.25 + 0.4
+    assert main(["eval", "linear", "--checkpoint", supmae, "--train", train, "--val", val, "--epochs", "2",
+                 "--workers", "0"]) == 0
+    assert "linear probe top-1" in capsys.readouterr().out
+    assert main(["finetune", "--checkpoint", supmae, "--train", train, "--val", val, "--epochs", "2",
+                 "--batch-size", "16", "--warmup-epochs", "1", "--mixup", "0.8", "--cutmix", "1.0", "--workers", "0",
+                 "--output", str(tmp_path / "ft")]) == 0
+    out = capsys.readouterr().out
+    accuracy = float(out.split("fine-tuned top-1: ")[1].split("%")[0]) / 100
+    assert accuracy >= 0.5 and (tmp_path / "ft" / "model.safetensors").exists()
+
+
+def test_layer_decay_scales_lr_from_the_head_down(checkpoint):
+    vit = timm_vit(checkpoint, 3)
+    groups = layer_decay_groups(vit, 0.05, 0.5)
+    scale = {id(p): (g["lr_scale"], g["weight_decay"]) for g in groups for p in g["params"]}
+    layers = len(vit.blocks) + 1
+    assert scale[id(vit.head.weight)] == (1.0, 0.05) and scale[id(vit.head.bias)] == (1.0, 0.0)
+    assert scale[id(vit.blocks[-1].mlp.fc1.weight)] == (0.5, 0.05)
+    assert scale[id(vit.patch_embed.proj.weight)] == (0.5 ** layers, 0.05)
+    assert scale[id(vit.pos_embed)] == (0.5 ** layers, 0.0) and scale[id(vit.cls_token)][1] == 0.0
+    assert sum(len(g["params"]) for g in groups) == sum(1 for p in vit.parameters() if p.requires_grad)
 
 
 def test_eval_knn_cli(capsys, synth_folder, checkpoint, tmp_path):
     assert main(["eval", "knn", "--checkpoint", checkpoint, "--train", synth_folder, "--val", synth_folder,
                  "--workers", "0", "--json", str(tmp_path / "knn.json")]) == 0
     assert "k-NN (k=20, T=0.07) top-1" in capsys.readouterr().out and (tmp_path / "knn.json").exists()
+
+
+def test_visualize_writes_the_grid_and_keeps_visible_patches(capsys, checkpoint, synth_folder, tmp_path):
+    from PIL import Image
+
+    from supmae.objective import patchify
+    from supmae.visualize import reconstruct, unpatchify
+    images = torch.randn(2, 3, 48, 32 + 16)
+    assert torch.equal(unpatchify(patchify(images, 16), 16), images)
+    model, _ = load_encoder(checkpoint, "cpu")
+    original, visible, _, pasted = reconstruct(model, torch.randn(2, 3, 224, 224))
+    kept = visible.abs().sum(1) > 0  # removed patches are zero in the visible view
+    assert 0.2 < kept.float().mean() < 0.3  # a quarter of the patches is visible
+    torch.testing.assert_close(pasted.permute(0, 2, 3, 1)[kept], original.permute(0, 2, 3, 1)[kept])
+    out = tmp_path / "grid.png"
+    assert main(["visualize", "--checkpoint", checkpoint, "--data", synth_folder, "--out", str(out),
+                 "--images", "3"]) == 0
+    assert Image.open(out).size == (4 * (224 + 8), 3 * (224 + 8))
