@@ -44,6 +44,11 @@ def test_pretrain_writes_checkpoints_metrics_and_config(synth_folder, tmp_path):
     model.load_state_dict(state["model"], strict=True)  # plain official-layout keys
     with open(tmp_path / "config.json") as f:
         assert json.load(f)["total_steps"] == 6
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    board = EventAccumulator(str(tmp_path / "tensorboard"))
+    board.Reload()
+    assert [e.step for e in board.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
+    assert board.Scalars("train/loss")[0].value == pytest.approx(records[0]["loss"])
 
 
 def test_resume_continues_exactly(synth_folder, tmp_path):
