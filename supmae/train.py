@@ -292,7 +292,7 @@ def _loop(run: Run, metrics: "Metrics", stop: StopRequests) -> dict:
     run.model.train()
     batches = iter(run.loader())
     windows = []  # (images, seconds) per log interval
-    window_start, window_steps, checkpoint, done = time.perf_counter(), 0, None, run.step
+    window_start, window_steps, checkpoint, done, stopped = time.perf_counter(), 0, None, run.step, None
     with tqdm(total=run.total_steps, initial=run.step, unit="step", file=sys.stderr, dynamic_ncols=True,
               disable=not (cfg.progress and run.world.is_main)) as bar:
         for step in range(run.step, run.total_steps):
@@ -325,11 +325,12 @@ def _loop(run: Run, metrics: "Metrics", stop: StopRequests) -> dict:
                     or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)):
                 checkpoint = run.save(done)
             if stopping:
+                stopped = stop.signal or "a signal to another rank"
                 break
     # The first window holds start-up and compilation; leave it out when there is more.
     steady = windows[1:] or windows
     images_per_s = sum(n for n, _ in steady) / max(sum(s for _, s in steady), 1e-9)
-    return dict(steps=done, images_per_s=images_per_s, checkpoint=checkpoint, stopped=stop.signal)
+    return dict(steps=done, images_per_s=images_per_s, checkpoint=checkpoint, stopped=stopped)
 
 
 def any_bad_step(first_bad: torch.Tensor, world) -> int:

@@ -119,3 +119,31 @@ def test_two_ranks_follow_the_one_process_loss_curve(synth_folder, tmp_path):
     for name, value in final[0]["model"].items():
         if value.is_floating_point():
             torch.testing.assert_close(final[1]["model"][name], value, rtol=0, atol=6 * 1e-3, msg=name)
+
+
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(synth_folder, tmp_path):
+    import signal
+    import time
+
+    import psutil
+    args = ["--data", synth_folder, "--model", "supmae_vit_tiny_patch16", "--img-size", "32", "--batch-size", "4",
+            "--steps", "100000", "--checkpoint-every", "0", "--workers", "0", "--log-every", "1", "--no-progress",
+            "--no-tensorboard", "--output", str(tmp_path)]
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                 f"--nproc_per_node={WORLD}", "-m", "supmae", "pretrain", *args], cwd=REPO,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"})
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        assert launcher.poll() is None and time.time() < deadline, launcher.communicate()
+        time.sleep(0.05)
+    workers = [p for p in psutil.Process(launcher.pid).children(recursive=True) if "supmae" in " ".join(p.cmdline())]
+    assert len(workers) == WORLD
+    workers[-1].send_signal(signal.SIGTERM)  # one rank only, as when a scheduler pre-empts one node
+    out, err = launcher.communicate(timeout=300)
+    assert launcher.returncode == 0, err
+    step = json.loads(metrics.read_text().splitlines()[-1])["step"]
+    assert f"at step {step}" in out and "stopped by" in out
+    saved = load_checkpoint(str(tmp_path / f"checkpoint-{step:08d}.pt"))
+    assert saved["step"] == step and saved["world_size"] == WORLD
