@@ -66,6 +66,17 @@ def latest_checkpoint(output: str) -> tuple[str, dict] | None:
     return None
 
 
+def remove_partial_checkpoints(output: str) -> list[str]:
+    """Delete what a writer killed mid-checkpoint left behind (the temporary files); returns their paths."""
+    if not os.path.isdir(output):
+        return []
+    partial = [os.path.join(output, name) for name in os.listdir(output)
+               if ".pt.tmp-" in name and _NAME.match(name.split(".tmp-")[0])]
+    for path in partial:
+        os.remove(path)
+    return partial
+
+
 def prune_checkpoints(output: str, keep: int) -> None:
     for path in list_checkpoints(output)[:-keep] if keep > 0 else []:
         os.remove(path)

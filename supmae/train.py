@@ -18,17 +18,18 @@ import torch
 from tqdm import tqdm
 
 from supmae.checkpoint import checkpoint_path, latest_checkpoint, list_checkpoints, load_checkpoint, \
-    prune_checkpoints, save_checkpoint
-from supmae.errors import SupmaeError
+    prune_checkpoints, remove_partial_checkpoints, save_checkpoint
 from supmae.distributed import any_rank, apply_ddp, apply_global_batchnorm, barrier, init_world, mean_over_ranks
+from supmae.errors import SupmaeError
 from supmae.fast import apply_kernels, compile_optimizer_step
-from supmae.stop import StopRequests
+from supmae.metrics import Metrics
 from supmae.optim import build_optimizer, lr_at, set_lr
 from supmae.pipelines.loader import ENGINES, LoaderSpec, create_loader
 from supmae.pipelines.masking import MaskSampler
 from supmae.pipelines.sources import open_source
 from supmae.pipelines.synthetic import default_dataset
 from supmae.registry import create_model, model_config
+from supmae.stop import StopRequests
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -263,6 +264,8 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
     run.restore()
     if run.world.is_main:
         os.makedirs(cfg.output, exist_ok=True)
+        for path in remove_partial_checkpoints(cfg.output):
+            log(f"removed {path}, left by a run killed while writing it")
         _write_config(run)
     barrier(run.world)
     if cfg.accum_iter > 1 and run.supervised:
@@ -283,7 +286,7 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
     return dict(summary, metrics=metrics.path)
 
 
-def _loop(run: Run, metrics: "Metrics", stop: StopRequests) -> dict:
+def _loop(run: Run, metrics: Metrics, stop: StopRequests) -> dict:
     cfg, optimizer = run.cfg, run.optimizer
     autocast = autocast_for(run.device, run.precision)
     loss_sums = torch.zeros(3, device=run.device)  # total, reconstruction, classification
@@ -350,46 +353,6 @@ def _write_config(run: Run) -> None:
                        compile=run.compile, workers=run.workers, world_size=run.world.world_size,
                        total_steps=run.total_steps, warmup_steps=run.warmup_steps, peak_lr=run.peak_lr,
                        effective_batch=run.effective_batch, classes=run.source.classes), f, indent=2)
-
-
-class Metrics:
-    """metrics.jsonl and TensorBoard scalars, written by rank 0. A resumed run first drops the lines past
-    its checkpoint (a killed run may have logged steps it never saved), so the file is one clean curve."""
-
-    def __init__(self, output: str, step: int, enabled: bool, tensorboard: bool):
-        self.path, self.enabled = os.path.join(output, "metrics.jsonl"), enabled
-        self.file = self.board = None
-        if not enabled:
-            return
-        if os.path.exists(self.path):
-            with open(self.path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-            with open(self.path + ".tmp", "w") as f:
-                f.writelines(kept)
-            os.replace(self.path + ".tmp", self.path)
-        self.file = open(self.path, "a")
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            self.board = SummaryWriter(os.path.join(output, "tensorboard"), purge_step=step + 1)
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        if self.board:
-            for key, value in record.items():
-                if key not in ("step", "epoch"):
-                    self.board.add_scalar(f"train/{key}", value, record["step"])
-            self.board.flush()
-
-    def __enter__(self) -> "Metrics":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in (self.file, self.board):
-            if handle is not None:
-                handle.close()
 
 
 def _check(cfg: PretrainConfig) -> None:

@@ -64,10 +64,13 @@ def test_a_killed_run_resumes_onto_the_uninterrupted_curve(synth_folder, tmp_pat
     run.communicate()
     saved = load_checkpoint(list_checkpoints(str(killed))[-1])["step"]
     assert saved < steps, "the run ended before it could be killed"
+    partial = killed / "checkpoint-00000999.pt.tmp-12345"  # what a kill during a checkpoint write leaves
+    partial.write_bytes(b"half a checkpoint")
     resumed = start(*arguments(synth_folder, killed, steps, "--checkpoint-every", "10", "--resume", "auto"))
     out, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err
     assert "resumed from" in out and f"at step {saved}" in out
+    assert not partial.exists() and f"removed {partial}" in out
     a, b = metrics(tmp_path / "straight"), metrics(killed)
     assert [r["step"] for r in b] == list(range(1, steps + 1))  # steps logged after the checkpoint were dropped
     for x, y in zip(a, b):
