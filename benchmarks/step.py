@@ -19,9 +19,9 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 from supmae import create_model  # noqa: E402
-from supmae.fast import apply_kernels, compile_optimizer_step  # noqa: E402
+from supmae.fast import apply_kernels  # noqa: E402
 from supmae.measure import commit, device_name, measure, sync, versions, write_json  # noqa: E402
-from supmae.optim import build_optimizer, set_lr  # noqa: E402
+from supmae.optim import build_optimizer  # noqa: E402
 from supmae.profiler import synthetic_batch  # noqa: E402
 from supmae.train import PRECISIONS, autocast_for, resolve_device, speed_defaults, train_step  # noqa: E402
 
@@ -53,16 +53,12 @@ def benchmark_step(model_name: str = "supmae_vit_base_patch16", batch_size: int 
     autocast = autocast_for(device, precision)
     forward = apply_kernels(model)  # the training loop's forward: Triton kernels on CUDA
     forward = torch.compile(forward) if compiled else forward
-    # As the training loop does: with compile, the optimizer step too, its lr a device tensor.
-    compiled_optimizer = compiled and precision != "fp16"
-    set_lr(optimizer, 1e-4, device, as_tensor=compiled_optimizer)
-    optimizer_step = compile_optimizer_step(optimizer) if compiled_optimizer else None
     num_classes = model.cls_head[-1].out_features if model.cls_head is not None else 1
     batch = synthetic_batch(batch_size, img_size, model.num_patches, model.mask_ratio, num_classes, device)
     timing = dict(device=device, steps=steps * windows, warmup=warmup, window=steps)
 
     def step():
-        train_step(forward, [batch], optimizer, scaler, autocast, optimizer_step)
+        train_step(forward, [batch], optimizer, scaler, autocast)
 
     # Counted on the eager twins of the same path: the kernels add data movement, not arithmetic.
     with FlopCounterMode(display=False) as counter:

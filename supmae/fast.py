@@ -69,9 +69,3 @@ class KernelPath(nn.Module):
 def apply_kernels(model: MaskedAutoencoderViT, backend: Optional[str] = None) -> KernelPath:
     device = next(model.parameters()).device
     return KernelPath(model, backend or kernel_backend(device))
-
-
-def compile_optimizer_step(optimizer: torch.optim.Optimizer):
-    """`optimizer.step` compiled into one graph over every parameter; pair it with `optim.set_lr(...,
-    as_tensor=True)`, so the schedule changes values in place and never triggers a recompile."""
-    return torch.compile(optimizer.step)

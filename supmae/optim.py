@@ -22,14 +22,3 @@ def lr_at(step: int, peak: float, warmup: int, total: int, min_lr: float = 0.0) 
         return peak * step / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return min_lr + (peak - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float, device: torch.device, as_tensor: bool) -> None:
-    """Write this step's lr. As a device tensor (for a compiled optimizer step) it is filled in place, so
-    a new value each step neither recompiles the step nor waits on the device."""
-    for group in optimizer.param_groups:
-        current = group["lr"]
-        if as_tensor and isinstance(current, torch.Tensor) and current.device == torch.device(device):
-            current.fill_(lr)
-        else:  # first step, or a resumed optimizer whose saved lr came back on the host
-            group["lr"] = torch.tensor(lr, dtype=torch.float32, device=device) if as_tensor else lr

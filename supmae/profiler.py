@@ -17,7 +17,6 @@ import torch
 
 from supmae.errors import SupmaeError
 from supmae.measure import commit, device_name, measure, versions, write_json
-from supmae.optim import set_lr
 from supmae.pipelines.batch import Batch
 from supmae.pipelines.loader import LoaderSpec, create_loader
 from supmae.pipelines.masking import MaskSampler
@@ -69,7 +68,7 @@ def _stage(run: Run, stage: str, options: ProfileOptions) -> dict:
                                 len(run.source.classes), run.device)
 
         def synthetic_step() -> None:
-            train_step(run.forward, [batch] * cfg.accum_iter, run.optimizer, run.scaler, autocast, run.optimizer_step)
+            train_step(run.forward, [batch] * cfg.accum_iter, run.optimizer, run.scaler, autocast)
         return measure(synthetic_step, run.effective_batch, **timing)
     batches = iter(run.loader())
 
@@ -77,7 +76,7 @@ def _stage(run: Run, stage: str, options: ProfileOptions) -> dict:
         start = time.perf_counter()
         micro_batches = [next(batches) for _ in range(cfg.accum_iter)]
         waited = time.perf_counter() - start
-        train_step(run.forward, micro_batches, run.optimizer, run.scaler, autocast, run.optimizer_step)
+        train_step(run.forward, micro_batches, run.optimizer, run.scaler, autocast)
         return waited
     try:
         return measure(step, run.effective_batch, **timing)
@@ -147,7 +146,6 @@ def profile(cfg: PretrainConfig, options: ProfileOptions, log=print) -> dict:
         raise SupmaeError(f"unknown stage(s) {', '.join(sorted(unknown))}; stages are {', '.join(STAGES)}")
     run = Run(cfg, log)
     run.model.train()
-    set_lr(run.optimizer, run.peak_lr, run.device, as_tensor=run.compiled_optimizer)
     log(f"profiling {cfg.model}, batch {run.effective_batch}, {cfg.loader} loader ({_workers(run.workers)}) on "
         f"{device_name(run.device)}, {run.precision}{', compiled' if run.compile else ''}: {options.steps} steps "
         f"per stage after {options.warmup} warm-up")

@@ -21,9 +21,9 @@ from supmae.checkpoint import checkpoint_path, latest_checkpoint, list_checkpoin
     prune_checkpoints, remove_partial_checkpoints, save_checkpoint
 from supmae.distributed import any_rank, apply_ddp, apply_global_batchnorm, barrier, init_world, mean_over_ranks
 from supmae.errors import SupmaeError
-from supmae.fast import apply_kernels, compile_optimizer_step
+from supmae.fast import apply_kernels
 from supmae.metrics import Metrics
-from supmae.optim import build_optimizer, lr_at, set_lr
+from supmae.optim import build_optimizer, lr_at
 from supmae.pipelines.loader import ENGINES, LoaderSpec, create_loader
 from supmae.pipelines.masking import MaskSampler
 from supmae.pipelines.sources import open_source
@@ -161,10 +161,6 @@ class Run:
             raise SupmaeError(str(error)) from None
         if self.world.distributed:
             self.forward = apply_ddp(self.forward, self.device)
-        # Compiled: the forward (with its backward, through AOTAutograd) and the optimizer step, lr in tensors.
-        # fp16's GradScaler steps the optimizer itself, eagerly.
-        self.compiled_optimizer = self.compile and self.precision != "fp16"
-        self.optimizer_step = compile_optimizer_step(self.optimizer) if self.compiled_optimizer else None
         if self.compile:
             self.forward = torch.compile(self.forward)
 
@@ -232,9 +228,8 @@ class Run:
         return create_loader(self.cfg.loader, self.source, self.loader_spec())
 
 
-def train_step(forward, micro_batches, optimizer, scaler, autocast, optimizer_step=None) -> torch.Tensor:
-    """One optimizer step over the micro-batches; returns their mean (loss, rec_loss, cls_loss), on the device.
-    `optimizer_step` replaces `optimizer.step` (a compiled one) where no GradScaler is at work."""
+def train_step(forward, micro_batches, optimizer, scaler, autocast) -> torch.Tensor:
+    """One optimizer step over the micro-batches; returns their mean (loss, rec_loss, cls_loss), on the device."""
     losses = []
     no_sync = getattr(forward, "no_sync", None)  # DDP: reduce gradients once, after the last micro-batch
     for i, batch in enumerate(micro_batches):
@@ -243,10 +238,7 @@ def train_step(forward, micro_batches, optimizer, scaler, autocast, optimizer_st
         scaler.scale(out.loss / len(micro_batches)).backward()
         cls_loss = torch.zeros_like(out.rec_loss) if out.cls_loss is None else out.cls_loss
         losses.append(torch.stack([t.detach().float() for t in (out.loss, out.rec_loss, cls_loss)]))
-    if optimizer_step is not None and not scaler.is_enabled():
-        optimizer_step()
-    else:
-        scaler.step(optimizer)
+    scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return torch.stack(losses).mean(0)
@@ -300,9 +292,10 @@ def _loop(run: Run, metrics: Metrics, stop: StopRequests) -> dict:
               disable=not (cfg.progress and run.world.is_main)) as bar:
         for step in range(run.step, run.total_steps):
             lr = lr_at(step, run.peak_lr, run.warmup_steps, run.total_steps, cfg.min_lr)
-            set_lr(optimizer, lr, run.device, as_tensor=run.compiled_optimizer)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
             losses = train_step(run.forward, [next(batches) for _ in range(cfg.accum_iter)], optimizer, run.scaler,
-                                autocast, run.optimizer_step)
+                                autocast)
             loss_sums += losses
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(losses[0]), step + 1, first_bad)
             bar.update(1)

@@ -152,38 +152,3 @@ def test_compiled_bf16_run_on_gpu(synth_folder, tmp_path):
     assert "bf16, compiled" in lines[0]
     records = metrics(tmp_path)
     assert all(math.isfinite(r["loss"]) for r in records) and len(records) == 4
-
-
-def test_compiled_run_follows_the_eager_run(synth_folder, tmp_path):
-    """torch.compile over the forward (and its backward) and the optimizer step, lr in device tensors."""
-    curves = {}
-    for compiled in (False, True):
-        pretrain(config(synth_folder, tmp_path / str(compiled), img_size=32, compile=compiled, tensorboard=False),
-                 log=lambda *_: None)
-        curves[compiled] = [r["loss"] for r in metrics(tmp_path / str(compiled))]
-    assert curves[True] == pytest.approx(curves[False], rel=1e-5)
-
-
-def test_compiled_optimizer_step_takes_new_lrs_without_recompiling():
-    from torch._dynamo.utils import counters
-
-    from supmae.fast import compile_optimizer_step
-    from supmae.optim import set_lr
-    torch.compiler.reset()
-    models = [create_model("supmae_vit_tiny_patch16", **TINY, num_classes=4) for _ in range(2)]
-    models[1].load_state_dict(models[0].state_dict())
-    optimizers = [build_optimizer(m, 1e-3, 0.05) for m in models]
-    step = compile_optimizer_step(optimizers[1])
-    for i, lr in enumerate((1e-3, 5e-4, 2e-4)):
-        torch.manual_seed(i)
-        grads = [torch.randn_like(p) for p in models[0].parameters()]
-        for m in models:
-            for p, g in zip(m.parameters(), grads):
-                p.grad = g.clone() if p.requires_grad else None
-        set_lr(optimizers[0], lr, "cpu", as_tensor=False)
-        set_lr(optimizers[1], lr, "cpu", as_tensor=True)
-        optimizers[0].step()
-        step()
-    assert counters["stats"]["unique_graphs"] == 1
-    for a, b in zip(models[0].parameters(), models[1].parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
