@@ -1,5 +1,4 @@
 """What a run does when it is stopped, killed or diverges."""
-import json
 import os
 import signal
 import subprocess

@@ -152,3 +152,13 @@ def test_compiled_bf16_run_on_gpu(synth_folder, tmp_path):
     assert "bf16, compiled" in lines[0]
     records = metrics(tmp_path)
     assert all(math.isfinite(r["loss"]) for r in records) and len(records) == 4
+
+
+def test_compiled_run_follows_the_eager_run(synth_folder, tmp_path):
+    """torch.compile over the forward and, through AOTAutograd, its backward."""
+    curves = {}
+    for compiled in (False, True):
+        pretrain(config(synth_folder, tmp_path / str(compiled), img_size=32, compile=compiled, tensorboard=False),
+                 log=lambda *_: None)
+        curves[compiled] = [r["loss"] for r in metrics(tmp_path / str(compiled))]
+    assert curves[True] == pytest.approx(curves[False], rel=1e-5)
