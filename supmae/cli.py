@@ -6,6 +6,12 @@ from supmae.errors import SupmaeError
 
 
 class _Parser(argparse.ArgumentParser):
+    """One-line errors, and every option's default in --help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
@@ -40,10 +46,10 @@ def _add_synth(sub):
     p = sub.add_parser("synth", help="write the embedded synthetic dataset as an image folder of JPEGs",
                        description="Write a synthetic ImageFolder dataset of real JPEG files with learnable classes.")
     p.add_argument("out_dir", metavar="OUT_DIR")
-    p.add_argument("--classes", type=_count(2), default=10, help="number of classes (default 10)")
-    p.add_argument("--images-per-class", type=_count(1), default=100, help="images per class (default 100)")
+    p.add_argument("--classes", type=_count(2), default=10, help="number of classes")
+    p.add_argument("--images-per-class", type=_count(1), default=100, help="images per class")
     p.add_argument("--seed", type=_count(0), default=0)
-    p.add_argument("--workers", type=_count(1), default=None, help="processes (default: all cores)")
+    p.add_argument("--workers", type=_count(1), default=None, help="processes; unset: all cores")
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
 
 
@@ -53,8 +59,7 @@ def _add_convert(sub):
     p = sub.add_parser("convert", help="convert an image folder or file list to an FFCV .beton",
                        description="Convert an image folder (root/<class>/...) or a CSV/TSV list of path,label "
                                    "to an FFCV .beton, with a JSON sidecar (classes, counts, options) and a "
-                                   "report of the files skipped.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                   "report of the files skipped.")
     p.add_argument("src", metavar="SRC", help="image folder, or .csv/.tsv file list")
     p.add_argument("out", metavar="OUT", help="the .beton to write")
     p.add_argument("--write-mode", choices=WRITE_MODES, default=d.write_mode,
@@ -113,8 +118,7 @@ def _add_pretrain(sub):
     from supmae.train import PretrainConfig
     d = PretrainConfig()
     p = sub.add_parser("pretrain", help="pretrain a SupMAE/MAE model",
-                       description="Pretrain a SupMAE (or MAE) ViT with the official recipe as defaults.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       description="Pretrain a SupMAE (or MAE) ViT with the official recipe as defaults.")
     run = p.add_argument_group("run")
     length = run.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=_number(0), default=None, help="run length in epochs (default 400)")
@@ -147,8 +151,7 @@ def _add_profile(sub):
     p = sub.add_parser("profile", help="measure loader, step and end to end; name what bounds the run",
                        description="Measure, with a run's configuration, the loader alone, the training step "
                                    "alone and the real loop; print a table and a verdict naming the stage that "
-                                   "bounds the run, and write a JSON report and plots.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                   "bounds the run, and write a JSON report and plots.")
     m = p.add_argument_group("measurement")
     m.add_argument("--steps", type=_count(1), default=o.steps, help="timed steps (batches) per stage")
     m.add_argument("--warmup", type=_count(0), default=o.warmup, help="untimed steps first, per stage")
@@ -164,8 +167,7 @@ def _add_export(sub):
     p = sub.add_parser("export", help="write a checkpoint's encoder as a timm ViT checkpoint (safetensors)",
                        description="Write the encoder of a pretraining checkpoint as a timm VisionTransformer "
                                    "state dict in safetensors, for timm.create_model(..., pretrained=True, "
-                                   "pretrained_cfg_overlay=dict(file=OUT)).",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                   "pretrained_cfg_overlay=dict(file=OUT)).")
     p.add_argument("checkpoint", metavar="CHECKPOINT")
     p.add_argument("out", metavar="OUT", help="the .safetensors file to write")
     p.add_argument("--global-pool", choices=POOLS, default="avg",
@@ -178,8 +180,7 @@ def _add_eval(sub):
     kinds = p.add_subparsers(dest="kind", metavar="KIND", parser_class=_Parser, required=True)
     knn = kinds.add_parser("knn", help="weighted k-NN top-1 on the encoder's features",
                            description="Weighted k-NN classification (top-1) of the validation images by the "
-                                       "frozen encoder's features of the training images.",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                       "frozen encoder's features of the training images.")
     _add_splits(knn)
     knn.add_argument("--k", type=_count(1), default=20)
     knn.add_argument("--temperature", type=_number(0), default=0.07)
@@ -187,8 +188,7 @@ def _add_eval(sub):
     knn.add_argument("--batch-size", type=_count(1), default=64)
     linear = kinds.add_parser("linear", help="linear probe top-1 on the frozen encoder's features",
                               description="Train BatchNorm (no affine) + Linear on the frozen encoder's features of "
-                                          "the training images; report top-1 on the validation images.",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                          "the training images; report top-1 on the validation images.")
     _add_splits(linear)
     linear.add_argument("--epochs", type=_count(1), default=90)
     linear.add_argument("--batch-size", type=_count(1), default=256)
@@ -211,8 +211,7 @@ def _add_finetune(sub):
     d = FinetuneConfig("", "", "")
     p = sub.add_parser("finetune", help="fine-tune the encoder on labels (official recipe); report top-1",
                        description="Fine-tune a pretrained encoder as a timm ViT with global average pooling, "
-                                   "with the official recipe as defaults; report top-1 on the validation split.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                   "with the official recipe as defaults; report top-1 on the validation split.")
     _add_splits(p)
     p.add_argument("--epochs", type=_number(0), default=d.epochs)
     p.add_argument("--batch-size", type=_count(1), default=d.batch_size)
@@ -232,8 +231,7 @@ def _add_finetune(sub):
 def _add_visualize(sub):
     p = sub.add_parser("visualize", help="PNG grid: original | visible | reconstruction",
                        description="Write a PNG grid of a few images: the original, the visible patches, the "
-                                   "reconstruction, and the reconstruction with the visible patches pasted back.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                   "reconstruction, and the reconstruction with the visible patches pasted back.")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True, help="image folder, file list or .beton; its first images are shown")
     p.add_argument("--out", required=True, help="the PNG to write")

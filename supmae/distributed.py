@@ -67,6 +67,14 @@ def mean_over_ranks(tensor: torch.Tensor, world: World) -> torch.Tensor:
     return tensor
 
 
+def earliest_over_ranks(step: torch.Tensor, world: World) -> int:
+    """The smallest non-negative value of a 0-d step tensor (-1: none on this rank) across ranks."""
+    step = torch.where(step < 0, torch.iinfo(step.dtype).max, step).view(1)
+    if world.distributed:
+        dist.all_reduce(step, op=dist.ReduceOp.MIN)
+    return int(step)
+
+
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier(group=world.control)

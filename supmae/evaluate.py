@@ -45,17 +45,29 @@ def knn_top1(train_features, train_labels, val_features, val_labels, k: int = 20
     return correct / len(val_labels)
 
 
-def eval_knn(checkpoint: str, train: str, val: str, k: int = 20, temperature: float = 0.07, batch_size: int = 64,
-             workers: int = 2, device: str = "auto", pool: str = "avg", log=print) -> dict:
-    device = resolve_device(device)
-    model, cfg = load_encoder(checkpoint, device)
+def open_splits(train: str, val: str):
+    """The train and validation sources, which must name the same classes."""
     sources = open_source(train), open_source(val)
     if sources[0].classes != sources[1].classes:
         raise SupmaeError(f"{train} and {val} name different classes")
-    (train_f, train_y), (val_f, val_y) = (extract(model, s, cfg.img_size, batch_size, workers, device, pool)
-                                          for s in sources)
+    return sources
+
+
+def frozen_features(checkpoint: str, train: str, val: str, batch_size: int, workers: int, device, pool: str = "avg",
+                    normalise: bool = True):
+    """(model name, number of classes, (train features, labels), (val features, labels)) of the frozen encoder."""
+    model, cfg = load_encoder(checkpoint, device)
+    sources = open_splits(train, val)
+    return cfg.model, len(sources[0].classes), *(
+        extract(model, s, cfg.img_size, batch_size, workers, device, pool, normalise) for s in sources)
+
+
+def eval_knn(checkpoint: str, train: str, val: str, k: int = 20, temperature: float = 0.07, batch_size: int = 64,
+             workers: int = 2, device: str = "auto", pool: str = "avg", log=print) -> dict:
+    name, num_classes, (train_f, train_y), (val_f, val_y) = frozen_features(
+        checkpoint, train, val, batch_size, workers, resolve_device(device), pool)
     top1 = knn_top1(train_f, train_y, val_f, val_y, k, temperature)
-    log(f"k-NN (k={k}, T={temperature}) top-1: {top1:.2%} on {len(val_y)} images, {len(sources[0].classes)} "
-        f"classes (chance {1 / len(sources[0].classes):.2%}); {cfg.model} from {checkpoint}")
+    log(f"k-NN (k={k}, T={temperature}) top-1: {top1:.2%} on {len(val_y)} images, {num_classes} "
+        f"classes (chance {1 / num_classes:.2%}); {name} from {checkpoint}")
     return dict(top1=top1, k=k, temperature=temperature, train_images=len(train_y), val_images=len(val_y),
-                num_classes=len(sources[0].classes), model=cfg.model, checkpoint=checkpoint, pool=pool)
+                num_classes=num_classes, model=name, checkpoint=checkpoint, pool=pool)

@@ -18,11 +18,10 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models.vision_transformer import VisionTransformer
 
 from supmae.errors import SupmaeError
-from supmae.evaluate import extract, load_encoder
+from supmae.evaluate import frozen_features, load_encoder, open_splits
 from supmae.export import timm_state_dict
 from supmae.optim import lr_at
 from supmae.pipelines.loader import LoaderSpec, create_loader
-from supmae.pipelines.sources import open_source
 from supmae.pipelines.torch_loader import ordered_views
 from supmae.train import resolve_device
 
@@ -96,9 +95,7 @@ def top1(model: nn.Module, source, img_size: int, batch_size: int, workers: int,
 
 def finetune(cfg: FinetuneConfig, log=print) -> dict:
     device = resolve_device(cfg.device)
-    train, val = open_source(cfg.train), open_source(cfg.val)
-    if train.classes != val.classes:
-        raise SupmaeError(f"{cfg.train} and {cfg.val} name different classes")
+    train, val = open_splits(cfg.train, cfg.val)
     num_classes = len(train.classes)
     torch.manual_seed(cfg.seed)
     vit = timm_vit(cfg.checkpoint, num_classes, cfg.drop_path).to(device)
@@ -145,13 +142,8 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict:
 def linear_probe(checkpoint: str, train: str, val: str, epochs: int = 90, batch_size: int = 256, blr: float = 0.1,
                  workers: int = 2, device: str = "auto", log=print) -> dict:
     device = resolve_device(device)
-    model, cfg = load_encoder(checkpoint, device)
-    sources = open_source(train), open_source(val)
-    if sources[0].classes != sources[1].classes:
-        raise SupmaeError(f"{train} and {val} name different classes")
-    (train_f, train_y), (val_f, val_y) = (extract(model, s, cfg.img_size, 64, workers, device, "avg", normalise=False)
-                                          for s in sources)
-    num_classes = len(sources[0].classes)
+    name, num_classes, (train_f, train_y), (val_f, val_y) = frozen_features(checkpoint, train, val, 64, workers,
+                                                                            device, normalise=False)
     torch.manual_seed(0)
     head = nn.Sequential(nn.BatchNorm1d(train_f.shape[1], affine=False, eps=1e-6),
                          nn.Linear(train_f.shape[1], num_classes)).to(device)
@@ -177,5 +169,5 @@ def linear_probe(checkpoint: str, train: str, val: str, epochs: int = 90, batch_
     with torch.no_grad():
         accuracy = (head(val_f).argmax(1) == val_y).float().mean().item()
     log(f"linear probe top-1: {accuracy:.2%} on {len(val_y)} images, {num_classes} classes "
-        f"(chance {1 / num_classes:.2%}) after {epochs} epochs on frozen features; {cfg.model} from {checkpoint}")
+        f"(chance {1 / num_classes:.2%}) after {epochs} epochs on frozen features; {name} from {checkpoint}")
     return dict(top1=accuracy, epochs=epochs, val_images=len(val_y), num_classes=num_classes)

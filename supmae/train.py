@@ -19,7 +19,8 @@ from tqdm import tqdm
 
 from supmae.checkpoint import checkpoint_path, latest_checkpoint, list_checkpoints, load_checkpoint, \
     prune_checkpoints, remove_partial_checkpoints, save_checkpoint
-from supmae.distributed import any_rank, apply_ddp, apply_global_batchnorm, barrier, init_world, mean_over_ranks
+from supmae.distributed import any_rank, apply_ddp, apply_global_batchnorm, barrier, earliest_over_ranks, init_world, \
+    mean_over_ranks
 from supmae.errors import SupmaeError
 from supmae.fast import apply_kernels
 from supmae.metrics import Metrics
@@ -297,7 +298,7 @@ def _loop(run: Run, metrics: Metrics, stop: StopRequests) -> dict:
             losses = train_step(run.forward, [next(batches) for _ in range(cfg.accum_iter)], optimizer, run.scaler,
                                 autocast)
             loss_sums += losses
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(losses[0]), step + 1, first_bad)
+            first_bad.masked_fill_((first_bad < 0) & ~torch.isfinite(losses[0]), step + 1)
             bar.update(1)
             window_steps += 1
             done = step + 1
@@ -312,7 +313,7 @@ def _loop(run: Run, metrics: Metrics, stop: StopRequests) -> dict:
                     record["cls_loss"] = cls_loss
                 metrics.write(record)
                 if not math.isfinite(loss):
-                    bad = any_bad_step(first_bad, run.world)
+                    bad = earliest_over_ranks(first_bad, run.world)
                     raise SupmaeError(f"loss became {loss} at step {bad}; stopping with the last good checkpoint kept")
                 bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{record['images_per_s']:.1f}")
                 loss_sums.zero_()
@@ -327,16 +328,6 @@ def _loop(run: Run, metrics: Metrics, stop: StopRequests) -> dict:
     steady = windows[1:] or windows
     images_per_s = sum(n for n, _ in steady) / max(sum(s for _, s in steady), 1e-9)
     return dict(steps=done, images_per_s=images_per_s, checkpoint=checkpoint, stopped=stopped)
-
-
-def any_bad_step(first_bad: torch.Tensor, world) -> int:
-    """The earliest step any rank saw a non-finite loss at."""
-    steps = [int(first_bad)]
-    if world.distributed:
-        gathered = [torch.zeros_like(first_bad) for _ in range(world.world_size)]
-        torch.distributed.all_gather(gathered, first_bad)
-        steps = [int(t) for t in gathered]
-    return min(s for s in steps if s >= 0)
 
 
 def _write_config(run: Run) -> None:
