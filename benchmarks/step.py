@@ -23,7 +23,7 @@ from supmae.fast import apply_kernels  # noqa: E402
 from supmae.measure import commit, device_name, measure, sync, versions, write_json  # noqa: E402
 from supmae.optim import build_optimizer  # noqa: E402
 from supmae.profiler import synthetic_batch  # noqa: E402
-from supmae.train import PRECISIONS, autocast_for, resolve_device, speed_defaults, train_step  # noqa: E402
+from supmae.train import COMPILE_MODES, PRECISIONS, autocast_for, resolve_device, speed_defaults, train_step  # noqa: E402
 
 
 def matmul_rate(device, dtype, n) -> float:
@@ -42,8 +42,8 @@ def matmul_rate(device, dtype, n) -> float:
 
 
 def benchmark_step(model_name: str = "supmae_vit_base_patch16", batch_size: int = 256, img_size: int = 224,
-                   device: str = "auto", precision: str = "auto", compile=None, warmup: int = 3, steps: int = 5,
-                   windows: int = 5, official: bool = True) -> dict:
+                   device: str = "auto", precision: str = "auto", compile=None, compile_mode: str = "default",
+                   warmup: int = 3, steps: int = 5, windows: int = 5, official: bool = True) -> dict:
     device = resolve_device(device)
     on_gpu = device.type == "cuda"
     precision, compiled = speed_defaults(device, precision, compile)
@@ -52,7 +52,7 @@ def benchmark_step(model_name: str = "supmae_vit_base_patch16", batch_size: int 
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     autocast = autocast_for(device, precision)
     forward = apply_kernels(model)  # the training loop's forward: Triton kernels on CUDA
-    forward = torch.compile(forward) if compiled else forward
+    forward = torch.compile(forward, mode=compile_mode) if compiled else forward
     num_classes = model.cls_head[-1].out_features if model.cls_head is not None else 1
     batch = synthetic_batch(batch_size, img_size, model.num_patches, model.mask_ratio, num_classes, device)
     timing = dict(device=device, steps=steps * windows, warmup=warmup, window=steps)
@@ -92,7 +92,7 @@ def benchmark_step(model_name: str = "supmae_vit_base_patch16", batch_size: int 
     return dict(
         device=device_name(device), commit=commit(), versions=versions("timm", "triton"),
         config=dict(model=model_name, batch_size=batch_size, img_size=img_size, precision=precision,
-                    compile=compiled, warmup=warmup, steps=steps, windows=windows),
+                    compile=compiled, compile_mode=compile_mode, warmup=warmup, steps=steps, windows=windows),
         images_per_s=images_per_s, step=fast,
         gflops_per_image=flops_per_step / batch_size / 1e9, matmul_tflops=peak / 1e12,
         mfu=images_per_s * flops_per_step / batch_size / peak,
@@ -101,8 +101,8 @@ def benchmark_step(model_name: str = "supmae_vit_base_patch16", batch_size: int 
 
 def describe(result: dict) -> str:
     c, rates = result["config"], result["step"]["images_per_s"]
-    lines = [f"{c['model']} batch {c['batch_size']} {c['precision']}{' compiled' if c['compile'] else ''} "
-             f"on {result['device']}",
+    compiled = f" compiled ({c['compile_mode']})" if c["compile"] else ""
+    lines = [f"{c['model']} batch {c['batch_size']} {c['precision']}{compiled} on {result['device']}",
              f"  step: {rates['median']:.1f} images/s (median of {c['windows']}; min {rates['min']:.1f}, "
              f"max {rates['max']:.1f}; warm-up {result['step']['warmup_s']:.1f} s)",
              f"  {result['gflops_per_image']:.1f} GFLOP/image counted; matmul ceiling "
@@ -122,6 +122,7 @@ def main():
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", choices=("auto", *PRECISIONS), default="auto")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--steps", type=int, default=5, help="steps per timed window")
     p.add_argument("--windows", type=int, default=5)
@@ -130,7 +131,7 @@ def main():
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
     result = benchmark_step(args.model, args.batch_size, args.img_size, args.device, args.precision, args.compile,
-                            args.warmup, args.steps, args.windows, args.official)
+                            args.compile_mode, args.warmup, args.steps, args.windows, args.official)
     print(describe(result))
     if args.json:
         write_json(args.json, result)

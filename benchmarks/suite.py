@@ -1,5 +1,6 @@
 """Every comparison in one run: the training step (with MFU and the official-style step for the ratio),
-each Triton kernel (on a GPU), and for each loader engine the loader alone and the real loop.
+on a GPU the step again under CUDA graphs and each Triton kernel, and for each loader engine the loader
+alone and the real loop.
 
     python benchmarks/suite.py --data train.beton --engines torch,ffcv,dali --model supmae_vit_base_patch16 \\
         --batch-size 256
@@ -39,7 +40,7 @@ def embedded_beton() -> str:
     return path
 
 
-def summarise(step: dict, engines: dict, kernels) -> dict:
+def summarise(step: dict, engines: dict, kernels, cuda_graphs) -> dict:
     ceiling = step["images_per_s"]
     official = step["official"]["images_per_s"]["median"] if step["official"] else None
     per_engine = {e: {s: f["images_per_s"]["median"] for s, f in stages.items()} for e, stages in engines.items()}
@@ -50,6 +51,8 @@ def summarise(step: dict, engines: dict, kernels) -> dict:
         end_to_end_images_per_s={e: r["end_to_end"] for e, r in per_engine.items()},
         end_to_end_fraction_of_step={e: r["end_to_end"] / ceiling for e, r in per_engine.items()},
         data_wait_fraction={e: stages["end_to_end"]["data_wait_fraction"] for e, stages in engines.items()})
+    if cuda_graphs:
+        summary["cuda_graphs_vs_default"] = cuda_graphs["images_per_s"] / ceiling
     if kernels:
         summary["kernel_fraction_of_copy_bandwidth"] = {
             name: k["fraction_of_copy_bandwidth"] for name, k in kernels["kernels"].items()}
@@ -75,11 +78,15 @@ def main():
         device = resolve_device(args.device)
         data = args.data or embedded_beton()
         print("step:", flush=True)
-        step = benchmark_step(args.model, args.batch_size, args.img_size, args.device, warmup=args.warmup,
-                              steps=args.window, windows=max(1, args.steps // args.window))
+        step_options = dict(model_name=args.model, batch_size=args.batch_size, img_size=args.img_size, device=args.device,
+                            warmup=args.warmup, steps=args.window, windows=max(1, args.steps // args.window))
+        step = benchmark_step(**step_options)
         print(describe(step), flush=True)
-        kernels = None
+        kernels = cuda_graphs = None
         if device.type == "cuda":
+            print("step under CUDA graphs:", flush=True)
+            cuda_graphs = benchmark_step(**step_options, compile_mode="reduce-overhead", official=False)
+            print(describe(cuda_graphs), flush=True)
             print("kernels:", flush=True)
             kernels = benchmark_kernels(args.batch_size, args.img_size)
         results = {}
@@ -93,14 +100,14 @@ def main():
     except SupmaeError as error:
         sys.exit(f"suite.py: error: {error}")
 
-    summary = summarise(step, {e: r["stages"] for e, r in results.items()}, kernels)
+    summary = summarise(step, {e: r["stages"] for e, r in results.items()}, kernels, cuda_graphs)
     name = device_name(device)
     out = args.out or os.path.join(
         RESULTS, f"{re.sub(r'[^a-z0-9]+', '-', name.lower()).strip('-')}-{datetime.date.today().isoformat()}.json")
     write_json(out, dict(device=name, commit=commit(),
                          versions=versions("timm", "triton", "ffcv", "nvidia-dali-cuda130", "numba", "numpy"),
                          config=dict(vars(args), data=data, cuda=torch.cuda.is_available()),
-                         summary=summary, step=step, kernels=kernels,
+                         summary=summary, step=step, cuda_graphs_step=cuda_graphs, kernels=kernels,
                          engines={e: r["stages"] for e, r in results.items()},
                          end_to_end_config=next(iter(results.values()))["config"] if results else None))
     print("summary:")

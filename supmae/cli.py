@@ -81,6 +81,7 @@ def _add_convert(sub):
 def _add_shared(p, d) -> None:
     """The options a training run and its profile share: what is read, by what, on what, into what."""
     from supmae.pipelines.loader import ENGINES
+    from supmae.train import COMPILE_MODES
     p.add_argument("--config", metavar="FILE",
                    help="a TOML or YAML table of these options (as option = value); the command line overrides it")
     data = p.add_argument_group("data")
@@ -101,6 +102,8 @@ def _add_shared(p, d) -> None:
                           help="auto: bf16 on GPU, fp32 on CPU; fp16 uses a GradScaler")
     hardware.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                           help="torch.compile the model (default: on for GPU, off for CPU)")
+    hardware.add_argument("--compile-mode", choices=COMPILE_MODES, default=d.compile_mode,
+                          help="torch.compile's mode; reduce-overhead replays the step as CUDA graphs")
     mdl = p.add_argument_group("model and objective")
     mdl.add_argument("--model", default=d.model, help="a name from `supmae models`")
     mdl.add_argument("--batch-size", type=_count(1), default=d.batch_size, help="images per device per micro-batch")

@@ -117,6 +117,8 @@ def verdict(stages: dict, run: Run) -> dict:
         levers = [] if on_gpu else ["train on a GPU"]
         if not run.compile:
             levers.append("turn on --compile")
+        elif on_gpu and cfg.compile_mode == "default":
+            levers.append("try --compile-mode reduce-overhead (CUDA graphs)")
         if on_gpu and run.precision == "fp32":
             levers.append("use --precision bf16")
         if on_gpu:
@@ -151,8 +153,7 @@ def profile(cfg: PretrainConfig, options: ProfileOptions, log=print) -> dict:
     run = Run(cfg, log)
     run.model.train()
     log(f"profiling {cfg.model}, batch {run.effective_batch}, {cfg.loader} loader ({_workers(run.workers)}) on "
-        f"{device_name(run.device)}, {run.precision}{', compiled' if run.compile else ''}: {options.steps} steps "
-        f"per stage after {options.warmup} warm-up")
+        f"{device_name(run.device)}, {run.speed}: {options.steps} steps per stage after {options.warmup} warm-up")
     stages = {}
     for stage in options.stages:
         stages[stage] = _stage(run, stage, options)

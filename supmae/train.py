@@ -33,6 +33,9 @@ from supmae.registry import create_model, model_config
 from supmae.stop import StopRequests
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# torch.compile's modes; reduce-overhead replays the step as CUDA graphs, which pays where launches dominate
+# (small models or batches) and costs a static copy of the inputs.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -53,6 +56,7 @@ class PretrainConfig:
     workers: Optional[int] = None       # loader processes; None: cores - 1, at most 10
     precision: str = "auto"             # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
     compile: Optional[bool] = None      # torch.compile; None: on for GPU, off for CPU
+    compile_mode: str = "default"       # one of COMPILE_MODES
     accum_iter: int = 1
     blr: float = 1.5e-4                 # lr = blr * effective batch / 256 unless lr is given
     lr: Optional[float] = None
@@ -129,6 +133,8 @@ class Run:
             raise SupmaeError(f"unknown loader {cfg.loader!r}; available: {', '.join(ENGINES)}")
         if cfg.precision != "auto" and cfg.precision not in PRECISIONS:
             raise SupmaeError(f"unknown precision {cfg.precision!r}; use auto, {', '.join(PRECISIONS)}")
+        if cfg.compile_mode not in COMPILE_MODES:
+            raise SupmaeError(f"unknown compile mode {cfg.compile_mode!r}; use {', '.join(COMPILE_MODES)}")
         self.world, self.device = init_world(resolve_device(cfg.device))
         self.precision, self.compile = speed_defaults(self.device, cfg.precision, cfg.compile)
         self.workers = cfg.workers if cfg.workers is not None else min(10, max(1, (os.cpu_count() or 2) - 1))
@@ -163,7 +169,13 @@ class Run:
         if self.world.distributed:
             self.forward = apply_ddp(self.forward, self.device)
         if self.compile:
-            self.forward = torch.compile(self.forward)
+            self.forward = torch.compile(self.forward, mode=cfg.compile_mode)
+
+    @property
+    def speed(self) -> str:
+        """How the step runs, for log lines: "bf16, compiled, reduce-overhead", "fp32"."""
+        mode = "" if self.cfg.compile_mode == "default" else f", {self.cfg.compile_mode}"
+        return self.precision + (f", compiled{mode}" if self.compile else "")
 
     def restore(self) -> None:
         cfg = self.cfg
@@ -236,9 +248,10 @@ def train_step(forward, micro_batches, optimizer, scaler, autocast) -> torch.Ten
     for i, batch in enumerate(micro_batches):
         with autocast, (no_sync() if no_sync and i < len(micro_batches) - 1 else contextlib.nullcontext()):
             out = forward(batch.images, batch.labels, masking=batch.masking)
-        scaler.scale(out.loss / len(micro_batches)).backward()
+        # Copied out first: under CUDA graphs the outputs' memory belongs to the graph's next replay.
         cls_loss = torch.zeros_like(out.rec_loss) if out.cls_loss is None else out.cls_loss
         losses.append(torch.stack([t.detach().float() for t in (out.loss, out.rec_loss, cls_loss)]))
+        scaler.scale(out.loss / len(micro_batches)).backward()
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
@@ -265,7 +278,7 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
         log(f"warning: with --accum-iter {cfg.accum_iter} the classification head's BatchNorm normalises over "
             f"micro-batches of {cfg.batch_size}, not the effective batch of {run.effective_batch}")
     ranks = f" x {run.world.world_size} ranks" if run.world.distributed else ""
-    log(f"{cfg.model} on {run.device}{ranks} ({run.precision}{', compiled' if run.compile else ''}): "
+    log(f"{cfg.model} on {run.device}{ranks} ({run.speed}): "
         f"{len(run.source)} images in {len(run.source.classes)} classes from {run.data} ({cfg.loader} loader); "
         f"steps {run.step}->{run.total_steps}, batch {run.effective_batch}, peak lr {run.peak_lr:.3g}")
 

@@ -56,6 +56,7 @@ def test_unreadable_image_is_a_one_line_error(capsys, folder_with_a_bad_image, t
     (["--model", "vit_giant"], "unknown model"),
     (["--pool", "median"], "--pool"),
     (["--precision", "fp8"], "--precision"),
+    (["--compile-mode", "fastest"], "--compile-mode"),
     (["--device", "cuda:0"] if not __import__("torch").cuda.is_available() else ["--device", "tpu"], "device"),
     (["--img-size", "100"], "multiple of patch_size"),
     (["--lr", "0"], "--lr"),

@@ -14,7 +14,7 @@ from supmae.train import PretrainConfig
 
 from test_cli import REPO, error_of, run_cli
 
-BATCH, DELAY = 8, 0.2  # the slowed loader sleeps DELAY seconds per batch: it can give at most BATCH / DELAY img/s
+BATCH, DELAY = 8, 0.5  # the slowed loader sleeps DELAY seconds per batch: it can give at most BATCH / DELAY img/s
 
 
 class PausingLoader:

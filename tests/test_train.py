@@ -146,12 +146,23 @@ def test_mixed_precision_steps_run(synth_folder, tmp_path, precision):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_compiled_bf16_run_on_gpu(synth_folder, tmp_path):
-    lines = []
-    pretrain(config(synth_folder, tmp_path, steps=4, device="cuda"), log=lines.append)
-    assert "bf16, compiled" in lines[0]
-    records = metrics(tmp_path)
-    assert all(math.isfinite(r["loss"]) for r in records) and len(records) == 4
+def test_compiled_bf16_runs_on_gpu_with_and_without_cuda_graphs(synth_folder, tmp_path):
+    curves = {}
+    for mode in ("default", "reduce-overhead"):
+        lines = []
+        pretrain(config(synth_folder, tmp_path / mode, steps=4, device="cuda", compile_mode=mode), log=lines.append)
+        assert "bf16, compiled" in lines[0]
+        curves[mode] = [r["loss"] for r in metrics(tmp_path / mode)]
+        assert all(math.isfinite(loss) for loss in curves[mode]) and len(curves[mode]) == 4
+    assert curves["reduce-overhead"] == pytest.approx(curves["default"], rel=1e-2)  # bf16: the same step, replayed
+
+
+def test_the_compile_mode_reaches_torch_compile(synth_folder, tmp_path, monkeypatch):
+    from supmae.train import Run
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda module, mode: modes.append(mode) or module)
+    run = Run(config(synth_folder, tmp_path, compile=True, compile_mode="max-autotune"), log=lambda *_: None)
+    assert modes == ["max-autotune"] and run.speed == "fp32, compiled, max-autotune"
 
 
 def test_compiled_run_follows_the_eager_run(synth_folder, tmp_path):
