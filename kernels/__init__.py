@@ -7,6 +7,7 @@ with. They are applied to a plain model by small functions, never woven through 
 import os
 
 import torch
+import triton
 
 
 def output(shape, device, dtype) -> torch.Tensor:
@@ -15,3 +16,10 @@ def output(shape, device, dtype) -> torch.Tensor:
     if os.environ.get("SUPMAE_POISON_OUTPUTS") == "1":
         return torch.full(shape, float("nan"), device=device, dtype=dtype)
     return torch.empty(shape, device=device, dtype=dtype)
+
+
+def row_grid(rows: int, width: int) -> tuple[tuple[int, int], int]:
+    """The launch grid (rows, blocks per row) and block size for kernels that give each row of `width`
+    elements to programs of at most 1024 lanes."""
+    block = min(1024, triton.next_power_of_2(width))
+    return (rows, triton.cdiv(width, block)), block

@@ -1,14 +1,14 @@
 """Visible-patch gather from pixels: images (B, C, H, W) + ids_keep (B, K) -> (B, K, C*p*p).
 
 Each kept patch is copied straight out of the image into the (c, i, j) order of the patch-embedding
-convolution's flattened weight (the twin: `supmae.objective.gather_patches`), so the embedding runs as one matmul over the visible quarter and no
-(B, L, D) embedding of all patches is ever made. Images carry no gradient, so there is no backward.
+convolution's flattened weight (the twin: `supmae.objective.gather_patches`), so the embedding runs as
+one matmul over the visible quarter and no (B, L, D) embedding of all patches is ever made. Images carry no gradient, so there is no backward.
 """
 import torch
 import triton
 import triton.language as tl
 
-from supmae.kernels import output
+from supmae.kernels import output, row_grid
 
 
 @triton.jit
@@ -30,10 +30,9 @@ def gather_patches_triton(images: torch.Tensor, ids_keep: torch.Tensor, patch_si
     b, c, h, w = images.shape
     k, e = ids_keep.shape[1], c * patch_size * patch_size
     out = output((b, k, e), images.device, images.dtype)
-    ids_keep = ids_keep.contiguous()
-    block = min(1024, triton.next_power_of_2(e))
-    _gather_kernel[(b * k, triton.cdiv(e, block))](images, ids_keep, out, k, e, w // patch_size, *images.stride(),
-                                                   P=patch_size, BLOCK=block)
+    grid, block = row_grid(b * k, e)
+    _gather_kernel[grid](images, ids_keep.contiguous(), out, k, e, w // patch_size, *images.stride(),
+                         P=patch_size, BLOCK=block)
     return out
 
 

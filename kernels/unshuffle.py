@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from supmae.kernels import output
+from supmae.kernels import output, row_grid
 
 
 @triton.jit
@@ -21,7 +21,8 @@ def _unshuffle_kernel(tokens, mask_token, ids_restore, out, K, L, D, BLOCK: tl.c
     visible = (tl.zeros([BLOCK], dtype=tl.int64) + source) < K  # as a block: masks are per element
     x = tl.load(tokens + (b * K + source) * D + d, mask=valid & visible, other=0.0)
     m = tl.load(mask_token + d, mask=valid & ~visible, other=0.0)
-    tl.store(out + row.to(tl.int64) * D + d, tl.where(visible, x, m), mask=valid)
+    kind = out.dtype.element_ty
+    tl.store(out + row.to(tl.int64) * D + d, tl.where(visible, x.to(kind), m.to(kind)), mask=valid)
 
 
 @triton.jit
@@ -32,12 +33,7 @@ def _gather_rows_kernel(grad, ids_keep, dtokens, K, L, D, BLOCK: tl.constexpr):
     d = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     valid = d < D
     g = tl.load(grad + (b * L + position) * D + d, mask=valid)
-    tl.store(dtokens + row.to(tl.int64) * D + d, g, mask=valid)
-
-
-def _grid(rows: int, d: int):
-    block = min(1024, triton.next_power_of_2(d))
-    return (rows, triton.cdiv(d, block)), block
+    tl.store(dtokens + row.to(tl.int64) * D + d, g.to(dtokens.dtype.element_ty), mask=valid)
 
 
 @torch.library.custom_op("supmae::unshuffle", mutates_args=())
@@ -45,44 +41,50 @@ def unshuffle_triton(tokens: torch.Tensor, mask_token: torch.Tensor, ids_restore
                      ids_keep: torch.Tensor) -> torch.Tensor:
     b, k, d = tokens.shape
     l = ids_restore.shape[1]
-    out = output((b, l, d), tokens.device, tokens.dtype)
-    grid, block = _grid(b * l, d)
-    _unshuffle_kernel[grid](tokens.contiguous(), mask_token.reshape(-1).to(tokens.dtype).contiguous(),
-                            ids_restore.contiguous(), out, k, l, d, BLOCK=block)
+    out = output((b, l, d), tokens.device, _result_dtype(tokens, mask_token))
+    grid, block = row_grid(b * l, d)
+    _unshuffle_kernel[grid](tokens.contiguous(), mask_token.reshape(-1).contiguous(), ids_restore.contiguous(), out,
+                            k, l, d, BLOCK=block)
     return out
+
+
+def _result_dtype(tokens, mask_token) -> torch.dtype:
+    # torch.cat's promotion, as in the twin: under bf16 autocast the fp32 mask token is not rounded.
+    return torch.promote_types(tokens.dtype, mask_token.dtype)
 
 
 @unshuffle_triton.register_fake
 def _(tokens, mask_token, ids_restore, ids_keep):
-    return tokens.new_empty(tokens.shape[0], ids_restore.shape[1], tokens.shape[2])
+    return tokens.new_empty(tokens.shape[0], ids_restore.shape[1], tokens.shape[2],
+                            dtype=_result_dtype(tokens, mask_token))
 
 
 @torch.library.custom_op("supmae::unshuffle_backward", mutates_args=())
-def unshuffle_backward(grad: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+def unshuffle_backward(grad: torch.Tensor, ids_keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     b, l, d = grad.shape
     k = ids_keep.shape[1]
-    dtokens = output((b, k, d), grad.device, grad.dtype)
-    grid, block = _grid(b * k, d)
+    dtokens = output((b, k, d), grad.device, dtype)
+    grid, block = row_grid(b * k, d)
     _gather_rows_kernel[grid](grad.contiguous(), ids_keep.contiguous(), dtokens, k, l, d, BLOCK=block)
     return dtokens
 
 
 @unshuffle_backward.register_fake
-def _(grad, ids_keep):
-    return grad.new_empty(grad.shape[0], ids_keep.shape[1], grad.shape[2])
+def _(grad, ids_keep, dtype):
+    return grad.new_empty(grad.shape[0], ids_keep.shape[1], grad.shape[2], dtype=dtype)
 
 
 def _setup_context(ctx, inputs, output):
     tokens, mask_token, ids_restore, ids_keep = inputs
     ctx.save_for_backward(ids_restore, ids_keep)
-    ctx.mask_shape, ctx.mask_dtype, ctx.k = mask_token.shape, mask_token.dtype, tokens.shape[1]
+    ctx.mask_shape, ctx.mask_dtype, ctx.k, ctx.dtype = mask_token.shape, mask_token.dtype, tokens.shape[1], tokens.dtype
 
 
 def _backward(ctx, grad):
     ids_restore, ids_keep = ctx.saved_tensors
     removed = (ids_restore >= ctx.k).unsqueeze(-1).to(grad.dtype)
     dmask = (grad * removed).sum((0, 1), dtype=torch.float32).to(ctx.mask_dtype).reshape(ctx.mask_shape)
-    return unshuffle_backward(grad, ids_keep), dmask, None, None
+    return unshuffle_backward(grad, ids_keep, ctx.dtype), dmask, None, None
 
 
 unshuffle_triton.register_autograd(_backward, setup_context=_setup_context)

@@ -4,7 +4,9 @@ Whatever the engine, batch i holds the samples `Schedule.batch(i)` names, with t
 draws for i, in fixed shapes (partial batches are dropped), so the training loop never knows which
 engine feeds it.
 """
+import contextlib
 import dataclasses
+import gc
 import importlib
 from typing import Iterator
 
@@ -48,9 +50,13 @@ class LoaderSpec:
         return schedule
 
 
-def create_loader(engine: str, source, spec: LoaderSpec) -> Iterator[Batch]:
+def check_engine(engine: str) -> None:
     if engine not in ENGINES:
         raise SupmaeError(f"unknown loader {engine!r}; available: {', '.join(ENGINES)}")
+
+
+def create_loader(engine: str, source, spec: LoaderSpec) -> Iterator[Batch]:
+    check_engine(engine)
     if spec.order != "random" and engine != "ffcv":
         raise SupmaeError(f"order {spec.order!r} is an ffcv loader option; the {engine} loader reads in random order")
     module, name = ENGINES[engine].split(":")
@@ -60,3 +66,17 @@ def create_loader(engine: str, source, spec: LoaderSpec) -> Iterator[Batch]:
         raise SupmaeError(f"the {engine} loader needs the {_PACKAGES.get(engine, engine)} package, "
                           f"which failed to import: {error}") from None
     return cls(source, spec)
+
+
+@contextlib.contextmanager
+def open_batches(loader):
+    """Iterate `loader`; on leaving, even by an error, close it, so its workers stop then and not whenever
+    the iterator is collected."""
+    batches = iter(loader)
+    try:
+        yield batches
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
+        gc.collect()

@@ -9,10 +9,10 @@ import torch
 
 
 class Masking(NamedTuple):
-    ids_keep: torch.Tensor     # (B, n_keep) int64: kept patch indices, in ascending-noise order
+    ids_keep: torch.Tensor     # (B, num_kept) int64: kept patch indices, in ascending-noise order
     ids_restore: torch.Tensor  # (B, L) int64: position of each patch in the shuffled order
     mask: torch.Tensor         # (B, L) float32 in original patch order: 0 kept, 1 removed
-    ids_removed: torch.Tensor  # (B, L - n_keep) int64: the other patches, in ascending-noise order
+    ids_removed: torch.Tensor  # (B, L - num_kept) int64: the other patches, in ascending-noise order
 
 
 def num_kept(num_patches: int, mask_ratio: float) -> int:
@@ -20,13 +20,13 @@ def num_kept(num_patches: int, mask_ratio: float) -> int:
     return int(num_patches * (1 - mask_ratio))
 
 
-def random_masking(noise: torch.Tensor, n_keep: int) -> Masking:
-    """Turn noise (B, L) into a Masking that keeps the `n_keep` lowest-noise patches of each sample."""
+def random_masking(noise: torch.Tensor, num_kept: int) -> Masking:
+    """Turn noise (B, L) into a Masking that keeps the `num_kept` lowest-noise patches of each sample."""
     ids_shuffle = torch.argsort(noise, dim=1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     # A patch is removed exactly when its place in the shuffled order is past the kept prefix.
-    mask = (ids_restore >= n_keep).to(torch.float32)
-    return Masking(ids_shuffle[:, :n_keep], ids_restore, mask, ids_shuffle[:, n_keep:])
+    mask = (ids_restore >= num_kept).to(torch.float32)
+    return Masking(ids_shuffle[:, :num_kept], ids_restore, mask, ids_shuffle[:, num_kept:])
 
 
 class MaskSampler:
@@ -41,7 +41,7 @@ class MaskSampler:
     def __init__(self, num_patches: int, mask_ratio: float, seed: int, device: torch.device, rank: int = 0,
                  world_size: int = 1):
         self.num_patches = num_patches
-        self.n_keep = num_kept(num_patches, mask_ratio)
+        self.num_kept = num_kept(num_patches, mask_ratio)
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.device = torch.device(device)
         self._generator = torch.Generator(device=self.device)
@@ -51,4 +51,4 @@ class MaskSampler:
         self._generator.manual_seed(int(np.random.SeedSequence([self.seed, index]).generate_state(1, np.uint64)[0]))
         noise = torch.rand(batch_size * self.world_size, self.num_patches, generator=self._generator,
                            device=self.device)
-        return random_masking(noise[self.rank::self.world_size], self.n_keep)
+        return random_masking(noise[self.rank::self.world_size], self.num_kept)

@@ -55,8 +55,13 @@ def read_file_list(path: str) -> LabelledImages:
     if not os.path.isfile(path):
         raise SupmaeError(f"file list {path} does not exist")
     base = os.path.dirname(os.path.abspath(path))
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = [row for row in csv.reader(f, delimiter="\t" if path.lower().endswith(".tsv") else ",") if row]
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = [row for row in csv.reader(f, delimiter="\t" if path.lower().endswith(".tsv") else ",") if row]
+    except UnicodeDecodeError as error:
+        raise SupmaeError(f"{path} is not UTF-8 text ({error.reason}); save it as UTF-8") from None
+    except csv.Error as error:
+        raise SupmaeError(f"{path} is not a readable file list: {error}") from None
     if rows and [c.strip().lower() for c in rows[0]] == ["path", "label"]:
         rows = rows[1:]
     for number, row in enumerate(rows, start=1):

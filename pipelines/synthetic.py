@@ -113,12 +113,17 @@ def _write_one(job):
 
 
 def write_synthetic(out_dir: str, num_classes: int = 10, images_per_class: int = 100, seed: int = 0,
-                    workers: int | None = None, force: bool = False) -> str:
-    """Write the dataset to `out_dir` (atomically: a temporary folder renamed at the end)."""
+                    workers: int | None = None, force: bool = False, shared: bool = False) -> str:
+    """Write the dataset to `out_dir` (atomically: a temporary folder renamed at the end).
+
+    `shared`: other processes may be writing the same dataset to `out_dir` at once (torchrun ranks filling the
+    default one). The first to finish publishes it; the others discard their copies and use that one, which
+    is never replaced, as they may be reading it already.
+    """
     if num_classes < 2 or images_per_class < 1:
         raise SupmaeError("synthetic data needs at least 2 classes and 1 image per class")
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
-        if not force:
+        if not (force or shared):
             raise SupmaeError(f"{out_dir} already exists and is not empty (pass --force to replace it)")
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
@@ -137,9 +142,13 @@ def write_synthetic(out_dir: str, num_classes: int = 10, images_per_class: int =
             list(map(_write_one, jobs))
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(dict(num_classes=num_classes, images_per_class=images_per_class, seed=seed), f)
-        if os.path.exists(out_dir):
+        if os.path.exists(out_dir) and not shared:
             shutil.rmtree(out_dir) if os.path.isdir(out_dir) else os.remove(out_dir)
-        os.rename(tmp, out_dir)
+        try:
+            os.rename(tmp, out_dir)
+        except OSError:  # in shared mode another writer may have published first; its copy is the same data
+            if not (shared and os.path.exists(os.path.join(out_dir, MANIFEST))):
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
@@ -150,5 +159,5 @@ def default_dataset(num_classes: int = 10, images_per_class: int = 100) -> str:
     home = os.environ.get("SUPMAE_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "supmae")
     path = os.path.join(home, f"synthetic-{num_classes}x{images_per_class}")
     if not os.path.exists(os.path.join(path, MANIFEST)):
-        write_synthetic(path, num_classes, images_per_class, force=True)
+        write_synthetic(path, num_classes, images_per_class, shared=True)
     return path

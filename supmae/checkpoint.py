@@ -43,12 +43,13 @@ def list_checkpoints(output: str) -> list[str]:
     return [os.path.join(output, name) for _, name in sorted(found)]
 
 
-def load_checkpoint(path: str) -> dict:
-    """Loads onto the CPU: RNG states must stay there, and load_state_dict moves the rest."""
+def load_checkpoint(path: str, mmap: bool = False) -> dict:
+    """Loads onto the CPU: RNG states must stay there, and load_state_dict moves the rest. mmap: tensors
+    are read only when touched (to look at a checkpoint's config)."""
     if not os.path.isfile(path):
         raise SupmaeError(f"checkpoint {path} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # torch raises many types for a damaged file
         raise SupmaeError(f"checkpoint {path} cannot be read: {str(error).splitlines()[0]}") from None
     if not isinstance(state, dict) or "model" not in state:
@@ -56,11 +57,11 @@ def load_checkpoint(path: str) -> dict:
     return state
 
 
-def latest_checkpoint(output: str) -> tuple[str, dict] | None:
+def latest_checkpoint(output: str, mmap: bool = False) -> tuple[str, dict] | None:
     """The newest checkpoint in `output` that loads, skipping damaged ones."""
     for path in reversed(list_checkpoints(output)):
         try:
-            return path, load_checkpoint(path)
+            return path, load_checkpoint(path, mmap)
         except SupmaeError:
             continue
     return None

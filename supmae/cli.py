@@ -316,10 +316,16 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        # Typed words override a config file's, which override a resumed checkpoint's.
+        words = argv[1:]
         if getattr(args, "config", None):
             from supmae.config_file import config_words
-            args = parser.parse_args([argv[0], *config_words(parser.commands[args.command], args.config, argv[1:]),
-                                      *argv[1:]])
+            words = [*config_words(parser.commands[args.command], args.config, words), *words]
+            args = parser.parse_args([argv[0], *words])
+        if args.command == "pretrain" and args.resume:
+            from supmae.config_file import resumed_words
+            words = [*resumed_words(parser.commands[args.command], args.resume, args.output, words), *words]
+            args = parser.parse_args([argv[0], *words])
         _run(args)
     except SupmaeError as error:
         print(f"supmae: error: {error}", file=sys.stderr)

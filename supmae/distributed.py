@@ -67,12 +67,14 @@ def mean_over_ranks(tensor: torch.Tensor, world: World) -> torch.Tensor:
     return tensor
 
 
-def earliest_over_ranks(step: torch.Tensor, world: World) -> int:
-    """The smallest non-negative value of a 0-d step tensor (-1: none on this rank) across ranks."""
-    step = torch.where(step < 0, torch.iinfo(step.dtype).max, step).view(1)
+def earliest_over_ranks(step: torch.Tensor, world: World) -> Optional[int]:
+    """The smallest non-negative value of a 0-d step tensor (-1: none on this rank) across ranks; None if
+    no rank has one."""
+    none = torch.iinfo(step.dtype).max
+    step = torch.where(step < 0, none, step).view(1)
     if world.distributed:
         dist.all_reduce(step, op=dist.ReduceOp.MIN)
-    return int(step)
+    return None if int(step) == none else int(step)
 
 
 def barrier(world: World) -> None:
@@ -81,7 +83,8 @@ def barrier(world: World) -> None:
 
 
 def apply_ddp(module: nn.Module, device: torch.device) -> nn.Module:
-    # Global batch norm keeps buffers equal on every rank, so there is nothing to broadcast per step.
+    # The only buffers are the classification head's BatchNorm statistics, which training never reads:
+    # broadcasting them every step would cost a collective for nothing (--sync-bn keeps them equal anyway).
     return nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
                                                forward_sync_buffers=False)
 

@@ -14,7 +14,8 @@ from supmae.pipelines.torch_loader import ordered_views
 from supmae.train import build_model, config_of, resolve_device
 
 
-def load_encoder(checkpoint: str, device: torch.device):
+def load_pretrained(checkpoint: str, device: torch.device):
+    """The whole pretrained model, decoder included, in eval mode on `device`, and its config."""
     state = load_checkpoint(checkpoint)
     cfg = config_of(state)
     model = build_model(cfg, len(state.get("classes") or []) or 1)
@@ -56,7 +57,7 @@ def open_splits(train: str, val: str):
 def frozen_features(checkpoint: str, train: str, val: str, batch_size: int, workers: int, device, pool: str = "avg",
                     normalise: bool = True):
     """(model name, number of classes, (train features, labels), (val features, labels)) of the frozen encoder."""
-    model, cfg = load_encoder(checkpoint, device)
+    model, cfg = load_pretrained(checkpoint, device)
     sources = open_splits(train, val)
     return cfg.model, len(sources[0].classes), *(
         extract(model, s, cfg.img_size, batch_size, workers, device, pool, normalise) for s in sources)

@@ -28,6 +28,7 @@ def timm_state_dict(model_state: dict, global_pool: str = "avg") -> dict:
 
 
 def export(checkpoint: str, out: str, global_pool: str = "avg", force: bool = False) -> dict:
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
     if os.path.exists(out) and not force:
         raise SupmaeError(f"{out} exists; pass --force to replace it")
@@ -36,10 +37,17 @@ def export(checkpoint: str, out: str, global_pool: str = "avg", force: bool = Fa
     config = state.get("config", {})
     metadata = {"format": "pt", "supmae_model": str(config.get("model")), "global_pool": global_pool,
                 "img_size": str(config.get("img_size")), "step": str(state.get("step"))}
+    folder = os.path.dirname(os.path.abspath(out))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except FileExistsError:
+        raise SupmaeError(f"cannot write {out}: {folder} is a file, not a folder") from None
     tmp = f"{out}.tmp-{os.getpid()}"
     try:
         save_file(tensors, tmp, metadata=metadata)
         os.replace(tmp, out)
+    except SafetensorError as error:  # safetensors reports failed writes in its own type, not as OSError
+        raise SupmaeError(f"cannot write {out}: {error}") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

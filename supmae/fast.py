@@ -21,9 +21,12 @@ BACKENDS = ("triton", "eager")
 
 
 def kernel_backend(device: torch.device) -> str:
-    chosen = os.environ.get("SUPMAE_KERNELS") or ("triton" if torch.device(device).type == "cuda" else "eager")
+    on_gpu = torch.device(device).type == "cuda"
+    chosen = os.environ.get("SUPMAE_KERNELS") or ("triton" if on_gpu else "eager")
     if chosen not in BACKENDS:
         raise ValueError(f"SUPMAE_KERNELS must be one of {', '.join(BACKENDS)}, got {chosen!r}")
+    if chosen == "triton" and not on_gpu and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("SUPMAE_KERNELS=triton on a CPU needs TRITON_INTERPRET=1 (Triton's interpreter)")
     return chosen
 
 
@@ -46,8 +49,7 @@ class KernelPath(nn.Module):
         self.model, self.backend = model, backend
         self._gather, self._unshuffle, self._loss = _ops(backend)
 
-    def forward(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                masking: Optional[Masking] = None) -> Output:
+    def forward(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None, *, masking: Masking) -> Output:
         m, p = self.model, self.model.patch_size
         ids_keep, ids_restore = masking.ids_keep, masking.ids_restore
         proj = m.patch_embed.proj

@@ -7,6 +7,7 @@ BatchNorm (no affine) + Linear on the frozen encoder's features, as MAE's linear
 features extracted once.
 """
 import math
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -18,7 +19,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models.vision_transformer import VisionTransformer
 
 from supmae.errors import SupmaeError
-from supmae.evaluate import frozen_features, load_encoder, open_splits
+from supmae.evaluate import frozen_features, load_pretrained, open_splits
 from supmae.export import timm_state_dict
 from supmae.optim import lr_at
 from supmae.pipelines.loader import LoaderSpec, create_loader
@@ -50,7 +51,7 @@ class FinetuneConfig:
 
 def timm_vit(checkpoint: str, num_classes: int, drop_path: float = 0.0) -> VisionTransformer:
     """The checkpoint's encoder as timm's ViT with global average pooling and a fresh head."""
-    model, cfg = load_encoder(checkpoint, "cpu")
+    model, cfg = load_pretrained(checkpoint, "cpu")
     width = model.cls_token.shape[-1]
     vit = VisionTransformer(img_size=model.patch_embed.img_size, patch_size=model.patch_size, embed_dim=width,
                             depth=len(model.blocks), num_heads=model.blocks[0].attn.num_heads,
@@ -94,6 +95,13 @@ def top1(model: nn.Module, source, img_size: int, batch_size: int, workers: int,
 
 
 def finetune(cfg: FinetuneConfig, log=print) -> dict:
+    if cfg.output:  # made now, so a bad --output fails at once rather than after the whole run
+        try:
+            os.makedirs(cfg.output, exist_ok=True)
+        except FileExistsError:
+            raise SupmaeError(f"--output {cfg.output} is a file, not a folder") from None
+        if not os.access(cfg.output, os.W_OK | os.X_OK):
+            raise SupmaeError(f"--output {cfg.output} is a folder this user cannot write to")
     device = resolve_device(cfg.device)
     train, val = open_splits(cfg.train, cfg.val)
     num_classes = len(train.classes)
@@ -131,16 +139,15 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict:
     log(f"fine-tuned top-1: {accuracy:.2%} on {len(val)} images, {num_classes} classes "
         f"(chance {1 / num_classes:.2%}) after {total} steps")
     if cfg.output:
-        import os
-
         from safetensors.torch import save_file
-        os.makedirs(cfg.output, exist_ok=True)
         save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, os.path.join(cfg.output, "model.safetensors"))
     return dict(top1=accuracy, steps=total, val_images=len(val), num_classes=num_classes)
 
 
 def linear_probe(checkpoint: str, train: str, val: str, epochs: int = 90, batch_size: int = 256, blr: float = 0.1,
                  workers: int = 2, device: str = "auto", log=print) -> dict:
+    """SGD (momentum 0.9, no weight decay) of the head on features extracted once; the lr warms up linearly
+    for min(10, total // 10) steps, then falls on a half-cycle cosine to 0."""
     device = resolve_device(device)
     name, num_classes, (train_f, train_y), (val_f, val_y) = frozen_features(checkpoint, train, val, 64, workers,
                                                                             device, normalise=False)

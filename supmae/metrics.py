@@ -3,6 +3,13 @@ import json
 import os
 
 
+def _logged_by(line: str, step: int) -> bool:
+    try:
+        return json.loads(line)["step"] <= step
+    except ValueError:  # a blank line, or the torn tail of a write the kill cut short
+        return False
+
+
 class Metrics:
     """metrics.jsonl and TensorBoard scalars, written by rank 0. A resumed run first drops the lines past
     its checkpoint (a killed run may have logged steps it never saved), so the file is one clean curve."""
@@ -14,7 +21,7 @@ class Metrics:
             return
         if os.path.exists(self.path):
             with open(self.path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+                kept = [line for line in f if _logged_by(line, step)]
             with open(self.path + ".tmp", "w") as f:
                 f.writelines(kept)
             os.replace(self.path + ".tmp", self.path)

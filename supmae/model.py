@@ -93,7 +93,7 @@ class MaskedAutoencoderViT(nn.Module):
         self._init_weights()
 
     @property
-    def num_keep(self) -> int:
+    def num_kept(self) -> int:
         return num_kept(self.num_patches, self.mask_ratio)
 
     def _init_weights(self):
@@ -111,12 +111,12 @@ class MaskedAutoencoderViT(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward_encoder(self, images: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
-        """Encode the kept patches; returns (B, 1 + n_keep, D) after the final norm, cls token first."""
+        """Encode the kept patches; returns (B, 1 + num_kept, D) after the final norm, cls token first."""
         x = self.patch_embed(images) + self.pos_embed[:, 1:]
         return self.encode(torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1])))
 
     def encode(self, visible: torch.Tensor) -> torch.Tensor:
-        """Embedded visible patches (B, n_keep, D), position included -> encoder output with cls token."""
+        """Embedded visible patches (B, num_kept, D), position included -> encoder output with cls token."""
         return self.norm(self.blocks_forward(visible))
 
     def blocks_forward(self, visible: torch.Tensor) -> torch.Tensor:
@@ -156,7 +156,7 @@ class MaskedAutoencoderViT(nn.Module):
         return logits, classification_loss(logits, labels, self.cls_loss_ratio, self.temperature)
 
     def pool_features(self, latent: torch.Tensor) -> torch.Tensor:
-        """(B, 1 + n_keep, D) encoder output -> (B, D) feature for the classification branch."""
+        """(B, 1 + num_kept, D) encoder output -> (B, D) feature for the classification branch."""
         if self.pool == "token":
             return latent[:, 0]
         visible = latent[:, 1:]
@@ -172,7 +172,7 @@ class MaskedAutoencoderViT(nn.Module):
         if masking is None:
             if noise is None:
                 noise = torch.rand(images.shape[0], self.num_patches, device=images.device)
-            masking = random_masking(noise, self.num_keep)
+            masking = random_masking(noise, self.num_kept)
         latent = self.forward_encoder(images, masking.ids_keep)
         pred = self.forward_decoder(latent, masking.ids_restore)
         target = patchify(images, self.patch_size)

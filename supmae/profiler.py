@@ -6,9 +6,7 @@ training step on an on-device synthetic batch: the run's ceiling), and end to en
 The verdict names the slower of loader and step, by how much, and the levers that would move it; the
 report is a terminal table, a JSON file and two plots.
 """
-import contextlib
 import dataclasses
-import gc
 import os
 import time
 from dataclasses import dataclass
@@ -19,7 +17,7 @@ import torch
 from supmae.errors import SupmaeError
 from supmae.measure import commit, device_name, measure, versions, write_json
 from supmae.pipelines.batch import Batch
-from supmae.pipelines.loader import LoaderSpec, create_loader
+from supmae.pipelines.loader import LoaderSpec, create_loader, open_batches
 from supmae.pipelines.masking import MaskSampler
 from supmae.train import PretrainConfig, Run, autocast_for, train_step
 
@@ -45,22 +43,9 @@ def synthetic_batch(batch_size: int, img_size: int, num_patches: int, mask_ratio
                  MaskSampler(num_patches, mask_ratio, 0, device)(batch_size, 0))
 
 
-@contextlib.contextmanager
-def _batches(loader):
-    """Iterate `loader`; on leaving, close it, so its workers stop before the next measurement starts its own."""
-    batches = iter(loader)
-    try:
-        yield batches
-    finally:
-        close = getattr(batches, "close", None)
-        if close is not None:
-            close()
-        gc.collect()
-
-
 def measure_loader(engine: str, source, spec: LoaderSpec, options: ProfileOptions) -> dict:
     """The loader alone: batches delivered to the device, normalised and masked, with no model."""
-    with _batches(create_loader(engine, source, spec)) as batches:
+    with open_batches(create_loader(engine, source, spec)) as batches:
         def next_batch() -> None:
             next(batches)
         return measure(next_batch, spec.batch_size, spec.device, options.steps, options.warmup, options.window)
@@ -79,7 +64,7 @@ def _stage(run: Run, stage: str, options: ProfileOptions) -> dict:
         def synthetic_step() -> None:
             train_step(run.forward, [batch] * cfg.accum_iter, run.optimizer, run.scaler, autocast)
         return measure(synthetic_step, run.effective_batch, **timing)
-    with _batches(run.loader()) as batches:
+    with open_batches(run.loader()) as batches:
         def step() -> float:
             start = time.perf_counter()
             micro_batches = [next(batches) for _ in range(cfg.accum_iter)]

@@ -25,13 +25,15 @@ from supmae.errors import SupmaeError
 from supmae.fast import apply_kernels
 from supmae.metrics import Metrics
 from supmae.optim import build_optimizer, lr_at
-from supmae.pipelines.loader import ENGINES, LoaderSpec, create_loader
+from supmae.pipelines.loader import LoaderSpec, check_engine, create_loader, open_batches
 from supmae.pipelines.masking import MaskSampler
 from supmae.pipelines.sources import open_source
 from supmae.pipelines.synthetic import default_dataset
 from supmae.registry import create_model, model_config
 from supmae.stop import StopRequests
 
+# What a resumed run may not change: the model, and what fixes the data order, crops and masks.
+RUN_DEFINING = ("model", "img_size", "mask_ratio", "pool", "batch_size", "accum_iter", "seed")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # torch.compile's modes; reduce-overhead replays the step as CUDA graphs, which pays where launches dominate
 # (small models or batches) and costs a static copy of the inputs.
@@ -129,8 +131,7 @@ class Run:
 
     def __init__(self, cfg: PretrainConfig, log):
         self.cfg, self.log = cfg, log
-        if cfg.loader not in ENGINES:
-            raise SupmaeError(f"unknown loader {cfg.loader!r}; available: {', '.join(ENGINES)}")
+        check_engine(cfg.loader)
         if cfg.precision != "auto" and cfg.precision not in PRECISIONS:
             raise SupmaeError(f"unknown precision {cfg.precision!r}; use auto, {', '.join(PRECISIONS)}")
         if cfg.compile_mode not in COMPILE_MODES:
@@ -144,6 +145,9 @@ class Run:
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank and in every run of this seed
         self.model = build_model(cfg, len(self.source.classes))
         self.supervised = self.model.cls_head is not None
+        if self.supervised and cfg.batch_size < 2 and not (cfg.sync_bn and self.world.distributed):
+            raise SupmaeError("the classification head's BatchNorm needs at least 2 images per batch: use "
+                              "--batch-size 2 or more (or --sync-bn on several ranks)")
         self.model.to(self.device)
         if cfg.sync_bn and self.world.distributed:
             apply_global_batchnorm(self.model)
@@ -193,7 +197,7 @@ class Run:
             return
         path, state = found
         saved = state.get("config", {})
-        for key in ("model", "img_size", "mask_ratio", "pool"):
+        for key in RUN_DEFINING:
             if key in saved and saved[key] != getattr(cfg, key):
                 raise SupmaeError(f"checkpoint {path} was made with {key}={saved[key]!r}, not {getattr(cfg, key)!r}")
         if state.get("world_size", 1) != self.world.world_size:
@@ -274,6 +278,9 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
             log(f"removed {path}, left by a run killed while writing it")
         _write_config(run)
     barrier(run.world)
+    if run.warmup_steps >= run.total_steps:
+        log(f"warning: the warm-up ({run.warmup_steps} steps) is as long as the run ({run.total_steps} steps), so the "
+            "lr never reaches its peak; shorten it with --warmup-epochs or --warmup-steps")
     if cfg.accum_iter > 1 and run.supervised:
         log(f"warning: with --accum-iter {cfg.accum_iter} the classification head's BatchNorm normalises over "
             f"micro-batches of {cfg.batch_size}, not the effective batch of {run.effective_batch}")
@@ -299,11 +306,11 @@ def _loop(run: Run, metrics: Metrics, stop: StopRequests) -> dict:
     # The first step whose loss was not finite, found on the device: no host sync per step.
     first_bad = torch.full((), -1, dtype=torch.long, device=run.device)
     run.model.train()
-    batches = iter(run.loader())
     windows = []  # (images, seconds) per log interval
     window_start, window_steps, checkpoint, done, stopped = time.perf_counter(), 0, None, run.step, None
-    with tqdm(total=run.total_steps, initial=run.step, unit="step", file=sys.stderr, dynamic_ncols=True,
-              disable=not (cfg.progress and run.world.is_main)) as bar:
+    with open_batches(run.loader()) as batches, tqdm(
+            total=run.total_steps, initial=run.step, unit="step", file=sys.stderr, dynamic_ncols=True,
+            disable=not (cfg.progress and run.world.is_main)) as bar:
         for step in range(run.step, run.total_steps):
             lr = lr_at(step, run.peak_lr, run.warmup_steps, run.total_steps, cfg.min_lr)
             for group in optimizer.param_groups:
@@ -326,13 +333,13 @@ def _loop(run: Run, metrics: Metrics, stop: StopRequests) -> dict:
                     record["cls_loss"] = cls_loss
                 metrics.write(record)
                 if not math.isfinite(loss):
-                    bad = earliest_over_ranks(first_bad, run.world)
-                    raise SupmaeError(f"loss became {loss} at step {bad}; stopping with the last good checkpoint kept")
+                    _stop_if_diverged(first_bad, run.world)
                 bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{record['images_per_s']:.1f}")
                 loss_sums.zero_()
                 window_start, window_steps = time.perf_counter(), 0
             if (done == run.total_steps or stopping
                     or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)):
+                _stop_if_diverged(first_bad, run.world)  # diverged weights must never replace good checkpoints
                 checkpoint = run.save(done)
             if stopping:
                 stopped = stop.signal or "a signal to another rank"
@@ -341,6 +348,13 @@ def _loop(run: Run, metrics: Metrics, stop: StopRequests) -> dict:
     steady = windows[1:] or windows
     images_per_s = sum(n for n, _ in steady) / max(sum(s for _, s in steady), 1e-9)
     return dict(steps=done, images_per_s=images_per_s, checkpoint=checkpoint, stopped=stopped)
+
+
+def _stop_if_diverged(first_bad: torch.Tensor, world) -> None:
+    bad = earliest_over_ranks(first_bad, world)
+    if bad is not None:
+        raise SupmaeError(f"the loss stopped being finite at step {bad}; stopping with the checkpoints from before "
+                          "it kept")
 
 
 def _write_config(run: Run) -> None:

@@ -4,11 +4,14 @@ One row per image: the centre crop | the visible patches (the removed ones greye
 (predicted patches, with each patch's true mean and spread restored when the model predicts normalised
 pixels, as MAE shows its results) | the reconstruction with the visible patches pasted back.
 """
+import os
+
 import numpy as np
 import torch
 from PIL import Image
 
-from supmae.evaluate import load_encoder
+from supmae.errors import SupmaeError
+from supmae.evaluate import load_pretrained
 from supmae.objective import patchify
 from supmae.pipelines.batch import IMAGENET_MEAN, IMAGENET_STD
 from supmae.pipelines.masking import MaskSampler
@@ -47,8 +50,11 @@ def to_pixels(images: torch.Tensor) -> np.ndarray:
 
 def visualize(checkpoint: str, data: str, out: str, count: int = 6, seed: int = 0, device: str = "auto",
               log=print) -> str:
+    stem, extension = os.path.splitext(out)  # checked now: PIL would find a bad name only after the model work
+    if Image.registered_extensions().get(extension.lower()) not in Image.SAVE:
+        raise SupmaeError(f"--out {out}: give an image file name such as {stem}.png")
     device = resolve_device(device)
-    model, cfg = load_encoder(checkpoint, device)
+    model, cfg = load_pretrained(checkpoint, device)
     batch = next(iter(ordered_views(open_source(data), cfg.img_size, count, 0, device)))
     columns = [to_pixels(x) for x in reconstruct(model, batch.images, seed)]
     gap = 4

@@ -1,3 +1,4 @@
+import dataclasses
 import os
 
 import pytest
@@ -35,3 +36,16 @@ def folder_with_a_bad_image(tmp_path):
             render(0, i).save(root / c / f"{i}.jpg")
     (root / "b" / "2.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
     return str(root)
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    """A fresh supmae_vit_tiny_patch16 at 224, saved as a run would save it."""
+    from supmae.checkpoint import save_checkpoint
+    from supmae.train import PretrainConfig, build_model
+    cfg = PretrainConfig(model="supmae_vit_tiny_patch16")
+    torch.manual_seed(0)
+    model = build_model(cfg, 5)
+    path = str(tmp_path / "checkpoint-00000001.pt")
+    save_checkpoint(dict(model=model.state_dict(), config=dataclasses.asdict(cfg), classes=list("abcde"), step=1), path)
+    return path

@@ -57,6 +57,7 @@ def test_unreadable_image_is_a_one_line_error(capsys, folder_with_a_bad_image, t
     (["--pool", "median"], "--pool"),
     (["--precision", "fp8"], "--precision"),
     (["--compile-mode", "fastest"], "--compile-mode"),
+    (["--batch-size", "1", "--model", "supmae_vit_tiny_patch16"], "at least 2 images per batch"),
     (["--device", "cuda:0"] if not __import__("torch").cuda.is_available() else ["--device", "tpu"], "device"),
     (["--img-size", "100"], "multiple of patch_size"),
     (["--lr", "0"], "--lr"),
@@ -126,3 +127,21 @@ def test_bad_config_files_are_one_line_errors(capsys, tmp_path, text, expected):
     (tmp_path / "bad.toml").write_text(text + "\n")
     assert expected in error_of(capsys, "pretrain", "--config", str(tmp_path / "bad.toml"))
     assert "does not exist" in error_of(capsys, "pretrain", "--config", str(tmp_path / "none.toml"))
+
+
+def test_a_resumed_run_takes_its_options_from_the_checkpoint(capsys, synth_folder, tmp_path):
+    out = str(tmp_path / "run")
+    assert main(["pretrain", "--data", synth_folder, "--output", out, "--model", "supmae_vit_tiny_patch16",
+                 "--img-size", "32", "--batch-size", "8", "--mask-ratio", "0.5", "--steps", "2", "--lr", "1e-3",
+                 "--warmup-steps", "1", "--workers", "0", "--no-tensorboard", "--no-progress"]) == 0
+    assert main(["pretrain", "--output", out, "--resume", "auto", "--steps", "3", "--no-progress"]) == 0
+    with open(os.path.join(out, "config.json")) as f:
+        saved = json.load(f)
+    assert {k: saved[k] for k in ("data", "model", "img_size", "batch_size", "mask_ratio", "lr", "warmup_steps",
+                                  "workers", "tensorboard", "steps")} == dict(
+        data=synth_folder, model="supmae_vit_tiny_patch16", img_size=32, batch_size=8, mask_ratio=0.5, lr=1e-3,
+        warmup_steps=1, workers=0, tensorboard=False, steps=3)  # typed --steps 3 wins over the saved 2
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        assert [json.loads(line)["step"] for line in f] == [2, 3]  # each run logs its last step
+    err = error_of(capsys, "pretrain", "--output", out, "--resume", "auto", "--steps", "4", "--batch-size", "4")
+    assert "batch_size=8" in err

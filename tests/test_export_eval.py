@@ -1,28 +1,14 @@
-import dataclasses
-
 import pytest
 import timm
 import torch
 
-from supmae.checkpoint import save_checkpoint
 from supmae.cli import main
-from supmae.evaluate import eval_knn, knn_top1, load_encoder
+from supmae.evaluate import eval_knn, knn_top1, load_pretrained
 from supmae.finetune import layer_decay_groups, linear_probe, timm_vit
 from supmae.pipelines.synthetic import write_synthetic
-from supmae.train import PretrainConfig, build_model, pretrain
+from supmae.train import PretrainConfig, pretrain
 
 from test_cli import error_of
-
-
-@pytest.fixture
-def checkpoint(tmp_path):
-    """A fresh supmae_vit_tiny_patch16 at 224, saved as a run would save it."""
-    cfg = PretrainConfig(model="supmae_vit_tiny_patch16")
-    torch.manual_seed(0)
-    model = build_model(cfg, 5)
-    path = str(tmp_path / "checkpoint-00000001.pt")
-    save_checkpoint(dict(model=model.state_dict(), config=dataclasses.asdict(cfg), classes=list("abcde"), step=1), path)
-    return path
 
 
 @pytest.mark.parametrize("pool", ["avg", "token"])
@@ -34,7 +20,7 @@ def test_exported_encoder_loads_in_timm_with_our_features(capsys, checkpoint, tm
     from safetensors.torch import load_file
     result = vit.load_state_dict(load_file(out), strict=False)
     assert set(result.missing_keys) == {"head.weight", "head.bias"} and not result.unexpected_keys
-    ours, _ = load_encoder(checkpoint, "cpu")
+    ours, _ = load_pretrained(checkpoint, "cpu")
     images = torch.randn(3, 3, 224, 224)
     with torch.no_grad():
         theirs = vit.forward_head(vit.forward_features(images), pre_logits=True)
@@ -120,7 +106,7 @@ def test_visualize_writes_the_grid_and_keeps_visible_patches(capsys, checkpoint,
     from supmae.visualize import reconstruct, unpatchify
     images = torch.randn(2, 3, 48, 32 + 16)
     assert torch.equal(unpatchify(patchify(images, 16), 16), images)
-    model, _ = load_encoder(checkpoint, "cpu")
+    model, _ = load_pretrained(checkpoint, "cpu")
     original, visible, _, pasted = reconstruct(model, torch.randn(2, 3, 224, 224))
     kept = visible.abs().sum(1) > 0  # removed patches are zero in the visible view
     assert 0.2 < kept.float().mean() < 0.3  # a quarter of the patches is visible

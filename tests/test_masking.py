@@ -6,20 +6,20 @@ from supmae.pipelines.masking import MaskSampler, num_kept, random_masking
 
 @pytest.mark.parametrize("length,ratio", [(196, 0.75), (49, 0.5), (16, 0.9), (10, 0.33)])
 def test_masking_invariants(length, ratio):
-    n_keep = num_kept(length, ratio)
-    assert n_keep == int(length * (1 - ratio))
+    kept = num_kept(length, ratio)
+    assert kept == int(length * (1 - ratio))
     noise = torch.rand(7, length)
-    ids_keep, ids_restore, mask, ids_removed = random_masking(noise, n_keep)
-    assert ids_keep.shape == (7, n_keep) and ids_restore.shape == (7, length) and mask.shape == (7, length)
-    # exactly n_keep kept per sample, and the kept ones are those the mask marks 0
-    assert torch.equal(mask.sum(1), torch.full((7,), float(length - n_keep)))
-    assert torch.equal(mask.gather(1, ids_keep), torch.zeros(7, n_keep))
+    ids_keep, ids_restore, mask, ids_removed = random_masking(noise, kept)
+    assert ids_keep.shape == (7, kept) and ids_restore.shape == (7, length) and mask.shape == (7, length)
+    # exactly kept kept per sample, and the kept ones are those the mask marks 0
+    assert torch.equal(mask.sum(1), torch.full((7,), float(length - kept)))
+    assert torch.equal(mask.gather(1, ids_keep), torch.zeros(7, kept))
     # the kept patches are the lowest-noise ones
-    assert torch.equal(ids_keep.sort(1).values, noise.topk(n_keep, dim=1, largest=False).indices.sort(1).values)
+    assert torch.equal(ids_keep.sort(1).values, noise.topk(kept, dim=1, largest=False).indices.sort(1).values)
     # ids_restore inverts the shuffle: shuffled[ids_restore] is the identity
     ids_shuffle = torch.argsort(noise, dim=1)
     assert torch.equal(ids_shuffle.gather(1, ids_restore), torch.arange(length).expand(7, -1))
-    assert torch.equal(ids_shuffle[:, :n_keep], ids_keep)
+    assert torch.equal(ids_shuffle[:, :kept], ids_keep)
 
 
 def test_mask_sampler_depends_only_on_seed_and_index():

@@ -85,7 +85,7 @@ def test_gradient_accumulation_matches_the_full_batch():
     split_model = create_model("mae_vit_tiny_patch16", **TINY)
     split_model.load_state_dict(full_model.state_dict())
     images, labels = torch.randn(8, 3, 32, 32), torch.zeros(8, dtype=torch.long)
-    masking = random_masking(torch.rand(8, 16), full_model.num_keep)
+    masking = random_masking(torch.rand(8, 16), full_model.num_kept)
     halves = [Batch(images[s], labels[s], type(masking)(*(t[s] for t in masking))) for s in (slice(0, 4), slice(4, 8))]
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     losses = []
@@ -95,6 +95,12 @@ def test_gradient_accumulation_matches_the_full_batch():
     torch.testing.assert_close(losses[0], losses[1])
     for a, b in zip(full_model.parameters(), split_model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_warm_up_as_long_as_the_run_is_warned_about(synth_folder, tmp_path):
+    lines = []
+    pretrain(config(synth_folder, tmp_path, steps=2, warmup_steps=2, img_size=32), log=lines.append)
+    assert any(line.startswith("warning: the warm-up (2 steps) is as long as the run (2 steps)") for line in lines)
 
 
 def test_accumulation_warns_about_batchnorm(synth_folder, tmp_path):

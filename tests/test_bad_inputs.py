@@ -1,0 +1,75 @@
+import json
+import os
+
+import pytest
+
+from supmae.cli import main
+from supmae.metrics import Metrics
+from supmae.pipelines.synthetic import MANIFEST, write_synthetic
+
+from test_cli import error_of
+
+
+def test_file_list_that_is_not_utf8_text_or_not_csv(capsys, tmp_path):
+    latin1 = tmp_path / "labels.csv"
+    latin1.write_bytes("path,label\ncaf\xe9.jpg,a\n".encode("latin-1"))
+    err = error_of(capsys, "pretrain", "--data", str(latin1), "--output", str(tmp_path / "run"))
+    assert f"{latin1} is not UTF-8 text" in err
+    huge = tmp_path / "huge.tsv"
+    huge.write_text("x" * 200_000 + "\ta\n")  # past the csv module's field size limit
+    err = error_of(capsys, "pretrain", "--data", str(huge), "--output", str(tmp_path / "run"))
+    assert f"{huge} is not a readable file list: field larger than field limit" in err
+
+
+def test_visualize_wants_an_image_file_name_before_any_model_work(capsys, synth_folder, tmp_path):
+    missing = str(tmp_path / "none.pt")  # the name is checked first, so the missing checkpoint is not reached
+    for out in ("grid", "grid.xyz", "grid.psd"):  # PIL reads .psd but cannot write it
+        err = error_of(capsys, "visualize", "--checkpoint", missing, "--data", synth_folder,
+                       "--out", str(tmp_path / out))
+        assert err.endswith(f"give an image file name such as {tmp_path / 'grid'}.png"), err
+
+
+def test_export_makes_the_folder_and_reports_failed_writes(capsys, checkpoint, tmp_path):
+    out = tmp_path / "new" / "folder" / "encoder.safetensors"
+    assert main(["export", checkpoint, str(out)]) == 0
+    assert out.stat().st_size > 0 and os.listdir(out.parent) == ["encoder.safetensors"]
+    (tmp_path / "file").write_text("")
+    err = error_of(capsys, "export", checkpoint, str(tmp_path / "file" / "x.safetensors"))
+    assert err.endswith(f"{tmp_path / 'file'} is a file, not a folder"), err
+    too_long = str(tmp_path / ("x" * 300 + ".safetensors"))
+    assert f"cannot write {too_long}" in error_of(capsys, "export", checkpoint, too_long)
+
+
+def test_finetune_checks_its_output_folder_before_training(capsys, monkeypatch, checkpoint, synth_folder,
+                                                           tmp_path):
+    def no_training(*args, **kwargs):
+        pytest.fail("fine-tuning started before --output was checked")
+    monkeypatch.setattr("supmae.finetune.timm_vit", no_training)
+    (tmp_path / "file").write_text("")
+    splits = ("--checkpoint", checkpoint, "--train", synth_folder, "--val", synth_folder)
+    err = error_of(capsys, "finetune", *splits, "--output", str(tmp_path / "file"))
+    assert err == f"supmae: error: --output {tmp_path / 'file'} is a file, not a folder"
+    assert "Not a directory" in error_of(capsys, "finetune", *splits, "--output", str(tmp_path / "file" / "ft"))
+
+
+def test_resume_drops_the_torn_last_line_of_a_killed_run(tmp_path):
+    good = [json.dumps(dict(step=step, loss=1.0 / step)) + "\n" for step in (1, 2, 3)]
+    (tmp_path / "metrics.jsonl").write_text("".join(good) + '{"step": 4, "lo')
+    with Metrics(str(tmp_path), 3, enabled=True, tensorboard=False) as metrics:
+        metrics.write(dict(step=4, loss=0.25))
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines(keepends=True)
+    assert lines == good + [json.dumps(dict(step=4, loss=0.25)) + "\n"]
+    with Metrics(str(tmp_path), 2, enabled=True, tensorboard=False):
+        pass
+    assert (tmp_path / "metrics.jsonl").read_text() == "".join(good[:2])
+
+
+def test_a_shared_dataset_published_first_is_kept_and_used(tmp_path):
+    path = str(tmp_path / "synthetic")
+    assert write_synthetic(path, 2, 2, workers=1, shared=True) == path
+    (tmp_path / "synthetic" / "in use").write_text("")  # stands for a reader of the first copy
+    assert write_synthetic(path, 2, 2, workers=1, shared=True) == path  # a writer that finishes second
+    assert sorted(os.listdir(tmp_path)) == ["synthetic"]  # its own copy is gone
+    assert sorted(os.listdir(path)) == ["0000_circle_stripes", "0001_triangle_stripes", "in use", MANIFEST]
+    with pytest.raises(OSError):  # a target that is not a finished dataset is neither replaced nor taken
+        write_synthetic(str(tmp_path / "synthetic" / "0000_circle_stripes"), 2, 2, workers=1, shared=True)
