@@ -11,6 +11,7 @@ from supmae.kernels.patch_gather import gather_patches_triton
 from supmae.objective import gather_patches, patchify, reconstruction_loss, removed_patch_loss
 from supmae.pipelines.masking import num_kept, random_masking
 
+pytestmark = pytest.mark.cuda
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (batch, image height, width, patch size, mask ratio): odd batches, patch sizes 8/14/16, sizes other than 224
 SHAPES = [(3, 32, 32, 8, 0.75), (5, 56, 56, 14, 0.5), (1, 48, 48, 16, 0.9), (3, 48, 32, 16, 0.6)]
@@ -147,8 +148,10 @@ def test_fast_path_under_bf16_autocast_follows_the_reference(backend):
     torch.testing.assert_close(fast.loss, reference.loss, rtol=1e-2, atol=0)
     for name in ref_grads:
         assert grads[name].dtype == ref_grads[name].dtype, name
-        scale = ref_grads[name].abs().max()
-        torch.testing.assert_close(grads[name], ref_grads[name], rtol=5e-2, atol=5e-2 * scale, msg=name)
+        # As a whole tensor, not element by element: single elements near zero differ by more than
+        # rounding when bf16 matmuls sum in another order, on a GPU more than on a CPU.
+        error = (grads[name] - ref_grads[name]).double().norm() / ref_grads[name].double().norm()
+        assert error < 3e-2, f"{name}: relative error {error:.2e}"
 
 
 # (tokens, mask token): bf16 tokens beside the fp32 mask token parameter is what bf16 autocast gives
@@ -181,7 +184,8 @@ def test_backend_choice(monkeypatch, capsys, synth_folder, tmp_path):
     from test_cli import error_of
     assert kernel_backend(torch.device("cpu")) == "eager" and kernel_backend(torch.device("cuda")) == "triton"
     monkeypatch.setenv("SUPMAE_KERNELS", "triton")
-    assert kernel_backend(torch.device("cpu")) == "triton"  # conftest sets TRITON_INTERPRET=1
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert kernel_backend(torch.device("cpu")) == "triton"
     args = ("pretrain", "--data", synth_folder, "--output", str(tmp_path), "--model", "supmae_vit_tiny_patch16",
             "--batch-size", "8", "--no-progress", "--device", "cpu")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
