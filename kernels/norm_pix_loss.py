@@ -94,7 +94,7 @@ def norm_pix_mse_backward(grad: torch.Tensor, pred: torch.Tensor, images: torch.
 
 @norm_pix_mse_backward.register_fake
 def _(grad, pred, images, ids_removed, patch_size, norm_pix):
-    return torch.empty_like(pred)
+    return pred.new_empty(pred.shape)  # contiguous, as the real op's output, whatever pred's strides
 
 
 def _setup_context(ctx, inputs, output):
