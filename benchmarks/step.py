@@ -23,7 +23,7 @@ from supmae.fast import apply_kernels  # noqa: E402
 from supmae.measure import commit, device_name, measure, sync, versions, write_json  # noqa: E402
 from supmae.optim import build_optimizer  # noqa: E402
 from supmae.profiler import synthetic_batch  # noqa: E402
-from supmae.train import COMPILE_MODES, PRECISIONS, autocast_for, resolve_device, speed_defaults, train_step  # noqa: E402
+from supmae.train import COMPILE_MODES, PRECISIONS, apply_compile, autocast_for, compile_mode_for, resolve_device, speed_defaults, train_step  # noqa: E402
 
 
 def matmul_rate(device, dtype, n) -> float:
@@ -41,18 +41,47 @@ def matmul_rate(device, dtype, n) -> float:
     return 2 * n**3 / statistics.median(times)
 
 
+# Where a GPU step's time goes, by kernel name: (category, substrings of the kernel names it holds).
+KERNEL_KINDS = (("supmae kernels", ("_gather_kernel", "_unshuffle_kernel", "_gather_rows_kernel", "_forward_kernel",
+                                    "_backward_kernel")),
+                ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas")),
+                ("attention", ("flash", "fmha", "attention", "efficient")),
+                ("optimizer", ("multi_tensor", "adam")),
+                ("fused elementwise and norms (inductor)", ("triton_",)))
+
+
+def kernel_breakdown(step, device: torch.device, steps: int = 3, top: int = 12) -> dict:
+    """GPU time per step by kernel, from the profiler: each kind's share and the costliest kernels."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+    kernels = [(e.key, e.self_device_time_total / steps / 1e3) for e in prof.key_averages() if e.self_device_time_total > 0]
+    total = sum(ms for _, ms in kernels)
+    kinds = {}
+    for name, ms in kernels:
+        kind = next((k for k, marks in KERNEL_KINDS if any(m in name for m in marks)), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + ms
+    return dict(gpu_ms_per_step=total, by_kind={k: dict(ms=ms, share=ms / total) for k, ms in
+                                                 sorted(kinds.items(), key=lambda kv: -kv[1])},
+                top=[dict(kernel=name[:120], ms=ms, share=ms / total) for name, ms in sorted(kernels, key=lambda r: -r[1])[:top]])
+
+
 def benchmark_step(model_name: str = "supmae_vit_base_patch16", batch_size: int = 256, img_size: int = 224,
-                   device: str = "auto", precision: str = "auto", compile=None, compile_mode: str = "default",
-                   warmup: int = 3, steps: int = 5, windows: int = 5, official: bool = True) -> dict:
+                   device: str = "auto", precision: str = "auto", compile=None, compile_mode: str = "auto",
+                   warmup: int = 3, steps: int = 5, windows: int = 5, official: bool = True,
+                   breakdown: bool = False) -> dict:
     device = resolve_device(device)
     on_gpu = device.type == "cuda"
     precision, compiled = speed_defaults(device, precision, compile)
+    compile_mode = compile_mode_for(compile_mode, device)
     model = create_model(model_name, img_size=img_size).to(device).train()
     optimizer = build_optimizer(model, 1e-4, 0.05)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     autocast = autocast_for(device, precision)
     forward = apply_kernels(model)  # the training loop's forward: Triton kernels on CUDA
-    forward = torch.compile(forward, mode=compile_mode) if compiled else forward
+    forward = apply_compile(forward, compile_mode) if compiled else forward
     num_classes = model.cls_head[-1].out_features if model.cls_head is not None else 1
     batch = synthetic_batch(batch_size, img_size, model.num_patches, model.mask_ratio, num_classes, device)
     timing = dict(device=device, steps=steps * windows, warmup=warmup, window=steps)
@@ -67,6 +96,7 @@ def benchmark_step(model_name: str = "supmae_vit_base_patch16", batch_size: int 
     fast = measure(step, batch_size, **timing)
     images_per_s = fast["images_per_s"]["median"]
     peak = matmul_rate(device, PRECISIONS[precision] or torch.float32, 8192 if on_gpu else 1024)
+    kernels = kernel_breakdown(step, device) if breakdown and on_gpu else None
 
     reference = None
     if official:
@@ -96,7 +126,8 @@ def benchmark_step(model_name: str = "supmae_vit_base_patch16", batch_size: int 
         images_per_s=images_per_s, step=fast,
         gflops_per_image=flops_per_step / batch_size / 1e9, matmul_tflops=peak / 1e12,
         mfu=images_per_s * flops_per_step / batch_size / peak,
-        official=reference, step_vs_official=reference and images_per_s / reference["images_per_s"]["median"])
+        official=reference, step_vs_official=reference and images_per_s / reference["images_per_s"]["median"],
+        kernel_breakdown=kernels)
 
 
 def describe(result: dict) -> str:
@@ -107,6 +138,11 @@ def describe(result: dict) -> str:
              f"max {rates['max']:.1f}; warm-up {result['step']['warmup_s']:.1f} s)",
              f"  {result['gflops_per_image']:.1f} GFLOP/image counted; matmul ceiling "
              f"{result['matmul_tflops']:.2f} TFLOP/s measured; MFU {result['mfu']:.1%}"]
+    if result.get("kernel_breakdown"):
+        k = result["kernel_breakdown"]
+        lines.append(f"  GPU time per step {k['gpu_ms_per_step']:.1f} ms: " + ", ".join(
+            f"{kind} {v['share']:.0%}" for kind, v in k["by_kind"].items()))
+        lines += [f"    {row['ms']:7.3f} ms {row['share']:5.1%}  {row['kernel']}" for row in k["top"]]
     if result["official"]:
         lines.append(f"  official-style eager {result['official']['precision']} step: "
                      f"{result['official']['images_per_s']['median']:.1f} images/s; this step is "
@@ -122,16 +158,17 @@ def main():
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", choices=("auto", *PRECISIONS), default="auto")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default="auto")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--steps", type=int, default=5, help="steps per timed window")
     p.add_argument("--windows", type=int, default=5)
     p.add_argument("--official", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the official code's style of step, for the ratio")
+    p.add_argument("--breakdown", action="store_true", help="on a GPU, GPU time per step by kernel (profiler)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
     result = benchmark_step(args.model, args.batch_size, args.img_size, args.device, args.precision, args.compile,
-                            args.compile_mode, args.warmup, args.steps, args.windows, args.official)
+                            args.compile_mode, args.warmup, args.steps, args.windows, args.official, args.breakdown)
     print(describe(result))
     if args.json:
         write_json(args.json, result)

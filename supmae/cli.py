@@ -94,7 +94,7 @@ def _add_shared(p, d) -> None:
                            "larger than memory")
     data.add_argument("--process-cache", dest="os_cache", action="store_false",
                       help="ffcv: cache pages in the process instead of relying on the OS page cache")
-    data.add_argument("--workers", type=_count(0), default=None, help="loader processes (default: cores - 1, max 10)")
+    data.add_argument("--workers", type=_count(0), default=None, help="loader processes (default: cores - 1)")
     data.add_argument("--seed", type=_count(0), default=d.seed)
     hardware = p.add_argument_group("hardware")
     hardware.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
@@ -103,7 +103,8 @@ def _add_shared(p, d) -> None:
     hardware.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                           help="torch.compile the model (default: on for GPU, off for CPU)")
     hardware.add_argument("--compile-mode", choices=COMPILE_MODES, default=d.compile_mode,
-                          help="torch.compile's mode; reduce-overhead replays the step as CUDA graphs")
+                          help="torch.compile's mode; reduce-overhead replays the step as CUDA graphs; auto: "
+                               "reduce-overhead on one GPU with --accum-iter 1, default otherwise")
     mdl = p.add_argument_group("model and objective")
     mdl.add_argument("--model", default=d.model, help="a name from `supmae models`")
     mdl.add_argument("--batch-size", type=_count(1), default=d.batch_size, help="images per device per micro-batch")

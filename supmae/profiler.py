@@ -102,7 +102,7 @@ def verdict(stages: dict, run: Run) -> dict:
         levers = [] if on_gpu else ["train on a GPU"]
         if not run.compile:
             levers.append("turn on --compile")
-        elif on_gpu and cfg.compile_mode == "default":
+        elif on_gpu and run.compile_mode == "default":
             levers.append("try --compile-mode reduce-overhead (CUDA graphs)")
         if on_gpu and run.precision == "fp32":
             levers.append("use --precision bf16")
@@ -147,7 +147,8 @@ def profile(cfg: PretrainConfig, options: ProfileOptions, log=print) -> dict:
         device=device_name(run.device), commit=commit(),
         versions=versions("timm", "triton", "ffcv", "nvidia-dali-cuda130", "numpy", "psutil"),
         config=dict(run=dict(dataclasses.asdict(cfg), data=run.data, device=str(run.device),
-                             precision=run.precision, compile=run.compile, workers=run.workers,
+                             precision=run.precision, compile=run.compile, compile_mode=run.compile_mode,
+                             workers=run.workers,
                              effective_batch=run.effective_batch),
                     profile=dataclasses.asdict(options)),
         stages=stages)

@@ -35,9 +35,9 @@ from supmae.stop import StopRequests
 # What a resumed run may not change: the model, and what fixes the data order, crops and masks.
 RUN_DEFINING = ("model", "img_size", "mask_ratio", "pool", "batch_size", "accum_iter", "seed")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-# torch.compile's modes; reduce-overhead replays the step as CUDA graphs, which pays where launches dominate
-# (small models or batches) and costs a static copy of the inputs.
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# torch.compile's modes, and auto. reduce-overhead replays the step as CUDA graphs: on an H100 the
+# ViT-B/16 step at batch 256 ran 1.22x faster so (benchmarks/results/), for a static copy of the inputs.
+COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -55,10 +55,10 @@ class PretrainConfig:
     order: str = "random"               # random | quasi_random (ffcv)
     os_cache: bool = True               # ffcv: OS page cache (False: FFCV's process cache)
     device: str = "auto"                # auto | cpu | cuda | cuda:N
-    workers: Optional[int] = None       # loader processes; None: cores - 1, at most 10
+    workers: Optional[int] = None       # loader processes; None: cores - 1
     precision: str = "auto"             # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
     compile: Optional[bool] = None      # torch.compile; None: on for GPU, off for CPU
-    compile_mode: str = "default"       # one of COMPILE_MODES
+    compile_mode: str = "auto"          # one of COMPILE_MODES; auto: CUDA graphs where they are safe
     accum_iter: int = 1
     blr: float = 1.5e-4                 # lr = blr * effective batch / 256 unless lr is given
     lr: Optional[float] = None
@@ -92,6 +92,8 @@ def resolve_device(name: str) -> torch.device:
         raise SupmaeError(f"unsupported device {name!r} (use auto, cpu, cuda or cuda:N)")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise SupmaeError(f"device {name} does not exist: {torch.cuda.device_count()} GPU(s) visible")
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # Triton launches on the current device, not on the tensors'
     return device
 
 
@@ -100,6 +102,21 @@ def speed_defaults(device: torch.device, precision: str = "auto", compile: Optio
     on_gpu = device.type == "cuda"
     return (precision if precision != "auto" else ("bf16" if on_gpu else "fp32"),
             on_gpu if compile is None else compile)
+
+
+def compile_mode_for(mode: str, device: torch.device, accum_iter: int = 1, distributed: bool = False) -> str:
+    """Resolve "auto": CUDA graphs (reduce-overhead) on one GPU without accumulation, where they were
+    measured faster; they would overwrite accumulated gradients, and DDP's bucketed all-reduce runs
+    outside them."""
+    if mode != "auto":
+        return mode
+    return "reduce-overhead" if device.type == "cuda" and accum_iter == 1 and not distributed else "default"
+
+
+def apply_compile(forward, mode: str = "default"):
+    """torch.compile the step's forward (and, through AOTAutograd, its backward). fullgraph: a graph break
+    would silently split the step and cost speed, so it is an error instead."""
+    return torch.compile(forward, mode=mode, fullgraph=True)
 
 
 def autocast_for(device: torch.device, precision: str):
@@ -138,7 +155,8 @@ class Run:
             raise SupmaeError(f"unknown compile mode {cfg.compile_mode!r}; use {', '.join(COMPILE_MODES)}")
         self.world, self.device = init_world(resolve_device(cfg.device))
         self.precision, self.compile = speed_defaults(self.device, cfg.precision, cfg.compile)
-        self.workers = cfg.workers if cfg.workers is not None else min(10, max(1, (os.cpu_count() or 2) - 1))
+        self.compile_mode = compile_mode_for(cfg.compile_mode, self.device, cfg.accum_iter, self.world.distributed)
+        self.workers = cfg.workers if cfg.workers is not None else max(1, (os.cpu_count() or 2) - 1)
 
         self.data = cfg.data or default_dataset()
         self.source = open_source(self.data)
@@ -173,12 +191,12 @@ class Run:
         if self.world.distributed:
             self.forward = apply_ddp(self.forward, self.device)
         if self.compile:
-            self.forward = torch.compile(self.forward, mode=cfg.compile_mode)
+            self.forward = apply_compile(self.forward, self.compile_mode)
 
     @property
     def speed(self) -> str:
         """How the step runs, for log lines: "bf16, compiled, reduce-overhead", "fp32"."""
-        mode = "" if self.cfg.compile_mode == "default" else f", {self.cfg.compile_mode}"
+        mode = "" if self.compile_mode == "default" else f", {self.compile_mode}"
         return self.precision + (f", compiled{mode}" if self.compile else "")
 
     def restore(self) -> None:
@@ -361,7 +379,7 @@ def _write_config(run: Run) -> None:
     cfg = run.cfg
     with open(os.path.join(cfg.output, "config.json"), "w") as f:
         json.dump(dict(dataclasses.asdict(cfg), data=run.data, device=str(run.device), precision=run.precision,
-                       compile=run.compile, workers=run.workers, world_size=run.world.world_size,
+                       compile=run.compile, compile_mode=run.compile_mode, workers=run.workers, world_size=run.world.world_size,
                        total_steps=run.total_steps, warmup_steps=run.warmup_steps, peak_lr=run.peak_lr,
                        effective_batch=run.effective_batch, classes=run.source.classes), f, indent=2)
 
@@ -380,6 +398,9 @@ def _check(cfg: PretrainConfig) -> None:
     for name in ("checkpoint_every", "keep_checkpoints", "seed", "min_lr", "weight_decay", "warmup_epochs"):
         if getattr(cfg, name) < 0:
             raise SupmaeError(f"{name.replace('_', '-')} must not be negative, got {getattr(cfg, name)}")
+    if cfg.accum_iter > 1 and cfg.compile_mode == "reduce-overhead":
+        raise SupmaeError("--compile-mode reduce-overhead replays the step as CUDA graphs, whose next replay "
+                          "overwrites the gradients being accumulated: use --accum-iter 1 or another --compile-mode")
     if cfg.workers is not None and cfg.workers < 0:
         raise SupmaeError(f"workers must not be negative, got {cfg.workers}")
     if cfg.warmup_steps is not None and cfg.warmup_steps < 0:
