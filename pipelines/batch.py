@@ -20,7 +20,7 @@ def to_device_batches(pixel_batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
                       mask_sampler: Optional[MaskSampler], start: int = 0,
                       dtype: torch.dtype = torch.float32) -> Iterator[Batch]:
     """(uint8 (B, H, W, 3), labels) batches, on the host or already on `device` -> Batch; batch i gets mask i
-    (none without a sampler: evaluation).
+    (none without a sampler: evaluation). Floating-point images are taken as already normalised (B, 3, H, W).
 
     Pixels cross to the device as uint8 (a quarter of float32's bytes) and are normalised there. On a GPU,
     a host batch's copy, normalisation and mask run on a side stream, so they overlap the step that is
@@ -35,9 +35,12 @@ def to_device_batches(pixel_batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
     for index, (images, labels) in enumerate(pixel_batches, start=start):
         stream = side if side is not None and images.device.type == "cpu" else None
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            # Transposed while still uint8 (a quarter of the bytes), then scaled in place: three passes, not six.
-            images = images.to(device, non_blocking=True).permute(0, 3, 1, 2).contiguous()
-            images = images.to(torch.float32).mul_(scale).add_(shift).to(dtype)
+            if images.is_floating_point():
+                images = images.to(device, dtype, non_blocking=True)
+            else:
+                # Transposed while still uint8 (a quarter of the bytes), then scaled in place: three passes, not six.
+                images = images.to(device, non_blocking=True).permute(0, 3, 1, 2).contiguous()
+                images = images.to(torch.float32).mul_(scale).add_(shift).to(dtype)
             # Engines recycle their output buffers, so labels are copied even when already in place.
             masking = mask_sampler(images.shape[0], index) if mask_sampler is not None else None
             batch = Batch(images, labels.to(device, non_blocking=True, copy=True), masking)
