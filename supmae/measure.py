@@ -32,9 +32,14 @@ def device_name(device: torch.device) -> str:
 
 
 def commit() -> str:
+    """The checkout's commit, with "+dirty" when its tracked files differ from it: such figures did not
+    come from that commit alone."""
+    def git(*args) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+        head = git("rev-parse", "--short", "HEAD")
+        return (head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")) if head else "unknown"
     except OSError:
         return "unknown"
 
