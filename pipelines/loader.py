@@ -24,6 +24,7 @@ ENGINES = {
     "dali": "supmae.pipelines.dali_loader:DALILoader",
 }
 _PACKAGES = {"ffcv": "ffcv", "dali": "nvidia-dali-cuda130"}
+PREFETCH_PER_WORKER = 4  # batches each torch worker prepares ahead; DALI (2) and FFCV (3) hold fewer
 
 
 @dataclasses.dataclass
@@ -48,6 +49,12 @@ class LoaderSpec:
             raise SupmaeError(f"{num_samples} images make no batch of {self.batch_size} on each of "
                               f"{self.world_size} rank(s); lower --batch-size")
         return schedule
+
+
+def buffered_batches(spec: LoaderSpec) -> int:
+    """The most batches any engine can hold ready before it is first asked for one: a loader timed over
+    fewer batches than this, right after it starts, measures its buffer rather than its rate."""
+    return PREFETCH_PER_WORKER * max(1, spec.workers) + 4
 
 
 def check_engine(engine: str) -> None:

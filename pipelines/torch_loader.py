@@ -14,6 +14,7 @@ from supmae.errors import SupmaeError
 from supmae.pipelines.augment import crop_and_flip, crop_resize_flip
 from supmae.pipelines.batch import Batch, to_device_batches
 from supmae.pipelines.decode import UNREADABLE
+from supmae.pipelines.loader import PREFETCH_PER_WORKER
 from supmae.pipelines.order import Schedule
 
 
@@ -73,7 +74,7 @@ class TorchLoader:
             num_workers=spec.workers,
             collate_fn=_collate,
             pin_memory=torch.device(spec.device).type == "cuda",
-            prefetch_factor=4 if spec.workers else None,
+            prefetch_factor=PREFETCH_PER_WORKER if spec.workers else None,
         )
         return to_device_batches(_raise_unreadable(loader), spec.device, spec.mask_sampler, spec.start, spec.dtype)
 

@@ -17,7 +17,7 @@ import torch
 from supmae.errors import SupmaeError
 from supmae.measure import commit, device_name, measure, versions, write_json
 from supmae.pipelines.batch import Batch
-from supmae.pipelines.loader import LoaderSpec, create_loader, open_batches
+from supmae.pipelines.loader import LoaderSpec, buffered_batches, create_loader, open_batches
 from supmae.pipelines.masking import MaskSampler
 from supmae.train import PretrainConfig, Run, autocast_for, train_step
 
@@ -44,11 +44,13 @@ def synthetic_batch(batch_size: int, img_size: int, num_patches: int, mask_ratio
 
 
 def measure_loader(engine: str, source, spec: LoaderSpec, options: ProfileOptions) -> dict:
-    """The loader alone: batches delivered to the device, normalised and masked, with no model."""
+    """The loader alone: batches delivered to the device, normalised and masked, with no model. Its warm-up
+    drains what the workers prepared while it started, so the figure is the rate, not the buffer."""
     with open_batches(create_loader(engine, source, spec)) as batches:
         def next_batch() -> None:
             next(batches)
-        return measure(next_batch, spec.batch_size, spec.device, options.steps, options.warmup, options.window)
+        return measure(next_batch, spec.batch_size, spec.device, options.steps,
+                       max(options.warmup, buffered_batches(spec)), options.window)
 
 
 def _stage(run: Run, stage: str, options: ProfileOptions) -> dict:
