@@ -138,9 +138,11 @@ def test_fast_path_has_the_reference_loss_and_gradients(backend, num_classes):
 @pytest.mark.parametrize("backend", ["eager", "triton"])
 def test_fast_path_under_bf16_autocast_follows_the_reference(backend):
     """Under autocast the two paths round differently (a matmul over gathered patches against the
-    convolution), so they agree to bf16 precision, not bit for bit."""
+    convolution), so neither equals the other bit for bit; the fast path must be as close to the float32
+    gradients as the reference forward is under the same autocast."""
     from supmae.fast import apply_kernels
     model, images, labels, masking = _model_and_batch()
+    exact, exact_grads = _loss_and_grads(model, model, images, labels, masking)
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
         reference, ref_grads = _loss_and_grads(model, model, images, labels, masking)
         fast, grads = _loss_and_grads(apply_kernels(model, backend), model, images, labels, masking)
@@ -148,10 +150,14 @@ def test_fast_path_under_bf16_autocast_follows_the_reference(backend):
     torch.testing.assert_close(fast.loss, reference.loss, rtol=1e-2, atol=0)
     for name in ref_grads:
         assert grads[name].dtype == ref_grads[name].dtype, name
-        # As a whole tensor, not element by element: single elements near zero differ by more than
-        # rounding when bf16 matmuls sum in another order, on a GPU more than on a CPU.
-        error = (grads[name] - ref_grads[name]).double().norm() / ref_grads[name].double().norm()
-        assert error < 3e-2, f"{name}: relative error {error:.2e}"
+        # As whole tensors, not element by element: the head's BatchNorm over 5 images amplifies rounding
+        # in a few elements, on a GPU more than on a CPU.
+        fast_error, ref_error = (_relative(g[name], exact_grads[name]) for g in (grads, ref_grads))
+        assert fast_error <= 2 * ref_error + 1e-2, f"{name}: {fast_error:.2e} from float32, reference {ref_error:.2e}"
+
+
+def _relative(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 # (tokens, mask token): bf16 tokens beside the fp32 mask token parameter is what bf16 autocast gives
