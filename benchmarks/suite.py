@@ -1,119 +1,293 @@
-"""Every comparison in one run: the training step (with MFU and the official-style step for the ratio),
-on a GPU the step again under CUDA graphs and each Triton kernel, and for each loader engine the loader
-alone and the real loop.
+"""Every check and measurement of supmae's speed in one command, with a pass/fail table: the GPU check.
 
-    python benchmarks/suite.py --data train.beton --engines torch,ffcv,dali --model supmae_vit_base_patch16 \\
-        --batch-size 256
+    bash scripts/gpu-check.sh            # = python benchmarks/suite.py [--quick] [--data X.beton] [--out FILE]
 
-Writes benchmarks/results/<device>-<date>.json: `device`, `commit`, `versions`, a `summary` of the
-headline figures and, beside it, every detailed figure. Without --data, the embedded dataset is
-converted once to a .beton (JPEG, longest side 256) so that every engine reads the same file.
+Rows: the tests that need CUDA; each Triton kernel against its eager twin at the shapes training
+passes (ViT-B/16 at batch 256, bf16); each kernel's bandwidth against a device copy; the compiled bf16
+step with kernels (fullgraph) and its MFU and ratio to the official-style step; the step under CUDA
+graphs; and each installed loader engine, alone and end to end, on the embedded dataset. Beside the
+rows, the goals a GPU run is held to, measured against their targets. On a machine without CUDA the
+GPU rows are skipped and the rest runs, so nothing here first runs on a GPU.
+
+Writes benchmarks/results/<device>-<date>.json (device, versions, commit, every row and figure).
+Exit status 1 when a row failed; a missed goal is reported, not a failure.
 """
 import argparse
 import datetime
+import importlib.util
 import os
 import re
+import subprocess
 import sys
+import time
+import traceback
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # run from a checkout
 
-from benchmarks.kernels import benchmark_kernels  # noqa: E402
-from benchmarks.step import benchmark_step, describe  # noqa: E402
-from supmae.errors import SupmaeError  # noqa: E402
 from supmae.measure import commit, device_name, versions, write_json  # noqa: E402
-from supmae.pipelines.loader import ENGINES  # noqa: E402
-from supmae.pipelines.synthetic import default_dataset  # noqa: E402
-from supmae.profiler import ProfileOptions, profile  # noqa: E402
-from supmae.train import PretrainConfig, resolve_device  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+ENGINE_PACKAGES = {"torch": "torch", "ffcv": "ffcv", "dali": "nvidia.dali"}
+# What a GPU run is held to: (summary key, target, "min"|"max" of measured against target, what it means)
+GOALS = [
+    ("step_vs_official", 2.0, "the compiled bf16 step against the official-style eager fp16 step"),
+    ("mfu", 0.45, "model FLOP utilisation of the step against a measured bf16 matmul"),
+    ("kernel_min_fraction_of_copy", 0.80, "slowest kernel's bandwidth against a device-to-device copy"),
+    ("dali_loader_images_per_s", 15000, "DALI loader alone, images/s delivered"),
+    ("dali_end_to_end_fraction_of_step", 0.90, "DALI end to end against the step alone"),
+]
 
 
-def embedded_beton() -> str:
+class Skip(Exception):
+    """A row that cannot run here (no GPU, an engine not installed)."""
+
+
+def row_tests(args, summary) -> str:
+    if not torch.cuda.is_available():
+        raise Skip("no CUDA GPU: the suite's CUDA tests skip here (the main suite runs them in the interpreter)")
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda", "tests"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    tail = (done.stdout + done.stderr).strip().splitlines()
+    print("\n".join(tail[-40:]), flush=True)
+    if done.returncode != 0:
+        raise AssertionError(tail[-1] if tail else f"pytest exited {done.returncode}")
+    return tail[-1]
+
+
+def row_kernels_match(args, summary) -> str:
+    if not torch.cuda.is_available():
+        raise Skip("no CUDA GPU")
+    from supmae.kernels.norm_pix_loss import norm_pix_mse_triton
+    from supmae.kernels.patch_gather import gather_patches_triton
+    from supmae.kernels.unshuffle import unshuffle_triton
+    from supmae.model import unshuffle
+    from supmae.objective import gather_patches, removed_patch_loss
+    from supmae.pipelines.masking import num_kept, random_masking
+
+    os.environ["SUPMAE_POISON_OUTPUTS"] = "1"  # an element a kernel fails to write is NaN
+    try:
+        b, s, p, dim = args.batch_size, args.img_size, 16, 512
+        n = (s // p) ** 2
+        masking = random_masking(torch.rand(b, n, device="cuda"), num_kept(n, 0.75))
+        images = torch.randn(b, 3, s, s, device="cuda", dtype=torch.bfloat16)
+        errors = {}
+        errors["patch_gather"] = _relative(gather_patches_triton(images, masking.ids_keep, p),
+                                           gather_patches(images, masking.ids_keep, p))
+        tokens = torch.randn(b, masking.ids_keep.shape[1], dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        mask_token = torch.randn(1, 1, dim, device="cuda", requires_grad=True)  # fp32, as the parameter is
+        outs, grads = [], []
+        for fn in (lambda: unshuffle_triton(tokens, mask_token, masking.ids_restore, masking.ids_keep),
+                   lambda: unshuffle(tokens, mask_token, masking.ids_restore)):
+            out = fn()
+            out.backward(torch.ones_like(out))
+            outs.append(out)
+            grads.append((tokens.grad.clone(), mask_token.grad.clone()))
+            tokens.grad = mask_token.grad = None
+        errors["unshuffle"] = _relative(*outs)
+        errors["unshuffle_backward"] = max(_relative(grads[0][0], grads[1][0]), _relative(grads[0][1], grads[1][1]))
+        pred = torch.randn(b, masking.ids_removed.shape[1], 3 * p * p, device="cuda", dtype=torch.bfloat16)
+        losses, dpreds = [], []
+        for fn in (norm_pix_mse_triton, removed_patch_loss):
+            leaf = pred.clone().requires_grad_()
+            loss = fn(leaf, images, masking.ids_removed, p, True)
+            loss.backward()
+            losses.append(loss)
+            dpreds.append(leaf.grad)
+        errors["norm_pix_loss"] = _relative(*losses)
+        errors["norm_pix_loss_backward"] = _relative(*dpreds)
+    finally:
+        os.environ.pop("SUPMAE_POISON_OUTPUTS")
+    summary["kernel_relative_error"] = errors
+    bad = {name: e for name, e in errors.items() if not e <= 1e-2}  # bf16 outputs; NaN never passes
+    if bad:
+        raise AssertionError("kernels differ from their twins: " + ", ".join(f"{k} {v:.2e}" for k, v in bad.items()))
+    return "max relative error " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items())
+
+
+def _relative(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def row_kernel_bandwidth(args, summary) -> str:
+    if not torch.cuda.is_available():
+        raise Skip("no CUDA GPU")
+    from benchmarks.kernels import benchmark_kernels
+    report = benchmark_kernels(args.batch_size, args.img_size)
+    summary["kernels"] = report
+    fractions = {name: k["fraction_of_copy_bandwidth"] for name, k in report["kernels"].items()}
+    summary["kernel_min_fraction_of_copy"] = min(fractions.values())
+    return f"copy {report['copy_gb_per_s']:.0f} GB/s; " + ", ".join(f"{k} {v:.0%}" for k, v in fractions.items())
+
+
+def row_step(args, summary) -> str:
+    from benchmarks.step import benchmark_step, describe
+    result = benchmark_step(**_step_options(args), compile_mode="default", breakdown=True)
+    print(describe(result), flush=True)
+    summary["step_without_graphs"] = result
+    _step_summary(summary, result)
+    c = result["config"]
+    return (f"{c['precision']}{', compiled' if c['compile'] else ''}: {result['images_per_s']:.0f} img/s, "
+            f"MFU {result['mfu']:.1%}, {result['step_vs_official']:.2f}x official")
+
+
+def row_cuda_graphs(args, summary) -> str:
+    if not torch.cuda.is_available():
+        raise Skip("no CUDA GPU")
+    from benchmarks.step import benchmark_step, describe
+    from torch._inductor import config as inductor_config
+    # Graphs that silently fall back to plain launches would make this row meaningless.
+    with inductor_config.patch({"triton.cudagraph_or_error": True}):
+        result = benchmark_step(**_step_options(args), compile_mode="reduce-overhead", official=False)
+    print(describe(result), flush=True)
+    without = summary.get("step_without_graphs")
+    summary["cuda_graphs_step"] = result
+    if without:
+        summary["cuda_graphs_vs_default"] = result["images_per_s"] / without["images_per_s"]
+        result["official"] = without["official"]  # measured once, in row 4
+    _step_summary(summary, result)  # the GPU default (--compile-mode auto) is this step
+    return f"{result['images_per_s']:.0f} img/s, MFU {result['mfu']:.1%}" + (
+        f", {summary['cuda_graphs_vs_default']:.2f}x without graphs, {summary['step_vs_official']:.2f}x official"
+        if without else "")
+
+
+def _step_summary(summary, result) -> None:
+    summary["step_images_per_s"], summary["mfu"] = result["images_per_s"], result["mfu"]
+    if result["official"]:
+        summary["step_vs_official"] = result["images_per_s"] / result["official"]["images_per_s"]["median"]
+
+
+def _step_options(args) -> dict:
+    return dict(model_name=args.model, batch_size=args.batch_size, img_size=args.img_size, device=args.device,
+                warmup=args.warmup, steps=args.window, windows=max(1, args.steps // args.window))
+
+
+def row_engine(engine):
+    def row(args, summary) -> str:
+        if engine not in args.engines:
+            raise Skip(f"not among --engines {','.join(args.engines)}")
+        if importlib.util.find_spec(ENGINE_PACKAGES[engine].split(".")[0]) is None or (
+                engine == "dali" and importlib.util.find_spec("nvidia.dali") is None):
+            raise Skip(f"{engine} is not installed")
+        from supmae.profiler import ProfileOptions, profile
+        from supmae.train import PretrainConfig
+        data = args.data or _embedded_data(engine, args.images_per_class)
+        cfg = PretrainConfig(data=data, loader=engine, model=args.model, batch_size=args.batch_size,
+                             img_size=args.img_size, device=args.device, workers=args.workers, progress=False,
+                             tensorboard=False)
+        options = ProfileOptions(steps=args.steps, warmup=args.warmup, window=args.window,
+                                 stages=("loader", "end_to_end"))
+        report = profile(cfg, options, log=lambda line: print("  " + line.replace("\n", "\n  "), flush=True))
+        stages = report["stages"]
+        loader, end = (stages[s]["images_per_s"]["median"] for s in ("loader", "end_to_end"))
+        summary.setdefault("engines", {})[engine] = stages
+        summary[f"{engine}_loader_images_per_s"] = loader
+        text = f"loader {loader:.0f} img/s, end to end {end:.0f} img/s"
+        if "step_images_per_s" in summary:
+            summary[f"{engine}_end_to_end_fraction_of_step"] = end / summary["step_images_per_s"]
+            text += f" = {end / summary['step_images_per_s']:.0%} of the step"
+        return text + f", data wait {stages['end_to_end']['data_wait_fraction']:.0%}"
+    return row
+
+
+def _embedded_data(engine: str, images_per_class: int) -> str:
+    """The embedded dataset: its JPEG folder for the torch engine, one .beton (longest side 256) for the others."""
+    from supmae.pipelines.synthetic import default_dataset
+    folder = default_dataset(images_per_class=images_per_class)
+    if engine == "torch":
+        return folder
     from supmae.pipelines.convert import ConvertOptions, convert
-    folder = default_dataset()
     path = f"{folder}-256.beton"
     if not os.path.exists(path):
         convert(folder, path, ConvertOptions(max_resolution=256), progress=False, log=lambda *_: None)
     return path
 
 
-def summarise(step: dict, engines: dict, kernels, cuda_graphs) -> dict:
-    ceiling = step["images_per_s"]
-    official = step["official"]["images_per_s"]["median"] if step["official"] else None
-    per_engine = {e: {s: f["images_per_s"]["median"] for s, f in stages.items()} for e, stages in engines.items()}
-    summary = dict(
-        step_images_per_s=ceiling, official_step_images_per_s=official, step_vs_official=step["step_vs_official"],
-        mfu=step["mfu"],
-        loader_images_per_s={e: r["loader"] for e, r in per_engine.items()},
-        end_to_end_images_per_s={e: r["end_to_end"] for e, r in per_engine.items()},
-        end_to_end_fraction_of_step={e: r["end_to_end"] / ceiling for e, r in per_engine.items()},
-        data_wait_fraction={e: stages["end_to_end"]["data_wait_fraction"] for e, stages in engines.items()})
-    if cuda_graphs:
-        summary["cuda_graphs_vs_default"] = cuda_graphs["images_per_s"] / ceiling
-    if kernels:
-        summary["kernel_fraction_of_copy_bandwidth"] = {
-            name: k["fraction_of_copy_bandwidth"] for name, k in kernels["kernels"].items()}
-    return summary
+ROWS = {
+    "cuda tests": row_tests,
+    "kernels vs twins (bf16, training shapes)": row_kernels_match,
+    "kernel bandwidth": row_kernel_bandwidth,
+    "step (kernels; on a GPU compiled, fullgraph)": row_step,
+    "step under CUDA graphs": row_cuda_graphs,
+    "torch loader, alone and end to end": row_engine("torch"),
+    "dali loader, alone and end to end": row_engine("dali"),
+    "ffcv loader, alone and end to end": row_engine("ffcv"),
+}
+
+
+def goals(summary: dict) -> list[dict]:
+    rows = []
+    for key, target, meaning in GOALS:
+        measured = summary.get(key)
+        rows.append(dict(goal=key, target=target, measured=measured, meaning=meaning,
+                         met=None if measured is None else measured >= target))
+    return rows
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", help=".beton read by every engine (default: the embedded dataset, converted once)")
-    p.add_argument("--engines", default=",".join(ENGINES), help="comma-separated, from " + ",".join(ENGINES))
     p.add_argument("--model", default="supmae_vit_base_patch16")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--workers", type=int, default=None, help="loader workers (default: cores - 1)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--steps", type=int, default=20, help="timed steps (batches) per measurement")
-    p.add_argument("--window", type=int, default=4, help="steps per timing window")
+    p.add_argument("--data", help="what every loader reads (default: the embedded dataset, a .beton for ffcv and dali)")
+    p.add_argument("--engines", default="torch,dali,ffcv", help="the loader engines to measure")
+    p.add_argument("--workers", type=int, default=None, help="loader workers (default: cores - 1)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps (or batches) per measurement")
+    p.add_argument("--window", type=int, default=5, help="steps per timing window")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--images-per-class", type=int, default=1000,
+                   help="size of the embedded dataset the loaders read (10 classes; 1000: 39 batches of 256 an epoch)")
+    p.add_argument("--quick", action="store_true",
+                   help="a small model and batch (supmae_vit_tiny_patch16, batch 16, 4 steps): for a CPU")
+    p.add_argument("--rows", help="comma-separated row numbers to run (default: all)")
     p.add_argument("--out", help="the JSON to write (default: benchmarks/results/<device>-<date>.json)")
     args = p.parse_args()
-    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
-    try:
-        device = resolve_device(args.device)
-        data = args.data or embedded_beton()
-        print("step:", flush=True)
-        step_options = dict(model_name=args.model, batch_size=args.batch_size, img_size=args.img_size, device=args.device,
-                            warmup=args.warmup, steps=args.window, windows=max(1, args.steps // args.window))
-        step = benchmark_step(**step_options, compile_mode="default")
-        print(describe(step), flush=True)
-        kernels = cuda_graphs = None
-        if device.type == "cuda":
-            print("step under CUDA graphs:", flush=True)
-            cuda_graphs = benchmark_step(**step_options, compile_mode="reduce-overhead", official=False)
-            print(describe(cuda_graphs), flush=True)
-            print("kernels:", flush=True)
-            kernels = benchmark_kernels(args.batch_size, args.img_size)
-        results = {}
-        for engine in engines:
-            print(f"{engine} loader, alone and end to end:", flush=True)
-            cfg = PretrainConfig(data=data, loader=engine, model=args.model, batch_size=args.batch_size,
-                                 img_size=args.img_size, workers=args.workers, device=args.device, progress=False)
-            options = ProfileOptions(steps=args.steps, warmup=args.warmup, window=args.window,
-                                     stages=("loader", "end_to_end"))
-            results[engine] = profile(cfg, options, log=lambda line: print("  " + line.replace("\n", "\n  ")))
-    except SupmaeError as error:
-        sys.exit(f"suite.py: error: {error}")
+    if args.quick:
+        args.model, args.batch_size, args.steps, args.window, args.warmup = "supmae_vit_tiny_patch16", 16, 4, 2, 1
+        args.images_per_class = 100
+    chosen = {int(n) for n in args.rows.split(",")} if args.rows else set(range(1, len(ROWS) + 1))
+    args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
 
-    summary = summarise(step, {e: r["stages"] for e, r in results.items()}, kernels, cuda_graphs)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    summary, results = {}, []
+    for number, (name, row) in enumerate(ROWS.items(), 1):
+        if number not in chosen:
+            continue
+        print(f"== {number}. {name}", flush=True)
+        start = time.perf_counter()
+        try:
+            status, detail = "pass", row(args, summary)
+        except Skip as reason:
+            status, detail = "skip", str(reason)
+        except Exception as error:  # a row's failure is a result; the next rows still run
+            traceback.print_exc()
+            status, detail = "FAIL", f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        results.append(dict(row=name, status=status, detail=detail, seconds=round(time.perf_counter() - start, 1)))
+        print(f"   {status}: {detail}", flush=True)
+
     name = device_name(device)
-    out = args.out or os.path.join(
-        RESULTS, f"{re.sub(r'[^a-z0-9]+', '-', name.lower()).strip('-')}-{datetime.date.today().isoformat()}.json")
-    write_json(out, dict(device=name, commit=commit(),
-                         versions=versions("timm", "triton", "ffcv", "nvidia-dali-cuda130", "numba", "numpy"),
-                         config=dict(vars(args), data=data, cuda=torch.cuda.is_available()),
-                         summary=summary, step=step, cuda_graphs_step=cuda_graphs, kernels=kernels,
-                         engines={e: r["stages"] for e, r in results.items()},
-                         end_to_end_config=next(iter(results.values()))["config"] if results else None))
-    print("summary:")
-    for key, value in summary.items():
-        print(f"  {key}: {value if not isinstance(value, float) else round(value, 3)}")
+    out = args.out or os.path.join(ROOT, "benchmarks", "results",
+                                   f"{re.sub(r'[^a-z0-9]+', '-', name.lower()).strip('-')}-{datetime.date.today()}.json")
+    measured_goals = goals(summary)
+    write_json(out, dict(device=name, commit=commit(), date=datetime.datetime.now().isoformat(timespec="seconds"),
+                         versions=versions("timm", "triton", "ffcv", "nvidia-dali-cuda130", "numpy"),
+                         cuda=torch.version.cuda, config=vars(args), rows=results, goals=measured_goals,
+                         summary=summary))
+    width = max(len(r["row"]) for r in results)
+    print(f"\n{'row':<{width}}  {'result':<6} {'s':>6}  detail")
+    for r in results:
+        print(f"{r['row']:<{width}}  {r['status']:<6} {r['seconds']:>6.0f}  {r['detail']}")
+    print(f"\n{'goal':<34} {'target':>8} {'measured':>10}  met")
+    for g in measured_goals:
+        measured = "-" if g["measured"] is None else f"{g['measured']:.3g}"
+        met = "-" if g["met"] is None else ("yes" if g["met"] else "NO")
+        print(f"{g['goal']:<34} {g['target']:>8} {measured:>10}  {met}")
     print(f"wrote {out}")
+    sys.exit(1 if any(r["status"] == "FAIL" for r in results) else 0)
 
 
 if __name__ == "__main__":
