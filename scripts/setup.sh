@@ -30,6 +30,19 @@ if ! { command -v pkg-config >/dev/null && pkg-config --exists libturbojpeg && p
   fi
 fi
 
+# Triton builds a small C launcher the first time it runs on a GPU: it needs a C compiler and Python's headers.
+include=$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
+if ! { command -v cc >/dev/null && [ -f "$include/Python.h" ]; }; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    ver=$("$PYTHON" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+    echo "setup: installing a C compiler and Python $ver headers for Triton's launcher" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc "python$ver-dev" >/dev/null
+  else
+    echo "Triton needs a C compiler and Python's headers on a GPU host; install them first" \
+         "(Debian/Ubuntu: gcc python3-dev)" >&2; exit 1
+  fi
+fi
+
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 stamp=.venv/.supmae-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then

@@ -6,9 +6,11 @@ run replays exactly what an uninterrupted one would have done.
 """
 import contextlib
 import dataclasses
+import glob
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -79,15 +81,29 @@ class PretrainConfig:
     progress: bool = True
 
 
+def unusable_gpu() -> Optional[str]:
+    """Why a GPU this machine has cannot be used, or None: a driver older than the CUDA build of torch
+    is the usual cause, and it would otherwise turn a GPU run into a CPU run without a word."""
+    if torch.cuda.is_available() or not (glob.glob("/dev/nvidia[0-9]*") or shutil.which("nvidia-smi")):
+        return None
+    return (f"an NVIDIA GPU is present but torch {torch.__version__} cannot use it (built for CUDA "
+            f"{torch.version.cuda or 'none'}): usually a driver older than that CUDA version, or a CPU-only torch")
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        reason = unusable_gpu()
+        if reason:
+            print(f"warning: {reason}; running on the CPU", file=sys.stderr)
+        return torch.device("cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
         raise SupmaeError(f"unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SupmaeError(f"device {name} was asked for but no CUDA GPU is available")
+        raise SupmaeError(f"device {name} was asked for but {unusable_gpu() or 'no CUDA GPU is available'}")
     if device.type not in ("cpu", "cuda"):
         raise SupmaeError(f"unsupported device {name!r} (use auto, cpu, cuda or cuda:N)")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():

@@ -182,3 +182,19 @@ def test_compiled_run_follows_the_eager_run(synth_folder, tmp_path):
                  log=lambda *_: None)
         curves[compiled] = [r["loss"] for r in metrics(tmp_path / str(compiled))]
     assert curves[True] == pytest.approx(curves[False], rel=1e-5)
+
+
+def test_a_gpu_torch_cannot_use_is_named_not_silently_replaced(monkeypatch, capsys):
+    """An old driver makes torch.cuda.is_available() false on a GPU machine: say so, in one line."""
+    from supmae.train import resolve_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr("shutil.which", lambda command: "/usr/bin/nvidia-smi" if command == "nvidia-smi" else None)
+    assert resolve_device("auto").type == "cpu"
+    warning = capsys.readouterr().err.strip()
+    assert warning.startswith("warning: an NVIDIA GPU is present but torch") and "driver" in warning
+    assert len(warning.splitlines()) == 1
+    with pytest.raises(SupmaeError, match="driver older than"):
+        resolve_device("cuda")
+    monkeypatch.setattr("shutil.which", lambda command: None)
+    monkeypatch.setattr("glob.glob", lambda pattern: [])
+    assert resolve_device("auto").type == "cpu" and capsys.readouterr().err == ""
