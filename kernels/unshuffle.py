@@ -26,13 +26,14 @@ def _unshuffle_kernel(tokens, mask_token, ids_restore, out, K, L, D, BLOCK: tl.c
 
 
 @triton.jit
-def _gather_rows_kernel(grad, ids_keep, dtokens, K, L, D, BLOCK: tl.constexpr):
+def _gather_rows_kernel(grad, ids_keep, dtokens, K, D, g_b, g_l, g_d, BLOCK: tl.constexpr):
     row = tl.program_id(0)  # b * K + k
     b = (row // K).to(tl.int64)
     position = tl.load(ids_keep + row)
     d = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     valid = d < D
-    g = tl.load(grad + (b * L + position) * D + d, mask=valid)
+    # Strided: the gradient inductor hands back need not be contiguous, and a copy would move all L rows.
+    g = tl.load(grad + b * g_b + position * g_l + d * g_d, mask=valid)
     tl.store(dtokens + row.to(tl.int64) * D + d, g.to(dtokens.dtype.element_ty), mask=valid)
 
 
@@ -65,7 +66,7 @@ def unshuffle_backward(grad: torch.Tensor, ids_keep: torch.Tensor, dtype: torch.
     k = ids_keep.shape[1]
     dtokens = output((b, k, d), grad.device, dtype)
     grid, block = row_grid(b * k, d)
-    _gather_rows_kernel[grid](grad.contiguous(), ids_keep.contiguous(), dtokens, k, l, d, BLOCK=block)
+    _gather_rows_kernel[grid](grad, ids_keep.contiguous(), dtokens, k, d, *grad.stride(), BLOCK=block)
     return dtokens
 
 

@@ -26,7 +26,9 @@ def random_masking(noise: torch.Tensor, num_kept: int) -> Masking:
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     # A patch is removed exactly when its place in the shuffled order is past the kept prefix.
     mask = (ids_restore >= num_kept).to(torch.float32)
-    return Masking(ids_shuffle[:, :num_kept], ids_restore, mask, ids_shuffle[:, num_kept:])
+    # Contiguous, not views into ids_shuffle: the kernels read them as plain arrays, and a view starting
+    # mid-buffer makes inductor treat what depends on it as unaligned.
+    return Masking(ids_shuffle[:, :num_kept].contiguous(), ids_restore, mask, ids_shuffle[:, num_kept:].contiguous())
 
 
 class MaskSampler:

@@ -171,13 +171,16 @@ def test_unshuffle_and_its_gradient_match_the_twin(dtype, mask_dtype):
         ids_keep, ids_restore = masking.ids_keep.to(DEVICE), masking.ids_restore.to(DEVICE)
         tokens = torch.randn(batch, ids_keep.shape[1], width, device=DEVICE, dtype=dtype)
         mask_token = torch.randn(1, 1, width, device=DEVICE, dtype=mask_dtype)
-        upstream = torch.randn(batch, length, width, device=DEVICE, dtype=dtype)
-        results = []
+        # strided, as inductor may hand the gradient back: the backward reads it in place
+        upstream = torch.randn(batch, width, length, device=DEVICE, dtype=dtype).transpose(1, 2)
+        results, strides = [], []
         for op in (lambda t, m: unshuffle_triton(t, m, ids_restore, ids_keep), lambda t, m: unshuffle(t, m, ids_restore)):
             t, m = tokens.clone().requires_grad_(), mask_token.clone().requires_grad_()
             out = op(t, m)
+            out.register_hook(lambda grad: strides.append(grad.is_contiguous()))
             (out.float() * upstream.float()).sum().backward()
             results.append((out, t.grad, m.grad))
+        assert strides == [False, False]
         (out_k, dt_k, dm_k), (out_e, dt_e, dm_e) = results
         torch.testing.assert_close(out_k, out_e, rtol=0, atol=0)
         torch.testing.assert_close(dt_k, dt_e, rtol=0, atol=0)

@@ -24,7 +24,8 @@ from supmae.kernels.unshuffle import _gather_rows_kernel, _unshuffle_kernel
 
 # ViT-B/16 at 224: 196 patches of 768 values; 49 kept, 147 removed; decoder 512 wide.
 E, D = 3 * 16 * 16, 512
-INTS = dict(K="i32", E="i32", L="i32", D="i32", R="i32", GRID_W="i32", s_b="i32", s_c="i32", s_h="i32", s_w="i32")
+INTS = dict(K="i32", E="i32", L="i32", D="i32", R="i32", GRID_W="i32", s_b="i32", s_c="i32", s_h="i32", s_w="i32",
+            g_b="i32", g_l="i32", g_d="i32")
 PATCH = dict(P=16, C=3, NORM=True)
 # kernel, pointer dtypes as a bf16 step passes them (fp32 images from the loader, the fp32 mask token
 # and the fp32 sequence it promotes to), constexprs
