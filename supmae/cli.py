@@ -87,8 +87,8 @@ def _add_shared(p, d) -> None:
     data = p.add_argument_group("data")
     data.add_argument("--data", help="image folder, CSV/TSV file list or .beton (default: the embedded synthetic "
                                      "dataset)")
-    data.add_argument("--loader", choices=tuple(ENGINES), default=d.loader,
-                      help="decoding engine (ffcv reads .beton files only)")
+    data.add_argument("--loader", choices=("auto", *ENGINES), default=d.loader,
+                      help="decoding engine (ffcv reads .beton files only); auto: ffcv for a .beton, torch otherwise")
     data.add_argument("--order", choices=("random", "quasi_random"), default=d.order,
                       help="sample order; quasi_random (ffcv) reads pages in near-random order, for data "
                            "larger than memory")
@@ -227,7 +227,8 @@ def _add_finetune(sub):
     p.add_argument("--mixup", type=_number(0, open_low=False), default=d.mixup, help="mixup alpha (0: off)")
     p.add_argument("--cutmix", type=_number(0, open_low=False), default=d.cutmix, help="cutmix alpha (0: off)")
     p.add_argument("--warmup-epochs", type=_number(0, open_low=False), default=d.warmup_epochs)
-    p.add_argument("--loader", choices=tuple(ENGINES), default=d.loader)
+    p.add_argument("--loader", choices=("auto", *ENGINES), default=d.loader,
+                   help="decoding engine; auto: ffcv for a .beton, torch otherwise")
     p.add_argument("--seed", type=_count(0), default=d.seed)
     p.add_argument("--output", help="folder for the fine-tuned model.safetensors")
 

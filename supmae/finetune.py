@@ -42,7 +42,7 @@ class FinetuneConfig:
     mixup: float = 0.0                 # the official recipe uses 0.8 and cutmix 1.0 on ImageNet
     cutmix: float = 0.0
     warmup_epochs: float = 5
-    loader: str = "torch"
+    loader: str = "auto"
     workers: int = 2
     device: str = "auto"
     seed: int = 0

@@ -56,7 +56,7 @@ def measure_loader(engine: str, source, spec: LoaderSpec, options: ProfileOption
 def _stage(run: Run, stage: str, options: ProfileOptions) -> dict:
     cfg = run.cfg
     if stage == "loader":
-        return measure_loader(cfg.loader, run.source, run.loader_spec(), options)
+        return measure_loader(run.engine, run.source, run.loader_spec(), options)
     autocast = autocast_for(run.device, run.precision)
     timing = dict(device=run.device, steps=options.steps, warmup=options.warmup, window=options.window)
     if stage == "step":
@@ -93,7 +93,8 @@ def verdict(stages: dict, run: Run) -> dict:
     cfg, on_gpu = run.cfg, run.device.type == "cuda"
     loader, step = (stages[s]["images_per_s"]["median"] for s in ("loader", "step"))
     if loader < step:
-        levers = {"torch": ["use --loader dali or --loader ffcv"], "ffcv": ["use --loader dali"]}.get(cfg.loader, [])
+        levers = {"torch": ["convert to a .beton for --loader ffcv"], "ffcv": ["try --loader dali"],
+                  "dali": ["use --loader ffcv"]}.get(run.engine, [])
         levers.append("store the data at a lower resolution (supmae convert --max-res)")
         cpu = stages["loader"]["cpu_percent"]
         levers.append(f"add workers (--workers, now {run.workers})" if cpu < 85 else
@@ -139,7 +140,7 @@ def profile(cfg: PretrainConfig, options: ProfileOptions, log=print) -> dict:
         raise SupmaeError(f"unknown stage(s) {', '.join(sorted(unknown))}; stages are {', '.join(STAGES)}")
     run = Run(cfg, log)
     run.model.train()
-    log(f"profiling {cfg.model}, batch {run.effective_batch}, {cfg.loader} loader ({_workers(run.workers)}) on "
+    log(f"profiling {cfg.model}, batch {run.effective_batch}, {run.engine} loader ({_workers(run.workers)}) on "
         f"{device_name(run.device)}, {run.speed}: {options.steps} steps per stage after {options.warmup} warm-up")
     stages = {}
     for stage in options.stages:

@@ -27,7 +27,7 @@ from supmae.errors import SupmaeError
 from supmae.fast import apply_kernels
 from supmae.metrics import Metrics
 from supmae.optim import build_optimizer, lr_at
-from supmae.pipelines.loader import LoaderSpec, check_engine, create_loader, open_batches
+from supmae.pipelines.loader import LoaderSpec, check_engine, choose_engine, create_loader, open_batches
 from supmae.pipelines.masking import MaskSampler
 from supmae.pipelines.sources import open_source
 from supmae.pipelines.synthetic import default_dataset
@@ -53,7 +53,7 @@ class PretrainConfig:
     checkpoint_every: int = 1000        # optimizer steps; 0: only at the end
     keep_checkpoints: int = 3
     resume: Optional[str] = None        # a checkpoint path, or "auto" for the newest in `output`
-    loader: str = "torch"               # torch | ffcv | dali
+    loader: str = "auto"                # auto (ffcv for a .beton, else torch) | torch | ffcv | dali
     order: str = "random"               # random | quasi_random (ffcv)
     os_cache: bool = True               # ffcv: OS page cache (False: FFCV's process cache)
     device: str = "auto"                # auto | cpu | cuda | cuda:N
@@ -176,6 +176,7 @@ class Run:
 
         self.data = cfg.data or default_dataset()
         self.source = open_source(self.data)
+        self.engine = choose_engine(cfg.loader, self.source)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank and in every run of this seed
         self.model = build_model(cfg, len(self.source.classes))
         self.supervised = self.model.cls_head is not None
@@ -276,7 +277,7 @@ class Run:
                           world_size=world_size)
 
     def loader(self):
-        return create_loader(self.cfg.loader, self.source, self.loader_spec())
+        return create_loader(self.engine, self.source, self.loader_spec())
 
 
 def train_step(forward, micro_batches, optimizer, scaler, autocast) -> torch.Tensor:
@@ -320,7 +321,7 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
             f"micro-batches of {cfg.batch_size}, not the effective batch of {run.effective_batch}")
     ranks = f" x {run.world.world_size} ranks" if run.world.distributed else ""
     log(f"{cfg.model} on {run.device}{ranks} ({run.speed}): "
-        f"{len(run.source)} images in {len(run.source.classes)} classes from {run.data} ({cfg.loader} loader); "
+        f"{len(run.source)} images in {len(run.source.classes)} classes from {run.data} ({run.engine} loader); "
         f"steps {run.step}->{run.total_steps}, batch {run.effective_batch}, peak lr {run.peak_lr:.3g}")
 
     if run.step >= run.total_steps:

@@ -235,3 +235,14 @@ def test_gpu_batches_arrive_on_the_device(request, coordinate_folder, engine, ki
         assert torch.equal(batch.labels.cpu(), reference.labels)
         blue = pixels(type(batch)(batch.images.float().cpu(), None, None))[..., 2].mean((1, 2))
         np.testing.assert_allclose(blue, batch.labels.cpu().numpy() * 40, atol=4)
+
+
+def test_auto_picks_ffcv_for_a_beton_and_torch_otherwise(coordinates, monkeypatch):
+    from supmae.pipelines.loader import choose_engine
+    assert choose_engine("auto", open_source(coordinates["jpg"])) == "ffcv"
+    assert choose_engine("auto", open_source(coordinates["folder"])) == "torch"
+    assert choose_engine("dali", open_source(coordinates["jpg"])) == "dali"
+    with pytest.raises(SupmaeError, match="unknown loader 'fast'"):
+        choose_engine("fast", open_source(coordinates["folder"]))
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)  # no ffcv installed
+    assert choose_engine("auto", open_source(coordinates["jpg"])) == "torch"
