@@ -33,7 +33,10 @@ _MIN_PAGE, _MAX_PAGE = 1 << 23, 1 << 31
 @dataclasses.dataclass
 class ConvertOptions:
     write_mode: str = "jpg"               # jpg | raw | proportion (JPEG with compress_probability) | smart
-    max_resolution: Optional[int] = None  # longest side after resizing; None keeps the original size
+    # Longest side after resizing; 0 or None keeps the original size. 320 keeps a full-image 224 crop at
+    # native resolution for aspect ratios up to 4:3 (short side 240) while decoding a fraction of the
+    # pixels of large originals.
+    max_resolution: Optional[int] = 320
     jpeg_quality: int = 90
     compress_probability: float = 0.5     # proportion mode
     smart_threshold: int = 3 * 256 * 256  # smart mode: JPEG when the raw pixels would take more bytes
@@ -167,7 +170,7 @@ def convert(src: str, out: str, options: ConvertOptions = ConvertOptions(), work
     samples = [sample for sample, _ in kept]
     failed = multiprocessing.Array("b", len(samples), lock=False)
     tmp = os.path.join(os.path.dirname(os.path.abspath(out)), f".{os.path.basename(out)}.partial-{os.getpid()}")
-    fields = {"image": RGBImageField(write_mode=options.write_mode, max_resolution=options.max_resolution,
+    fields = {"image": RGBImageField(write_mode=options.write_mode, max_resolution=options.max_resolution or None,
                                      smart_threshold=options.smart_threshold, jpeg_quality=options.jpeg_quality,
                                      compress_probability=options.compress_probability),
               "label": IntField()}
@@ -217,8 +220,9 @@ def convert(src: str, out: str, options: ConvertOptions = ConvertOptions(), work
 def _validate(options: ConvertOptions) -> None:
     if options.write_mode not in WRITE_MODES:
         raise SupmaeError(f"unknown write mode {options.write_mode!r}; use {', '.join(WRITE_MODES)}")
-    if options.max_resolution is not None and not 8 <= options.max_resolution <= 65535:
-        raise SupmaeError(f"max resolution must be between 8 and 65535, got {options.max_resolution}")
+    if options.max_resolution and not 8 <= options.max_resolution <= 65535:
+        raise SupmaeError(f"max resolution must be between 8 and 65535 (or 0 to keep originals), got "
+                          f"{options.max_resolution}")
     if not 1 <= options.jpeg_quality <= 100:
         raise SupmaeError(f"JPEG quality must be between 1 and 100, got {options.jpeg_quality}")
     if not 0 <= options.compress_probability <= 1:

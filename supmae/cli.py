@@ -65,8 +65,9 @@ def _add_convert(sub):
     p.add_argument("--write-mode", choices=WRITE_MODES, default=d.write_mode,
                    help="how images are stored: JPEG, raw pixels, a random proportion as JPEG, or JPEG when "
                         "larger than --smart-threshold bytes raw")
-    p.add_argument("--max-res", dest="max_resolution", metavar="PIXELS", type=_count(8), default=d.max_resolution,
-                   help="resize so the longest side is at most this; unset (None) keeps the original size")
+    p.add_argument("--max-res", dest="max_resolution", metavar="PIXELS", type=_count(0), default=d.max_resolution,
+                   help="resize so the longest side is at most this (suits 224-pixel training); 0 keeps the "
+                        "original size")
     p.add_argument("--quality", dest="jpeg_quality", metavar="Q", type=_count(1), default=d.jpeg_quality,
                    help="JPEG quality, 1-100")
     p.add_argument("--compress-probability", metavar="P", type=_number(0, 1, open_low=False, open_high=False),

@@ -180,3 +180,18 @@ def test_interrupted_conversion_leaves_no_output(synth_folder, tmp_path):
     assert proc.returncode == 130, err
     assert "Traceback" not in err
     assert not out.exists() and not list(out.parent.glob(".data.beton.partial*"))
+
+
+def test_the_default_longest_side_is_320_and_0_keeps_originals(tmp_path, capsys):
+    root = tmp_path / "sizes"
+    (root / "a").mkdir(parents=True)
+    Image.new("RGB", (500, 375), (200, 30, 30)).save(root / "a" / "large.jpg")
+    Image.new("RGB", (240, 160), (30, 200, 30)).save(root / "a" / "small.jpg")
+    sizes = {}
+    for name, args in (("default", []), ("original", ["--max-res", "0"])):
+        out = tmp_path / f"{name}.beton"
+        assert main(["convert", str(root), str(out), "--no-progress", *args]) == 0
+        source = BetonSource(str(out))
+        sizes[name] = sorted(tuple(int(v) for v in source._image[i][["width", "height"]]) for i in range(2))
+    assert sizes == {"default": [(240, 160), (320, 240)], "original": [(240, 160), (500, 375)]}
+    assert "or 0 to keep originals" in error_of(capsys, "convert", str(root), str(tmp_path / "x.beton"), "--max-res", "4")
