@@ -5,7 +5,10 @@ and normalises into (B, 3, H, W) in one pass, handing batches over on the device
 Crop boxes and flips are drawn in Python by the same function as the torch engine's, from
 (seed, epoch, index), so the two engines produce the same views; only decoder and resampler differ.
 """
-from typing import Iterator
+import os
+import pickle
+import tempfile
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -33,6 +36,34 @@ class _Samples:
         (left, top, w, h), flip = crop_and_flip(width, height, self.seed, epoch, index, self.train)
         return (data, np.array(self.source.labels[index], np.int64), np.array([left, top], np.float32),
                 np.array([w, h], np.float32), np.array(flip, np.int32))
+
+
+class _CallbackFile:
+    """DALI's callback pickler for spawned workers: the pickled callback, which holds the source's
+    per-sample tables and so grows with the dataset, goes to one file and each worker is sent its name.
+    Sent inline, a payload over a pipe's 64 KiB makes each Process.start() wait for its child to start
+    Python and import the main module, so the workers start one after another (a first batch after
+    171 s with 15 workers and 10,000 images on an H100 host)."""
+
+    path: Optional[str] = None
+
+    def dumps(self, callback) -> str:
+        fd, self.path = tempfile.mkstemp(prefix="supmae-dali-", suffix=".pickle")
+        with os.fdopen(fd, "wb") as f:
+            pickle.dump(callback, f, protocol=pickle.HIGHEST_PROTOCOL)
+        return self.path
+
+    def loads(self, path: str):
+        with open(path, "rb") as f:
+            return pickle.load(f)
+
+    def remove(self) -> None:
+        if self.path is not None:
+            os.unlink(self.path)
+
+
+def _start_method(on_gpu: bool) -> str:
+    return "spawn" if on_gpu else "fork"  # forking a process that holds a CUDA context is unsafe
 
 
 # The share of JPEGs the mixed decoder sends to the hardware decoder (the rest go to nvJPEG's CUDA path,
@@ -65,15 +96,19 @@ class DALILoader:
         spec, device = self.spec, torch.device(self.spec.device)
         on_gpu = device.type == "cuda"
         samples = _Samples(self.source, self.schedule, spec.start, spec.seed, spec.train)
+        start = _start_method(on_gpu)
+        callback_file = _CallbackFile() if start == "spawn" else None
         pipe = _views(samples, spec.img_size, on_gpu, spec.workers > 0, spec.dtype.itemsize == 2,
                       batch_size=spec.batch_size, num_threads=max(1, spec.workers), seed=spec.seed,
                       device_id=(device.index if device.index is not None else torch.cuda.current_device())
                       if on_gpu else None,
-                      py_num_workers=max(1, spec.workers),
-                      # forking a process that holds a CUDA context is unsafe
-                      py_start_method="spawn" if on_gpu else "fork")
+                      py_num_workers=max(1, spec.workers), py_start_method=start, py_callback_pickler=callback_file)
         try:
-            pipe.build()
+            try:
+                pipe.build()  # returns once every worker has loaded its callback
+            finally:
+                if callback_file is not None:
+                    callback_file.remove()
             for (out,) in DALIGenericIterator([pipe], ["images", "labels"], size=-1):
                 yield out["images"], out["labels"]
         except RuntimeError as error:

@@ -3,6 +3,8 @@
 Crops are measured, not trusted: the images are coordinate maps (red = x, green = y), so the pixels of
 an output view say which box of the source it shows and whether it was flipped.
 """
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -246,3 +248,25 @@ def test_auto_picks_ffcv_for_a_beton_and_torch_otherwise(coordinates, monkeypatc
         choose_engine("fast", open_source(coordinates["folder"]))
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None)  # no ffcv installed
     assert choose_engine("auto", open_source(coordinates["jpg"])) == "torch"
+
+
+def test_dali_spawned_workers_get_a_large_source_through_a_file(coordinate_folder, tmp_path, monkeypatch):
+    """On a GPU, DALI's workers are spawned; a source too large for a pipe's buffer (here 3,000 rows) reaches
+    them through a file, which is gone once they have it, and the batches are the forked workers' batches."""
+    import glob
+    import tempfile
+    import supmae.pipelines.dali_loader as dali
+    images = sorted(glob.glob(f"{coordinate_folder}/*/*.png"))
+    rows = [f"{images[i % len(images)]},{os.path.basename(os.path.dirname(images[i % len(images)]))}"
+            for i in range(3000)]
+    listing = tmp_path / "many.csv"
+    listing.write_text("path,label\n" + "\n".join(rows) + "\n")
+    forked = take("dali", str(listing), 1)[0]
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(dali, "_start_method", lambda on_gpu: "spawn")
+    written, mkstemp = [], tempfile.mkstemp
+    monkeypatch.setattr(tempfile, "mkstemp", lambda **kwargs: written.append(kwargs["prefix"]) or mkstemp(**kwargs))
+    spawned = take("dali", str(listing), 1)[0]
+    assert written == ["supmae-dali-"]
+    assert torch.equal(spawned.labels, forked.labels) and torch.equal(spawned.images, forked.images)
+    assert not glob.glob(str(tmp_path / "supmae-dali-*"))
