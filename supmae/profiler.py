@@ -90,7 +90,7 @@ def _either(levers: list[str]) -> str:
 
 def verdict(stages: dict, run: Run) -> dict:
     """Which of loader and step bounds the run, by how much, and what would move it."""
-    cfg, on_gpu = run.cfg, run.device.type == "cuda"
+    on_gpu = run.device.type == "cuda"
     loader, step = (stages[s]["images_per_s"]["median"] for s in ("loader", "step"))
     if loader < step:
         levers = {"torch": ["convert to a .beton for --loader ffcv"], "ffcv": ["try --loader dali"],
