@@ -169,6 +169,9 @@ class Run:
             raise SupmaeError(f"unknown precision {cfg.precision!r}; use auto, {', '.join(PRECISIONS)}")
         if cfg.compile_mode not in COMPILE_MODES:
             raise SupmaeError(f"unknown compile mode {cfg.compile_mode!r}; use {', '.join(COMPILE_MODES)}")
+        if cfg.accum_iter > 1 and cfg.compile_mode == "reduce-overhead":
+            raise SupmaeError("--compile-mode reduce-overhead replays the step as CUDA graphs, whose next replay "
+                              "overwrites the gradients being accumulated: use --accum-iter 1 or another --compile-mode")
         self.world, self.device = init_world(resolve_device(cfg.device))
         self.precision, self.compile = speed_defaults(self.device, cfg.precision, cfg.compile)
         self.compile_mode = compile_mode_for(cfg.compile_mode, self.device, cfg.accum_iter, self.world.distributed)
@@ -415,9 +418,6 @@ def _check(cfg: PretrainConfig) -> None:
     for name in ("checkpoint_every", "keep_checkpoints", "seed", "min_lr", "weight_decay", "warmup_epochs"):
         if getattr(cfg, name) < 0:
             raise SupmaeError(f"{name.replace('_', '-')} must not be negative, got {getattr(cfg, name)}")
-    if cfg.accum_iter > 1 and cfg.compile_mode == "reduce-overhead":
-        raise SupmaeError("--compile-mode reduce-overhead replays the step as CUDA graphs, whose next replay "
-                          "overwrites the gradients being accumulated: use --accum-iter 1 or another --compile-mode")
     if cfg.workers is not None and cfg.workers < 0:
         raise SupmaeError(f"workers must not be negative, got {cfg.workers}")
     if cfg.warmup_steps is not None and cfg.warmup_steps < 0:

@@ -198,3 +198,13 @@ def test_a_gpu_torch_cannot_use_is_named_not_silently_replaced(monkeypatch, caps
     monkeypatch.setattr("shutil.which", lambda command: None)
     monkeypatch.setattr("glob.glob", lambda pattern: [])
     assert resolve_device("auto").type == "cpu" and capsys.readouterr().err == ""
+
+
+def test_cuda_graphs_with_accumulation_are_refused(synth_folder, tmp_path):
+    """The next replay would overwrite the gradients being accumulated; the loop and the profiler refuse."""
+    from supmae.profiler import ProfileOptions, profile
+    cfg = config(synth_folder, tmp_path, accum_iter=2, compile_mode="reduce-overhead")
+    with pytest.raises(SupmaeError, match="use --accum-iter 1"):
+        pretrain(cfg, log=lambda *_: None)
+    with pytest.raises(SupmaeError, match="use --accum-iter 1"):
+        profile(cfg, ProfileOptions(), log=lambda *_: None)
