@@ -1,28 +1,36 @@
 """Each Triton kernel against its eager twin and torch.compile of the twin, on a GPU, in one run.
 
-    python benchmarks/kernels.py --batch-size 256 --json kernels.json
+    python -m benchmarks.kernels --batch-size 256 --json kernels.json
 
 Each call is captured in a CUDA graph and timed over its replays (the median, after warm-up), so the
 host's launch and dispatch overhead, which a compiled step under CUDA graphs does not pay, stays out of
 the kernel's time. Achieved GB/s counts the bytes a kernel must move (inputs read once, outputs written
 once) against a device-to-device copy timed the same way in the same run.
 """
-import argparse
-import os
 import sys
+from typing import Optional
 
 import torch
 import triton.testing
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+from supmae.kernels.norm_pix_loss import norm_pix_mse_backward, norm_pix_mse_triton
+from supmae.kernels.patch_gather import gather_patches_triton
+from supmae.kernels.unshuffle import unshuffle_backward, unshuffle_triton
+from supmae.measure import commit, device_name, versions, write_json
+from supmae.model import unshuffle
+from supmae.objective import gather_patches, removed_patch_loss
+from supmae.options import Config, configuration, from_command_line, option
+from supmae.pipelines.masking import num_kept, random_masking
 
-from supmae.kernels.norm_pix_loss import norm_pix_mse_backward, norm_pix_mse_triton  # noqa: E402
-from supmae.kernels.patch_gather import gather_patches_triton  # noqa: E402
-from supmae.kernels.unshuffle import unshuffle_backward, unshuffle_triton  # noqa: E402
-from supmae.measure import commit, device_name, versions, write_json  # noqa: E402
-from supmae.model import unshuffle  # noqa: E402
-from supmae.objective import gather_patches, removed_patch_loss  # noqa: E402
-from supmae.pipelines.masking import num_kept, random_masking  # noqa: E402
+
+@configuration
+class KernelBenchmark(Config):
+    """Each Triton kernel against its eager twin and torch.compile of the twin, at a training step's shapes."""
+    batch_size: int = option(256, "images per step", at_least=1)
+    img_size: int = option(224, "image side", at_least=1)
+    patch_size: int = option(16, "patch side", at_least=1)
+    decoder_dim: int = option(512, "the decoder's width", at_least=1)
+    json: Optional[str] = option(None, "write the results here", metavar="FILE")
 
 
 def timed(fn) -> float:
@@ -37,11 +45,10 @@ def _loss_grad(pred, images, ids_removed, patch_size):
     return torch.autograd.grad(removed_patch_loss(leaf, images, ids_removed, patch_size, True), leaf)[0]
 
 
-def benchmark_kernels(batch_size: int = 256, img_size: int = 224, patch_size: int = 16, decoder_dim: int = 512,
-                      log=print) -> dict:
+def benchmark_kernels(cfg: KernelBenchmark) -> dict:
     if not torch.cuda.is_available():
         raise RuntimeError("needs a CUDA GPU (the kernels' CPU runs are Triton's interpreter)")
-    device, b, s, ps = torch.device("cuda"), batch_size, img_size, patch_size
+    device, b, s, ps, decoder_dim = torch.device("cuda"), cfg.batch_size, cfg.img_size, cfg.patch_size, cfg.decoder_dim
     n = (s // ps) ** 2
     masking = random_masking(torch.rand(b, n, device=device), num_kept(n, 0.75))
     ids_keep, ids_restore, ids_removed = masking.ids_keep, masking.ids_restore, masking.ids_removed
@@ -83,28 +90,22 @@ def benchmark_kernels(batch_size: int = 256, img_size: int = 224, patch_size: in
         results[name] = dict(seconds=seconds, speedup_vs_eager=seconds["eager"] / seconds["kernel"],
                              speedup_vs_compiled=seconds["compiled"] / seconds["kernel"], gb_per_s=gbs,
                              fraction_of_copy_bandwidth=gbs / copy_gbs)
-        log(f"{name:>22}: {seconds['kernel'] * 1e6:8.1f} us; {results[name]['speedup_vs_eager']:.2f}x eager, "
-            f"{results[name]['speedup_vs_compiled']:.2f}x compiled; {gbs:.0f} GB/s = "
-            f"{gbs / copy_gbs:.0%} of copy ({copy_gbs:.0f} GB/s)")
+        print(f"{name:>22}: {seconds['kernel'] * 1e6:8.1f} us; {results[name]['speedup_vs_eager']:.2f}x eager, "
+              f"{results[name]['speedup_vs_compiled']:.2f}x compiled; {gbs:.0f} GB/s = "
+              f"{gbs / copy_gbs:.0%} of copy ({copy_gbs:.0f} GB/s)")
     return dict(device=device_name(device), commit=commit(), versions=versions("triton"),
                 config=dict(batch_size=b, img_size=s, patch_size=ps, decoder_dim=decoder_dim),
                 copy_gb_per_s=copy_gbs, kernels=results)
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--patch-size", type=int, default=16)
-    p.add_argument("--decoder-dim", type=int, default=512)
-    p.add_argument("--json", help="write the results here")
-    args = p.parse_args()
+    cfg = from_command_line(KernelBenchmark)
     try:
-        report = benchmark_kernels(args.batch_size, args.img_size, args.patch_size, args.decoder_dim)
+        report = benchmark_kernels(cfg)
     except RuntimeError as error:
-        sys.exit(f"kernels.py: error: {error}")
-    if args.json:
-        write_json(args.json, report)
+        sys.exit(f"kernels: error: {error}")
+    if cfg.json:
+        write_json(cfg.json, report)
 
 
 if __name__ == "__main__":

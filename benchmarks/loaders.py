@@ -1,74 +1,88 @@
 """Loader throughput: images/s each engine delivers to the device (decode -> augment -> normalise -> mask),
 with no model, on the same dataset, measured in one run so the engines can be compared as ratios.
 
-    python benchmarks/loaders.py --data train.beton --engines torch,ffcv,dali --workers 8 --batch-size 256 \\
+    python -m benchmarks.loaders --data train.beton --engines torch,ffcv,dali --workers 8 --batch-size 256 \\
         --json loaders.json
 
 Each engine gets a warm-up (start-up and JIT compilation are reported apart), then several timed passes;
 the figure is the median pass, with min and max beside it, and the CPU utilisation during the passes.
 """
-import argparse
 import os
 import sys
+from typing import Optional
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+from supmae.config import PretrainConfig
+from supmae.errors import SupmaeError
+from supmae.hardware import resolve_device
+from supmae.measure import commit, device_name, versions, write_json
+from supmae.options import Config, configuration, from_command_line, option, section
+from supmae.pipelines.engines import ENGINES
+from supmae.pipelines.loader import LoaderSpec
+from supmae.pipelines.masking import MaskSampler
+from supmae.pipelines.sources import open_source
+from supmae.pipelines.synthetic import default_dataset
+from supmae.profiler import measure_loader
 
-from supmae.errors import SupmaeError  # noqa: E402
-from supmae.measure import commit, device_name, versions, write_json  # noqa: E402
-from supmae.pipelines.loader import ENGINES, LoaderSpec  # noqa: E402
-from supmae.pipelines.masking import MaskSampler  # noqa: E402
-from supmae.pipelines.sources import open_source  # noqa: E402
-from supmae.profiler import ProfileOptions, measure_loader  # noqa: E402
-from supmae.train import resolve_device  # noqa: E402
+
+@configuration
+class LoaderBenchmark(Config):
+    """Images/s each loader engine delivers to the device, with no model, on one dataset in one run."""
+    run: PretrainConfig = section(PretrainConfig, ("data", "order", "os_cache", "workers", "seed", "device",
+                                                   "batch_size", "img_size", "mask_ratio"), batch_size=256)
+    engines: str = option(",".join(ENGINES), "the engines to measure, comma-separated")
+    warmup: int = option(5, "untimed batches after the first", at_least=0)
+    batches: int = option(20, "batches per timed pass", at_least=1)
+    passes: int = option(5, "timed passes; the figure is their median", at_least=1)
+    json: Optional[str] = option(None, "write the results here", metavar="FILE")
+
+    @property
+    def engine_list(self) -> list[str]:
+        return [e.strip() for e in self.engines.split(",") if e.strip()]
+
+    def check(self) -> None:
+        unknown = [e for e in self.engine_list if e not in ENGINES]
+        if unknown or not self.engine_list:
+            raise SupmaeError(f"--engines: {', '.join(unknown) or 'none'} not among {', '.join(ENGINES)}")
 
 
-def benchmark_loaders(data: str, engines: list[str], workers: int, batch_size: int = 256, img_size: int = 224,
-                      device: str = "auto", warmup: int = 5, batches: int = 20, passes: int = 5, log=print) -> dict:
-    device = resolve_device(device)
+def benchmark_loaders(cfg: LoaderBenchmark) -> dict:
+    run = cfg.run
+    device = resolve_device(run.device)
+    data = run.data or default_dataset()
     source = open_source(data)
-    timing = ProfileOptions(steps=batches * passes, warmup=warmup + 1, window=batches)
+    workers = run.workers if run.workers is not None else max(1, (os.cpu_count() or 2) - 1)
+    patches = (run.img_size // 16) ** 2
     results = {}
-    for engine in engines:
-        spec = LoaderSpec(batch_size, img_size, MaskSampler((img_size // 16) ** 2, 0.75, 0, device), device,
-                          workers=workers, seed=0)
-        results[engine] = r = measure_loader(engine, source, spec, timing)
+    for engine in cfg.engine_list:
+        spec = LoaderSpec(batch_size=run.batch_size, img_size=run.img_size, device=device, workers=workers,
+                          mask_sampler=MaskSampler(patches, run.mask_ratio, seed=run.seed, device=device),
+                          seed=run.seed, order=run.order, os_cache=run.os_cache)
+        results[engine] = r = measure_loader(engine, source, spec, steps=cfg.batches * cfg.passes,
+                                             warmup=cfg.warmup + 1, window=cfg.batches)
         rate = r["images_per_s"]
-        log(f"{engine:>6}: {rate['median']:8.1f} images/s (min {rate['min']:.1f}, max {rate['max']:.1f}); "
-            f"first batch {r['first_call_s']:.1f} s; CPU {r['cpu_percent']:.0f}%")
+        print(f"{engine:>6}: {rate['median']:8.1f} images/s (min {rate['min']:.1f}, max {rate['max']:.1f}); "
+              f"first batch {r['first_call_s']:.1f} s; CPU {r['cpu_percent']:.0f}%")
     baseline = results.get("torch")
     ratios = {f"{e}_vs_torch": r["images_per_s"]["median"] / baseline["images_per_s"]["median"]
               for e, r in results.items() if baseline and e != "torch"}
     for name, ratio in ratios.items():
-        log(f"{name}: {ratio:.2f}x")
+        print(f"{name}: {ratio:.2f}x", flush=True)
     return dict(device=device_name(device), commit=commit(),
                 versions=versions("ffcv", "nvidia-dali-cuda130", "pillow", "numba"),
                 config=dict(data=os.path.abspath(data), num_samples=len(source), workers=workers,
-                            batch_size=batch_size, img_size=img_size, warmup=warmup, batches=batches, passes=passes,
-                            cpu_count=os.cpu_count()),
+                            batch_size=run.batch_size, img_size=run.img_size, warmup=cfg.warmup, batches=cfg.batches,
+                            passes=cfg.passes, cpu_count=os.cpu_count()),
                 engines=results, ratios=ratios)
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", required=True, help=".beton (every engine), image folder or file list (torch, dali)")
-    p.add_argument("--engines", default="torch,ffcv,dali", help="comma-separated, from " + ",".join(ENGINES))
-    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2)), help="per engine")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--warmup", type=int, default=5, help="untimed batches after the first")
-    p.add_argument("--batches", type=int, default=20, help="batches per timed pass")
-    p.add_argument("--passes", type=int, default=5)
-    p.add_argument("--json", help="write the results here")
-    args = p.parse_args()
-    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    cfg = from_command_line(LoaderBenchmark)
     try:
-        report = benchmark_loaders(args.data, engines, args.workers, args.batch_size, args.img_size, args.device,
-                                   args.warmup, args.batches, args.passes)
+        report = benchmark_loaders(cfg)
     except SupmaeError as error:
-        sys.exit(f"loaders.py: error: {error}")
-    if args.json:
-        write_json(args.json, report)
+        sys.exit(f"loaders: error: {error}")
+    if cfg.json:
+        write_json(cfg.json, report)
 
 
 if __name__ == "__main__":

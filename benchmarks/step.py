@@ -5,25 +5,36 @@ FLOP counter, and model FLOP utilisation against a matrix product measured in th
 the same run, the official code's style of step (eager reference forward, fp16 + GradScaler on GPU,
 a host sync per step), giving the speed-up as a ratio.
 
-    python benchmarks/step.py --model supmae_vit_base_patch16 --batch-size 256 --json step.json
+    python -m benchmarks.step --model supmae_vit_base_patch16 --batch-size 256 --json step.json
 """
-import argparse
-import os
 import statistics
-import sys
 import time
+from typing import Optional
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+from supmae.config import PretrainConfig
+from supmae.fast import apply_kernels
+from supmae.hardware import DTYPES, apply_compile, autocast_for, compile_mode_for, resolve_device, speed_defaults
+from supmae.measure import commit, device_name, measure, sync, versions, write_json
+from supmae.optim import build_optimizer
+from supmae.options import Config, configuration, from_command_line, option, section
+from supmae.profiler import synthetic_batch
+from supmae.registry import build_model
+from supmae.train import train_step
 
-from supmae import create_model  # noqa: E402
-from supmae.fast import apply_kernels  # noqa: E402
-from supmae.measure import commit, device_name, measure, sync, versions, write_json  # noqa: E402
-from supmae.optim import build_optimizer  # noqa: E402
-from supmae.profiler import synthetic_batch  # noqa: E402
-from supmae.train import COMPILE_MODES, PRECISIONS, apply_compile, autocast_for, compile_mode_for, resolve_device, speed_defaults, train_step  # noqa: E402
+
+@configuration
+class StepBenchmark(Config):
+    """Training-step throughput and MFU on an on-device synthetic batch, beside the official-style step."""
+    run: PretrainConfig = section(PretrainConfig, ("hardware", "model and objective"), batch_size=256)
+    warmup: int = option(3, "untimed steps first", at_least=0)
+    steps: int = option(5, "steps per timed window", at_least=1)
+    windows: int = option(5, "timed windows; the figure is their median", at_least=1)
+    official: bool = option(True, "also time the official code's style of step, for the ratio")
+    breakdown: bool = option(False, "on a GPU, GPU time per step by kernel (profiler)")
+    json: Optional[str] = option(None, "write the results here", metavar="FILE")
 
 
 def matmul_rate(device, dtype, n) -> float:
@@ -50,7 +61,7 @@ KERNEL_KINDS = (("supmae kernels", ("_gather_kernel", "_unshuffle_kernel", "_gat
                 ("fused elementwise and norms (inductor)", ("triton_",)))
 
 
-def kernel_breakdown(step, device: torch.device, steps: int = 3, top: int = 12) -> dict:
+def kernel_breakdown(step, device: torch.device, *, steps: int = 3, top: int = 12) -> dict:
     """GPU time per step by kernel, from the profiler: each kind's share and the costliest kernels."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -68,38 +79,39 @@ def kernel_breakdown(step, device: torch.device, steps: int = 3, top: int = 12) 
                 top=[dict(kernel=name[:120], ms=ms, share=ms / total) for name, ms in sorted(kernels, key=lambda r: -r[1])[:top]])
 
 
-def benchmark_step(model_name: str = "supmae_vit_base_patch16", batch_size: int = 256, img_size: int = 224,
-                   device: str = "auto", precision: str = "auto", compile=None, compile_mode: str = "auto",
-                   warmup: int = 3, steps: int = 5, windows: int = 5, official: bool = True,
-                   breakdown: bool = False) -> dict:
-    device = resolve_device(device)
+def benchmark_step(cfg: StepBenchmark) -> dict:
+    run = cfg.run
+    device = resolve_device(run.device)
     on_gpu = device.type == "cuda"
-    precision, compiled = speed_defaults(device, precision, compile)
-    compile_mode = compile_mode_for(compile_mode, device)
-    model = create_model(model_name, img_size=img_size).to(device).train()
+    precision, compiled = speed_defaults(device, run.precision, run.compile)
+    compile_mode = compile_mode_for(run.compile_mode, device, accum_iter=run.accum_iter)
+    batch_size, img_size = run.batch_size, run.img_size
+    model = build_model(run, num_classes=1000).to(device).train()
     optimizer = build_optimizer(model, 1e-4, 0.05)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     autocast = autocast_for(device, precision)
     forward = apply_kernels(model)  # the training loop's forward: Triton kernels on CUDA
     forward = apply_compile(forward, compile_mode) if compiled else forward
-    num_classes = model.cls_head[-1].out_features if model.cls_head is not None else 1
-    batch = synthetic_batch(batch_size, img_size, model.num_patches, model.mask_ratio, num_classes, device)
-    timing = dict(device=device, steps=steps * windows, warmup=warmup, window=steps)
+    batch = synthetic_batch(batch_size=batch_size, img_size=img_size, num_patches=model.num_patches,
+                            mask_ratio=model.mask_ratio, num_classes=1000, device=device)
+    micro_batches = [batch] * run.accum_iter
+    images = batch_size * run.accum_iter
+    timing = dict(device=device, steps=cfg.steps * cfg.windows, warmup=cfg.warmup, window=cfg.steps)
 
     def step():
-        train_step(forward, [batch], optimizer, scaler, autocast)
+        train_step(forward, micro_batches, optimizer, scaler, autocast)
 
     # Counted on the eager twins of the same path: the kernels add data movement, not arithmetic.
     with FlopCounterMode(display=False) as counter:
-        train_step(apply_kernels(model, "eager"), [batch], optimizer, scaler, autocast)
+        train_step(apply_kernels(model, "eager"), micro_batches, optimizer, scaler, autocast)
     flops_per_step = counter.get_total_flops()
-    fast = measure(step, batch_size, **timing)
+    fast = measure(step, images, **timing)
     images_per_s = fast["images_per_s"]["median"]
-    peak = matmul_rate(device, PRECISIONS[precision] or torch.float32, 8192 if on_gpu else 1024)
-    kernels = kernel_breakdown(step, device) if breakdown and on_gpu else None
+    peak = matmul_rate(device, DTYPES[precision] or torch.float32, 8192 if on_gpu else 1024)
+    kernels = kernel_breakdown(step, device) if cfg.breakdown and on_gpu else None
 
     reference = None
-    if official:
+    if cfg.official:
         # The official code's step: the reference forward, eager, fp16 autocast with a GradScaler on GPU
         # (fp32 on CPU, where fp16 matmuls are not a real option), unfused AdamW, and a host sync per step.
         official_precision = "fp16" if on_gpu else "fp32"
@@ -108,24 +120,26 @@ def benchmark_step(model_name: str = "supmae_vit_base_patch16", batch_size: int 
         official_autocast = autocast_for(device, official_precision)
 
         def official_step():
-            with official_autocast:
-                loss = model(batch.images, batch.labels, masking=batch.masking).loss
-            official_scaler.scale(loss).backward()
+            for micro in micro_batches:
+                with official_autocast:
+                    loss = model(micro.images, micro.labels, masking=micro.masking).loss
+                official_scaler.scale(loss / len(micro_batches)).backward()
             official_scaler.step(official_optimizer)
             official_scaler.update()
             official_optimizer.zero_grad()
             loss.item()
             sync(device)
 
-        reference = dict(precision=official_precision, **measure(official_step, batch_size, **timing))
+        reference = dict(precision=official_precision, **measure(official_step, images, **timing))
 
     return dict(
         device=device_name(device), commit=commit(), versions=versions("timm", "triton"),
-        config=dict(model=model_name, batch_size=batch_size, img_size=img_size, precision=precision,
-                    compile=compiled, compile_mode=compile_mode, warmup=warmup, steps=steps, windows=windows),
+        config=dict(model=run.model, batch_size=batch_size, accum_iter=run.accum_iter, img_size=img_size,
+                    precision=precision, compile=compiled, compile_mode=compile_mode, warmup=cfg.warmup,
+                    steps=cfg.steps, windows=cfg.windows),
         images_per_s=images_per_s, step=fast,
-        gflops_per_image=flops_per_step / batch_size / 1e9, matmul_tflops=peak / 1e12,
-        mfu=images_per_s * flops_per_step / batch_size / peak,
+        gflops_per_image=flops_per_step / images / 1e9, matmul_tflops=peak / 1e12,
+        mfu=images_per_s * flops_per_step / images / peak,
         official=reference, step_vs_official=reference and images_per_s / reference["images_per_s"]["median"],
         kernel_breakdown=kernels)
 
@@ -151,27 +165,11 @@ def describe(result: dict) -> str:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="supmae_vit_base_patch16")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", choices=("auto", *PRECISIONS), default="auto")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--compile-mode", choices=COMPILE_MODES, default="auto")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    p.add_argument("--steps", type=int, default=5, help="steps per timed window")
-    p.add_argument("--windows", type=int, default=5)
-    p.add_argument("--official", action=argparse.BooleanOptionalAction, default=True,
-                   help="also time the official code's style of step, for the ratio")
-    p.add_argument("--breakdown", action="store_true", help="on a GPU, GPU time per step by kernel (profiler)")
-    p.add_argument("--json", help="write the results here")
-    args = p.parse_args()
-    result = benchmark_step(args.model, args.batch_size, args.img_size, args.device, args.precision, args.compile,
-                            args.compile_mode, args.warmup, args.steps, args.windows, args.official, args.breakdown)
+    cfg = from_command_line(StepBenchmark)
+    result = benchmark_step(cfg)
     print(describe(result))
-    if args.json:
-        write_json(args.json, result)
+    if cfg.json:
+        write_json(cfg.json, result)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Every check and measurement of supmae's speed in one command, with a pass/fail table: the GPU check.
 
-    bash scripts/gpu-check.sh            # = python benchmarks/suite.py [--quick] [--data X.beton] [--out FILE]
+    bash scripts/gpu-check.sh            # = python -m benchmarks.suite [--quick] [--data X.beton] [--out FILE]
 
 Rows: the tests that need CUDA; each Triton kernel against its eager twin at the shapes training
 passes (ViT-B/16 at batch 256, bf16); each kernel's bandwidth against a device copy; the compiled bf16
@@ -12,22 +12,29 @@ GPU rows are skipped and the rest runs, so nothing here first runs on a GPU.
 Writes benchmarks/results/<device>-<date>.json (device, versions, commit, every row and figure).
 Exit status 1 when a row failed; a missed goal is reported, not a failure.
 """
-import argparse
+import dataclasses
 import datetime
 import importlib.util
 import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
+from typing import Optional
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # run from a checkout
+from benchmarks.kernels import KernelBenchmark, benchmark_kernels
+from benchmarks.step import StepBenchmark, benchmark_step, describe
+from supmae.config import ConvertConfig, ConvertOptions, PretrainConfig, ProfileConfig
+from supmae.errors import SupmaeError
+from supmae.measure import commit, device_name, versions, write_json
+from supmae.options import Config, configuration, from_command_line, option, section
+from supmae.pipelines.engines import ENGINES
 
-from supmae.measure import commit, device_name, versions, write_json  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 ENGINE_PACKAGES = {"torch": "torch", "ffcv": "ffcv", "dali": "nvidia.dali"}
 # What a GPU run is held to: (summary key, the least a measurement meets it with, what it means)
@@ -38,6 +45,34 @@ GOALS = [
     ("dali_loader_images_per_s", 15000, "DALI loader alone, images/s delivered"),
     ("dali_end_to_end_fraction_of_step", 0.90, "DALI end to end against the step alone"),
 ]
+
+
+@configuration
+class Suite(Config):
+    """Every check and measurement of supmae's speed in one command, with a pass/fail table: the GPU check."""
+    run: PretrainConfig = section(PretrainConfig, ("model", "batch_size", "img_size", "device", "data", "workers"),
+                                  batch_size=256)
+    engines: str = option("torch,dali,ffcv", "the loader engines to measure, comma-separated")
+    steps: int = option(20, "timed steps (or batches) per measurement", at_least=1)
+    window: int = option(5, "steps per timing window", at_least=1)
+    warmup: int = option(3, "untimed steps first", at_least=0)
+    images_per_class: int = option(1000, "size of the embedded dataset the loaders read (10 classes; 1000: 39 "
+                                         "batches of 256 an epoch)", at_least=1)
+    quick: bool = option(False, "a small model and batch (supmae_vit_tiny_patch16, batch 16, 4 steps): for a CPU")
+    rows: Optional[str] = option(None, "comma-separated row numbers to run", shown="all")
+    out: Optional[str] = option(None, "the JSON to write", shown="benchmarks/results/<device>-<date>.json")
+
+    @property
+    def engine_list(self) -> list[str]:
+        return [e.strip() for e in self.engines.split(",") if e.strip()]
+
+    def check(self) -> None:
+        unknown = [e for e in self.engine_list if e not in ENGINES]
+        if unknown:
+            raise SupmaeError(f"--engines: {', '.join(unknown)} not among {', '.join(ENGINES)}")
+
+
+QUICK = dict(model="supmae_vit_tiny_patch16", batch_size=16, steps=4, window=2, warmup=1, images_per_class=100)
 
 
 class Skip(Exception):
@@ -68,7 +103,7 @@ def row_kernels_match(args, summary) -> str:
 
     os.environ["SUPMAE_POISON_OUTPUTS"] = "1"  # an element a kernel fails to write is NaN
     try:
-        b, s, p, dim = args.batch_size, args.img_size, 16, 512
+        b, s, p, dim = args.run.batch_size, args.run.img_size, 16, 512
         n = (s // p) ** 2
         masking = random_masking(torch.rand(b, n, device="cuda"), num_kept(n, 0.75))
         images = torch.randn(b, 3, s, s, device="cuda", dtype=torch.bfloat16)
@@ -114,8 +149,7 @@ def _relative(out: torch.Tensor, ref: torch.Tensor) -> float:
 def row_kernel_bandwidth(args, summary) -> str:
     if not torch.cuda.is_available():
         raise Skip("no CUDA GPU")
-    from benchmarks.kernels import benchmark_kernels
-    report = benchmark_kernels(args.batch_size, args.img_size)
+    report = benchmark_kernels(KernelBenchmark(batch_size=args.run.batch_size, img_size=args.run.img_size))
     summary["kernels"] = report
     fractions = {name: k["fraction_of_copy_bandwidth"] for name, k in report["kernels"].items()}
     summary["kernel_min_fraction_of_copy"] = min(fractions.values())
@@ -123,8 +157,7 @@ def row_kernel_bandwidth(args, summary) -> str:
 
 
 def row_step(args, summary) -> str:
-    from benchmarks.step import benchmark_step, describe
-    result = benchmark_step(**_step_options(args), compile_mode="default", breakdown=True)
+    result = benchmark_step(_step_options(args, compile_mode="default", breakdown=True))
     print(describe(result), flush=True)
     summary["step_without_graphs"] = result
     _step_summary(summary, result)
@@ -136,11 +169,10 @@ def row_step(args, summary) -> str:
 def row_cuda_graphs(args, summary) -> str:
     if not torch.cuda.is_available():
         raise Skip("no CUDA GPU")
-    from benchmarks.step import benchmark_step, describe
     from torch._inductor import config as inductor_config
     # Graphs that silently fall back to plain launches would make this row meaningless.
     with inductor_config.patch({"triton.cudagraph_or_error": True}):
-        result = benchmark_step(**_step_options(args), compile_mode="reduce-overhead", official=False)
+        result = benchmark_step(_step_options(args, compile_mode="reduce-overhead", official=False))
     print(describe(result), flush=True)
     without = summary.get("step_without_graphs")
     summary["cuda_graphs_step"] = result
@@ -159,27 +191,26 @@ def _step_summary(summary, result) -> None:
         summary["step_vs_official"] = result["images_per_s"] / result["official"]["images_per_s"]["median"]
 
 
-def _step_options(args) -> dict:
-    return dict(model_name=args.model, batch_size=args.batch_size, img_size=args.img_size, device=args.device,
-                warmup=args.warmup, steps=args.window, windows=max(1, args.steps // args.window))
+def _step_options(args, *, compile_mode: str, **options) -> StepBenchmark:
+    run = args.run
+    return StepBenchmark.build(dict(model=run.model, batch_size=run.batch_size, img_size=run.img_size,
+                                    device=run.device, compile_mode=compile_mode, warmup=args.warmup, steps=args.window,
+                                    windows=max(1, args.steps // args.window), **options))
 
 
 def row_engine(engine):
     def row(args, summary) -> str:
-        if engine not in args.engines:
-            raise Skip(f"not among --engines {','.join(args.engines)}")
+        if engine not in args.engine_list:
+            raise Skip(f"not among --engines {args.engines}")
         if importlib.util.find_spec(ENGINE_PACKAGES[engine].split(".")[0]) is None or (
                 engine == "dali" and importlib.util.find_spec("nvidia.dali") is None):
             raise Skip(f"{engine} is not installed")
-        from supmae.profiler import ProfileOptions, profile
-        from supmae.train import PretrainConfig
-        data = args.data or _embedded_data(engine, args.images_per_class)
-        cfg = PretrainConfig(data=data, loader=engine, model=args.model, batch_size=args.batch_size,
-                             img_size=args.img_size, device=args.device, workers=args.workers, progress=False,
-                             tensorboard=False)
-        options = ProfileOptions(steps=args.steps, warmup=args.warmup, window=args.window,
-                                 stages=("loader", "end_to_end"))
-        report = profile(cfg, options, log=lambda line: print("  " + line.replace("\n", "\n  "), flush=True))
+        from supmae.profiler import profile
+        data = args.run.data or _embedded_data(engine, args.images_per_class)
+        run = dataclasses.replace(args.run, data=data, loader=engine, progress=False, tensorboard=False)
+        with tempfile.TemporaryDirectory() as out:  # the suite's JSON holds the figures
+            report = profile(ProfileConfig(run=run, steps=args.steps, warmup=args.warmup, window=args.window,
+                                           stages="loader,end_to_end", out=out))
         stages = report["stages"]
         loader, end = (stages[s]["images_per_s"]["median"] for s in ("loader", "end_to_end"))
         summary.setdefault("engines", {})[engine] = stages
@@ -198,10 +229,10 @@ def _embedded_data(engine: str, images_per_class: int) -> str:
     folder = default_dataset(images_per_class=images_per_class)
     if engine == "torch":
         return folder
-    from supmae.pipelines.convert import ConvertOptions, convert
+    from supmae.pipelines.convert import convert
     path = f"{folder}-256.beton"
     if not os.path.exists(path):
-        convert(folder, path, ConvertOptions(max_resolution=256), progress=False, log=lambda *_: None)
+        convert(ConvertConfig(src=folder, out=path, storage=ConvertOptions(max_resolution=256), progress=False))
     return path
 
 
@@ -227,32 +258,10 @@ def goals(summary: dict) -> list[dict]:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="supmae_vit_base_patch16")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--data", help="what every loader reads (default: the embedded dataset, a .beton for ffcv and dali)")
-    p.add_argument("--engines", default="torch,dali,ffcv", help="the loader engines to measure")
-    p.add_argument("--workers", type=int, default=None, help="loader workers (default: cores - 1)")
-    p.add_argument("--steps", type=int, default=20, help="timed steps (or batches) per measurement")
-    p.add_argument("--window", type=int, default=5, help="steps per timing window")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--images-per-class", type=int, default=1000,
-                   help="size of the embedded dataset the loaders read (10 classes; 1000: 39 batches of 256 an epoch)")
-    p.add_argument("--quick", action="store_true",
-                   help="a small model and batch (supmae_vit_tiny_patch16, batch 16, 4 steps): for a CPU")
-    p.add_argument("--rows", help="comma-separated row numbers to run (default: all)")
-    p.add_argument("--out", help="the JSON to write (default: benchmarks/results/<device>-<date>.json)")
-    args = p.parse_args()
-    if args.quick:
-        args.model, args.batch_size, args.steps, args.window, args.warmup = "supmae_vit_tiny_patch16", 16, 4, 2, 1
-        args.images_per_class = 100
+    args = from_command_line(Suite, below=lambda typed: [QUICK] if typed.get("quick") else [])
     chosen = {int(n) for n in args.rows.split(",")} if args.rows else set(range(1, len(ROWS) + 1))
-    args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
-
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = torch.device("cuda" if args.run.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.run.device == "auto" else args.run.device))
     summary, results = {}, []
     for number, (name, row) in enumerate(ROWS.items(), 1):
         if number not in chosen:
@@ -275,7 +284,7 @@ def main():
     measured_goals = goals(summary)
     write_json(out, dict(device=name, commit=commit(), date=datetime.datetime.now().isoformat(timespec="seconds"),
                          versions=versions("timm", "triton", "ffcv", "nvidia-dali-cuda130", "numpy"),
-                         cuda=torch.version.cuda, config=vars(args), rows=results, goals=measured_goals,
+                         cuda=torch.version.cuda, config=dataclasses.asdict(args), rows=results, goals=measured_goals,
                          summary=summary))
     width = max(len(r["row"]) for r in results)
     print(f"\n{'row':<{width}}  {'result':<6} {'s':>6}  detail")

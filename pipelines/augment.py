@@ -16,7 +16,7 @@ FLIP_PROBABILITY = 0.5
 EVAL_CROP_FRACTION = 0.875
 
 
-def sample_crop(width: int, height: int, rng: np.random.Generator,
+def sample_crop(width: int, height: int, rng: np.random.Generator, *,
                 scale=CROP_SCALE, ratio=CROP_RATIO) -> tuple[int, int, int, int]:
     """A random (left, top, width, height) box covering `scale` of the area at an aspect in `ratio`."""
     area = width * height
@@ -43,7 +43,7 @@ def center_crop(width: int, height: int, fraction: float = EVAL_CROP_FRACTION) -
     return (width - side) // 2, (height - side) // 2, side, side
 
 
-def crop_and_flip(width: int, height: int, seed: int, epoch: int, index: int,
+def crop_and_flip(width: int, height: int, *, seed: int, epoch: int, index: int,
                   train: bool) -> tuple[tuple[int, int, int, int], bool]:
     """The (left, top, width, height) box and flip of one sample's view, a function of its key alone."""
     if not train:

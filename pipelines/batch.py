@@ -17,7 +17,7 @@ class Batch(NamedTuple):
 
 
 def to_device_batches(pixel_batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
-                      mask_sampler: Optional[MaskSampler], start: int = 0,
+                      mask_sampler: Optional[MaskSampler], *, start: int = 0,
                       dtype: torch.dtype = torch.float32) -> Iterator[Batch]:
     """(uint8 (B, H, W, 3), labels) batches, on the host or already on `device` -> Batch; batch i gets mask i
     (none without a sampler: evaluation). Floating-point images are taken as already normalised (B, 3, H, W).

@@ -7,39 +7,27 @@ place last, so an interrupted conversion never leaves a complete-looking file.
 """
 import contextlib
 import dataclasses
-import functools
+import io
 import json
+import logging
 import multiprocessing
 import os
 import signal
-import sys
 import threading
 import time
-from typing import Optional
-from unittest import mock
 
 import numpy as np
 from tqdm import tqdm
 
+from supmae.atomic import replaced, write_text
+from supmae.config import ConvertConfig
 from supmae.errors import SupmaeError
 from supmae.pipelines.decode import UNREADABLE, load_rgb, probe
 from supmae.pipelines.sources import scan_images, sidecar_path
 from supmae.pipelines.torch_threads import keep_torch_threads
 
-WRITE_MODES = ("jpg", "raw", "proportion", "smart")
+logger = logging.getLogger(__name__)
 _MIN_PAGE, _MAX_PAGE = 1 << 23, 1 << 31
-
-
-@dataclasses.dataclass
-class ConvertOptions:
-    write_mode: str = "jpg"               # jpg | raw | proportion (JPEG with compress_probability) | smart
-    # Longest side after resizing; 0 or None keeps the original size. 320 keeps a full-image 224 crop at
-    # native resolution for aspect ratios up to 4:3 (short side 240) while decoding a fraction of the
-    # pixels of large originals.
-    max_resolution: Optional[int] = 320
-    jpeg_quality: int = 90
-    compress_probability: float = 0.5     # proportion mode
-    smart_threshold: int = 3 * 256 * 256  # smart mode: JPEG when the raw pixels would take more bytes
 
 
 def report_path(beton: str) -> str:
@@ -52,31 +40,46 @@ def _ignore_sigint():
 
 
 class _Interrupts(list):
-    """Turns SIGINT and SIGTERM into KeyboardInterrupt and remembers them, for the main thread's writes."""
+    """SIGINT and SIGTERM, remembered, and raised as KeyboardInterrupt only where it unwinds cleanly: in this
+    module's code, in a wait of the checking pass, or in FFCV's writer loop, where the main thread spends its
+    time. One that arrives elsewhere (inside a fork, whose handlers would only print it) is raised again a
+    moment later. The writer processes FFCV forks inherit the handler: there Ctrl-C is the parent's to act
+    on and SIGTERM ends the process."""
+
+    RETRY_S = 0.02
 
     def __init__(self):
         super().__init__()
-        self._previous, self._owner = {}, os.getpid()
+        self._previous, self._owner, self._raised = {}, os.getpid(), False
         if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
+            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM):
                 self._previous[signum] = signal.signal(signum, self._handle)
-        # One that lands in code whose exceptions Python ignores (a fork handler, say) is still acted on,
-        # through the list; it need not be reported as well.
-        self._unraisable = sys.unraisablehook
-        sys.unraisablehook = lambda u: None if u.exc_type is KeyboardInterrupt else self._unraisable(u)
 
     def _handle(self, signum, frame):
-        if os.getpid() != self._owner:  # inherited by a writer process: Ctrl-C is the parent's, SIGTERM ends it
+        if os.getpid() != self._owner:
             if signum == signal.SIGTERM:
                 os._exit(1)
             return
-        self.append(signum)
-        raise KeyboardInterrupt
+        if signum != signal.SIGALRM:
+            self.append(signum)
+        if not self or self._raised:
+            return
+        if _unwinds_cleanly(frame):
+            self._raised = True
+            raise KeyboardInterrupt
+        signal.setitimer(signal.ITIMER_REAL, self.RETRY_S)
 
     def restore(self):
+        if self._previous:
+            signal.setitimer(signal.ITIMER_REAL, 0)
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
-        sys.unraisablehook = self._unraisable
+
+
+def _unwinds_cleanly(frame) -> bool:
+    code = frame.f_code
+    return (code.co_filename == __file__ or (code.co_name == "wait" and code.co_filename == threading.__file__)
+            or (code.co_name == "_write_common" and code.co_filename.endswith(os.path.join("ffcv", "writer.py"))))
 
 
 def _check(path: str):
@@ -86,7 +89,7 @@ def _check(path: str):
         return f"{type(error).__name__}: {error}".replace("\t", " ").replace("\n", " ")
 
 
-def _stored_size(width: int, height: int, max_resolution: Optional[int]) -> tuple[int, int]:
+def _stored_size(width: int, height: int, max_resolution: int) -> tuple[int, int]:
     # As FFCV's RGBImageField resizes: scale the longest side down to max_resolution, truncating.
     if max_resolution and max(width, height) > max_resolution:
         ratio = max_resolution / max(width, height)
@@ -117,7 +120,7 @@ class _Images:
             return np.zeros((1, 1, 3), np.uint8), label
 
 
-def _page_size(sizes: list[tuple[int, int]], max_resolution: Optional[int]) -> int:
+def _page_size(sizes: list[tuple[int, int]], max_resolution: int) -> int:
     """The smallest power-of-two page FFCV can fit the largest sample into (a JPEG of noise can exceed
     its raw pixels a little)."""
     stored = [_stored_size(w, h, max_resolution) for w, h in sizes]
@@ -130,102 +133,75 @@ def _page_size(sizes: list[tuple[int, int]], max_resolution: Optional[int]) -> i
     return max(_MIN_PAGE, 1 << (need - 1).bit_length())
 
 
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.partial-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def convert(src: str, out: str, options: ConvertOptions = ConvertOptions(), workers: Optional[int] = None,
-            force: bool = False, progress: bool = True, log=print) -> dict:
-    """Convert `src`; returns the sidecar's contents. Raises SupmaeError for bad input, leaving `out` as it was."""
+def convert(cfg: ConvertConfig) -> dict:
+    """Convert `cfg.src` to `cfg.out`; returns the sidecar's contents. Raises SupmaeError for bad input,
+    leaving `out` as it was."""
     with keep_torch_threads():
-        import ffcv.writer
         from ffcv.fields import IntField, RGBImageField
         from ffcv.writer import DatasetWriter
 
-    _validate(options)
+    src, out, options = cfg.src, cfg.out, cfg.storage
     if os.path.isdir(out):
         raise SupmaeError(f"output {out} is a directory; give a file name such as {out.rstrip('/')}.beton")
-    if os.path.exists(out) and not force:
+    if os.path.exists(out) and not cfg.force:
         raise SupmaeError(f"{out} already exists; pass --force to replace it")
     images = scan_images(src)
-    workers = workers or os.cpu_count() or 1
+    workers = cfg.workers or os.cpu_count() or 1
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     started = time.perf_counter()
 
     with multiprocessing.Pool(workers, initializer=_ignore_sigint) as pool:
         checks = list(tqdm(pool.imap(_check, [p for p, _ in images.samples], chunksize=16),
-                           total=len(images.samples), desc="checking", unit="img", disable=not progress))
+                           total=len(images.samples), desc="checking", unit="img", disable=not cfg.progress))
     skipped = [(path, result) for (path, _), result in zip(images.samples, checks) if isinstance(result, str)]
     kept = [(sample, result) for sample, result in zip(images.samples, checks) if not isinstance(result, str)]
     report = report_path(out)
-    _write_atomic(report, "path\treason\n" + "".join(f"{p}\t{why}\n" for p, why in skipped))
+    write_text(report, "path\treason\n" + "".join(f"{p}\t{why}\n" for p, why in skipped))
     if not kept:
         raise SupmaeError(f"none of the {len(images.samples)} files in {src} could be read; reasons in {report}")
 
     samples = [sample for sample, _ in kept]
     failed = multiprocessing.Array("b", len(samples), lock=False)
-    tmp = os.path.join(os.path.dirname(os.path.abspath(out)), f".{os.path.basename(out)}.partial-{os.getpid()}")
     fields = {"image": RGBImageField(write_mode=options.write_mode, max_resolution=options.max_resolution or None,
                                      smart_threshold=options.smart_threshold, jpeg_quality=options.jpeg_quality,
                                      compress_probability=options.compress_probability),
               "label": IntField()}
+    already_running = set(multiprocessing.active_children())  # not this conversion's to stop
     interrupted = _Interrupts()
+    writer = None
     try:
-        writer = DatasetWriter(tmp, fields, page_size=_page_size([s for _, s in kept], options.max_resolution),
-                               num_workers=workers)
-        with mock.patch.object(ffcv.writer, "tqdm", functools.partial(tqdm, disable=not progress, unit="img",
-                                                                      desc="writing")):
-            writer.from_indexed_dataset(_Images(samples, failed))
-        changed = [samples[i][0] for i in np.flatnonzero(np.frombuffer(failed, np.int8))]
-        if changed:
-            raise SupmaeError(f"{len(changed)} file(s) could not be read on the second pass (changed during the "
-                              f"conversion?), first {changed[0]}; nothing was written to {out}")
-        if interrupted:
-            raise KeyboardInterrupt
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        seconds = time.perf_counter() - started
-        counts = np.bincount([y for _, y in samples], minlength=len(images.classes))
-        sidecar = dict(
-            format="supmae-beton/1", source=os.path.abspath(src), num_samples=len(samples), skipped=len(skipped),
-            class_to_index={name: i for i, name in enumerate(images.classes)},
-            class_counts={name: int(n) for name, n in zip(images.classes, counts)},
-            options=dataclasses.asdict(options), report=os.path.basename(report),
-            seconds=round(seconds, 3), images_per_s=round(len(samples) / seconds, 1))
-        _write_atomic(sidecar_path(out), json.dumps(sidecar, indent=2) + "\n")
-        os.replace(tmp, out)
+        with replaced(out) as tmp:
+            writer = DatasetWriter(tmp, fields, page_size=_page_size([s for _, s in kept], options.max_resolution),
+                                   num_workers=workers)
+            # FFCV draws its own progress bar on stderr; without --progress it is not shown.
+            with contextlib.nullcontext() if cfg.progress else contextlib.redirect_stderr(io.StringIO()):
+                writer.from_indexed_dataset(_Images(samples, failed))
+            changed = [samples[i][0] for i in np.flatnonzero(np.frombuffer(failed, np.int8))]
+            if changed:
+                raise SupmaeError(f"{len(changed)} file(s) could not be read on the second pass (changed during "
+                                  f"the conversion?), first {changed[0]}; nothing was written to {out}")
+            if interrupted:
+                raise KeyboardInterrupt
+            seconds = time.perf_counter() - started
+            counts = np.bincount([y for _, y in samples], minlength=len(images.classes))
+            sidecar = dict(
+                format="supmae-beton/1", source=os.path.abspath(src), num_samples=len(samples), skipped=len(skipped),
+                class_to_index={name: i for i, name in enumerate(images.classes)},
+                class_counts={name: int(n) for name, n in zip(images.classes, counts)},
+                options=dataclasses.asdict(options), report=os.path.basename(report),
+                seconds=round(seconds, 3), images_per_s=round(len(samples) / seconds, 1))
+            write_text(sidecar_path(out), json.dumps(sidecar, indent=2) + "\n")
     except BaseException:
-        for child in multiprocessing.active_children():
+        for child in set(multiprocessing.active_children()) - already_running:
             child.terminate()
-        shared = getattr(locals().get("writer"), "metadata_sm", None)
+        shared = getattr(writer, "metadata_sm", None)
         if hasattr(shared, "unlink"):  # FFCV's sample table, which it only frees when it finishes
             with contextlib.suppress(OSError):  # it may have finished
                 shared.close()
                 shared.unlink()
-        if os.path.exists(tmp):
-            os.remove(tmp)
         raise
     finally:
         interrupted.restore()
-    log(f"{len(samples)} written, {len(skipped)} skipped{f' (reasons in {report})' if skipped else ''}: "
-        f"{out} in {sidecar['seconds']:.1f} s, {sidecar['images_per_s']:.0f} images/s")
+    logger.info(f"{len(samples)} written, {len(skipped)} skipped{f' (reasons in {report})' if skipped else ''}: "
+                f"{out} in {sidecar['seconds']:.1f} s, {sidecar['images_per_s']:.0f} images/s")
     return sidecar
-
-
-def _validate(options: ConvertOptions) -> None:
-    if options.write_mode not in WRITE_MODES:
-        raise SupmaeError(f"unknown write mode {options.write_mode!r}; use {', '.join(WRITE_MODES)}")
-    if options.max_resolution and not 8 <= options.max_resolution <= 65535:
-        raise SupmaeError(f"max resolution must be between 8 and 65535 (or 0 to keep originals), got "
-                          f"{options.max_resolution}")
-    if not 1 <= options.jpeg_quality <= 100:
-        raise SupmaeError(f"JPEG quality must be between 1 and 100, got {options.jpeg_quality}")
-    if not 0 <= options.compress_probability <= 1:
-        raise SupmaeError(f"compress probability must be between 0 and 1, got {options.compress_probability}")
-    if options.smart_threshold < 0:
-        raise SupmaeError(f"smart threshold must not be negative, got {options.smart_threshold}")

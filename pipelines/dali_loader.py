@@ -26,14 +26,15 @@ class _Samples:
 
     Runs in DALI's Python worker processes, which is where the file reads and crop draws happen."""
 
-    def __init__(self, source, schedule: Schedule, start: int, seed: int, train: bool):
+    def __init__(self, source, schedule: Schedule, *, start: int, seed: int, train: bool):
         self.source, self.schedule, self.start, self.seed, self.train = source, schedule, start, seed, train
 
     def __call__(self, info):
         epoch, indices = self.schedule.batch(self.start + info.iteration)
         index = int(indices[info.idx_in_batch])
         data, (width, height) = self.source.encoded(index)
-        (left, top, w, h), flip = crop_and_flip(width, height, self.seed, epoch, index, self.train)
+        (left, top, w, h), flip = crop_and_flip(width, height, seed=self.seed, epoch=epoch, index=index,
+                                                     train=self.train)
         return (data, np.array(self.source.labels[index], np.int64), np.array([left, top], np.float32),
                 np.array([w, h], np.float32), np.array(flip, np.int32))
 
@@ -95,11 +96,11 @@ class DALILoader:
     def _pixels(self):
         spec, device = self.spec, torch.device(self.spec.device)
         on_gpu = device.type == "cuda"
-        samples = _Samples(self.source, self.schedule, spec.start, spec.seed, spec.train)
+        samples = _Samples(self.source, self.schedule, start=spec.start, seed=spec.seed, train=spec.train)
         start = _start_method(on_gpu)
         callback_file = _CallbackFile() if start == "spawn" else None
-        pipe = _views(samples, spec.img_size, on_gpu, spec.workers > 0, spec.dtype.itemsize == 2,
-                      batch_size=spec.batch_size, num_threads=max(1, spec.workers), seed=spec.seed,
+        pipe = _views(samples, size=spec.img_size, on_gpu=on_gpu, parallel=spec.workers > 0,
+                      half=spec.dtype.itemsize == 2, batch_size=spec.batch_size, num_threads=max(1, spec.workers), seed=spec.seed,
                       device_id=(device.index if device.index is not None else torch.cuda.current_device())
                       if on_gpu else None,
                       py_num_workers=max(1, spec.workers), py_start_method=start, py_callback_pickler=callback_file)
@@ -116,7 +117,8 @@ class DALILoader:
 
     def __iter__(self) -> Iterator[Batch]:
         spec = self.spec
-        return to_device_batches(self._pixels(), spec.device, spec.mask_sampler, spec.start, spec.dtype)
+        return to_device_batches(self._pixels(), spec.device, spec.mask_sampler, start=spec.start,
+                                 dtype=spec.dtype)
 
 
 def _first_line(error: Exception) -> str:

@@ -48,7 +48,7 @@ class _Order(TraversalOrder):
 
     FFCV 1.0 takes a custom order as an instance, which it calls with the loader it belongs to."""
 
-    def __init__(self, schedule: Schedule, first_epoch: int, skip: int, quasi_random: bool):
+    def __init__(self, schedule: Schedule, *, first_epoch: int, skip: int, quasi_random: bool):
         self.schedule, self.first_epoch, self.skip, self.quasi_random = schedule, first_epoch, skip, quasi_random
         self.quasi = None
 
@@ -94,7 +94,8 @@ class FFCVLoader:
         with keep_torch_threads():
             return Loader(self.source.path, batch_size=spec.batch_size, num_workers=max(1, spec.workers),
                           os_cache=spec.os_cache, seed=spec.seed, drop_last=True,
-                          order=_Order(self.schedule, first_epoch, skip, spec.order == "quasi_random"),
+                          order=_Order(self.schedule, first_epoch=first_epoch, skip=skip,
+                                               quasi_random=spec.order == "quasi_random"),
                           pipelines={"image": images, "label": labels})
 
     def _pixels(self):
@@ -108,7 +109,8 @@ class FFCVLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         spec = self.spec
-        return to_device_batches(self._pixels(), spec.device, spec.mask_sampler, spec.start, spec.dtype)
+        return to_device_batches(self._pixels(), spec.device, spec.mask_sampler, start=spec.start,
+                                 dtype=spec.dtype)
 
 
 def _one_epoch(loader: Loader):

@@ -9,30 +9,44 @@ import dataclasses
 import gc
 import importlib
 import importlib.util
-from typing import Iterator
+from typing import Iterator, Optional, Protocol
 
+import numpy as np
 import torch
+from PIL import Image
 
 from supmae.errors import SupmaeError
 from supmae.pipelines.batch import Batch
+from supmae.pipelines.engines import ENGINES, PACKAGES
 from supmae.pipelines.masking import MaskSampler
 from supmae.pipelines.order import Schedule
 
-# engine -> "module:class"; imported on use, so an engine's package is only needed when it is picked.
-ENGINES = {
-    "torch": "supmae.pipelines.torch_loader:TorchLoader",
-    "ffcv": "supmae.pipelines.ffcv_loader:FFCVLoader",
-    "dali": "supmae.pipelines.dali_loader:DALILoader",
-}
-_PACKAGES = {"ffcv": "ffcv", "dali": "nvidia-dali-cuda130"}
 PREFETCH_PER_WORKER = 4  # batches each torch worker prepares ahead; DALI (2) and FFCV (3) hold fewer
 
 
-@dataclasses.dataclass
+class Source(Protocol):
+    """A labelled, indexable set of images (`sources.open_source`): a folder, a file list or a .beton."""
+    path: str
+    classes: list[str]       # a label is an index into this list
+    labels: np.ndarray       # (N,) int64
+
+    def __len__(self) -> int: ...
+
+    def describe(self, index: int) -> str:
+        """How an error names sample `index`: its file, or the .beton and position."""
+
+    def encoded(self, index: int) -> tuple[np.ndarray, tuple[int, int]]:
+        """Sample `index` as encoded bytes (for engines that decode themselves) and its upright (width, height)."""
+
+    def image(self, index: int) -> Image.Image:
+        """Sample `index` decoded: upright RGB."""
+
+
+@dataclasses.dataclass(kw_only=True)
 class LoaderSpec:
     batch_size: int
     img_size: int
-    mask_sampler: MaskSampler
+    mask_sampler: Optional[MaskSampler]   # None: batches without masks (evaluation, fine-tuning)
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32
     workers: int = 4            # decoding processes or threads
@@ -45,11 +59,22 @@ class LoaderSpec:
     os_cache: bool = True       # ffcv: rely on the OS page cache (False: its own process cache)
 
     def schedule(self, num_samples: int) -> Schedule:
-        schedule = Schedule(num_samples, self.batch_size, self.seed, self.rank, self.world_size)
+        schedule = Schedule(num_samples, self.batch_size, seed=self.seed, rank=self.rank, world_size=self.world_size)
         if schedule.batches_per_epoch < 1:
             raise SupmaeError(f"{num_samples} images make no batch of {self.batch_size} on each of "
                               f"{self.world_size} rank(s); lower --batch-size")
         return schedule
+
+
+class Engine(Protocol):
+    """A loader engine, registered by name in `engines.ENGINES`. Built from a source and a spec, its iterator
+    yields `Batch`es forever: batch i holds the samples `spec.schedule(len(source)).batch(spec.start + i)`
+    names, with mask i from `spec.mask_sampler`, normalised on `spec.device` in `spec.dtype`. An iterator
+    with a `close()` has it called when the run leaves it (`open_batches`)."""
+
+    def __init__(self, source: Source, spec: LoaderSpec) -> None: ...
+
+    def __iter__(self) -> Iterator[Batch]: ...
 
 
 def buffered_batches(spec: LoaderSpec) -> int:
@@ -58,23 +83,17 @@ def buffered_batches(spec: LoaderSpec) -> int:
     return PREFETCH_PER_WORKER * max(1, spec.workers) + 4
 
 
-def check_engine(engine: str) -> None:
-    if engine != "auto" and engine not in ENGINES:
-        raise SupmaeError(f"unknown loader {engine!r}; available: auto, {', '.join(ENGINES)}")
-
-
 def choose_engine(engine: str, source) -> str:
     """Resolve "auto" to the engine measured to feed the step best: ffcv for a .beton where it is
     installed, the torch engine otherwise. DALI is not picked: on an H100 it fed the ViT-B/16 step 58%
     end to end where ffcv and torch fed 97% (benchmarks/results/nvidia-h100-2026-11-24/)."""
-    check_engine(engine)
     if engine != "auto":
         return engine
     from supmae.pipelines.sources import BetonSource
     return "ffcv" if isinstance(source, BetonSource) and importlib.util.find_spec("ffcv") else "torch"
 
 
-def create_loader(engine: str, source, spec: LoaderSpec) -> Iterator[Batch]:
+def create_loader(engine: str, source: Source, spec: LoaderSpec) -> Engine:
     engine = choose_engine(engine, source)
     if spec.order != "random" and engine != "ffcv":
         raise SupmaeError(f"order {spec.order!r} is an ffcv loader option; the {engine} loader reads in random order")
@@ -82,7 +101,7 @@ def create_loader(engine: str, source, spec: LoaderSpec) -> Iterator[Batch]:
     try:
         cls = getattr(importlib.import_module(module), name)
     except ImportError as error:
-        raise SupmaeError(f"the {engine} loader needs the {_PACKAGES.get(engine, engine)} package, "
+        raise SupmaeError(f"the {engine} loader needs the {PACKAGES.get(engine, engine)} package, "
                           f"which failed to import: {error}") from None
     return cls(source, spec)
 

@@ -40,7 +40,7 @@ class MaskSampler:
     `order.shard` gives that rank, so every sample gets the mask a one-process run would give it.
     """
 
-    def __init__(self, num_patches: int, mask_ratio: float, seed: int, device: torch.device, rank: int = 0,
+    def __init__(self, num_patches: int, mask_ratio: float, *, seed: int, device: torch.device, rank: int = 0,
                  world_size: int = 1):
         self.num_patches = num_patches
         self.num_kept = num_kept(num_patches, mask_ratio)

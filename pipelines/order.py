@@ -20,7 +20,7 @@ def shard(order: np.ndarray, rank: int, world_size: int) -> np.ndarray:
 class Schedule:
     """Batches of `batch_size` sample indices, epoch after epoch; the partial last batch is dropped."""
 
-    def __init__(self, num_samples: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+    def __init__(self, num_samples: int, batch_size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside a world of {world_size}")
         self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed

@@ -6,15 +6,21 @@ in random colours, plus a distractor shape and sensor-like noise. Sizes and JPEG
 ImageNet's, so decoding and cropping cost what they cost on real data.
 """
 import json
+import logging
 import math
 import os
 import shutil
 from concurrent.futures import ProcessPoolExecutor
+from typing import Optional
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from supmae.atomic import replaced
+from supmae.config import SynthConfig
 from supmae.errors import SupmaeError
+
+logger = logging.getLogger(__name__)
 
 SHAPES = ("circle", "triangle", "square", "pentagon", "hexagon", "star", "cross", "ring")
 TEXTURES = ("stripes", "checker", "dots", "gradient")
@@ -112,9 +118,9 @@ def _write_one(job):
                                                               .integers(75, 96)))
 
 
-def write_synthetic(out_dir: str, num_classes: int = 10, images_per_class: int = 100, seed: int = 0,
-                    workers: int | None = None, force: bool = False, shared: bool = False) -> str:
-    """Write the dataset to `out_dir` (atomically: a temporary folder renamed at the end).
+def write_synthetic(out_dir: str, *, num_classes: int = 10, images_per_class: int = 100, seed: int = 0,
+                    workers: Optional[int] = None, force: bool = False, shared: bool = False) -> str:
+    """Write the dataset to `out_dir` (whole or not at all: a temporary folder renamed at the end).
 
     `shared`: other processes may be writing the same dataset to `out_dir` at once (torchrun ranks filling the
     default one). The first to finish publishes it; the others discard their copies and use that one, which
@@ -125,33 +131,36 @@ def write_synthetic(out_dir: str, num_classes: int = 10, images_per_class: int =
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         if not (force or shared):
             raise SupmaeError(f"{out_dir} already exists and is not empty (pass --force to replace it)")
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(out_dir))}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    jobs = []
-    for label, name in enumerate(class_names(num_classes)):
-        os.makedirs(os.path.join(tmp, name))
-        jobs += [(os.path.join(tmp, name, f"{index:06d}.jpg"), label, index, seed) for index in range(images_per_class)]
+    os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
     try:
-        workers = workers or os.cpu_count() or 1
-        if workers > 1:
-            with ProcessPoolExecutor(workers) as pool:
-                list(pool.map(_write_one, jobs, chunksize=16))
-        else:
-            list(map(_write_one, jobs))
-        with open(os.path.join(tmp, MANIFEST), "w") as f:
-            json.dump(dict(num_classes=num_classes, images_per_class=images_per_class, seed=seed), f)
-        if os.path.exists(out_dir) and not shared:
-            shutil.rmtree(out_dir) if os.path.isdir(out_dir) else os.remove(out_dir)
-        try:
-            os.rename(tmp, out_dir)
-        except OSError:  # in shared mode another writer may have published first; its copy is the same data
-            if not (shared and os.path.exists(os.path.join(out_dir, MANIFEST))):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with replaced(out_dir) as tmp:
+            jobs = []
+            for label, name in enumerate(class_names(num_classes)):
+                os.makedirs(os.path.join(tmp, name))
+                jobs += [(os.path.join(tmp, name, f"{index:06d}.jpg"), label, index, seed)
+                         for index in range(images_per_class)]
+            workers = workers or os.cpu_count() or 1
+            if workers > 1:
+                with ProcessPoolExecutor(workers) as pool:
+                    list(pool.map(_write_one, jobs, chunksize=16))
+            else:
+                list(map(_write_one, jobs))
+            with open(os.path.join(tmp, MANIFEST), "w") as f:
+                json.dump(dict(num_classes=num_classes, images_per_class=images_per_class, seed=seed), f)
+            if os.path.exists(out_dir) and not shared:
+                shutil.rmtree(out_dir) if os.path.isdir(out_dir) else os.remove(out_dir)
+    except OSError:  # in shared mode another writer may have published first; its copy is the same data
+        if not (shared and os.path.exists(os.path.join(out_dir, MANIFEST))):
+            raise
     return out_dir
+
+
+def synth(cfg: SynthConfig) -> str:
+    """`supmae synth`."""
+    write_synthetic(cfg.out_dir, num_classes=cfg.classes, images_per_class=cfg.images_per_class, seed=cfg.seed,
+                    workers=cfg.workers, force=cfg.force)
+    logger.info(f"wrote {cfg.classes} x {cfg.images_per_class} images to {cfg.out_dir}")
+    return cfg.out_dir
 
 
 def default_dataset(num_classes: int = 10, images_per_class: int = 100) -> str:
@@ -159,5 +168,5 @@ def default_dataset(num_classes: int = 10, images_per_class: int = 100) -> str:
     home = os.environ.get("SUPMAE_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "supmae")
     path = os.path.join(home, f"synthetic-{num_classes}x{images_per_class}")
     if not os.path.exists(os.path.join(path, MANIFEST)):
-        write_synthetic(path, num_classes, images_per_class, shared=True)
+        write_synthetic(path, num_classes=num_classes, images_per_class=images_per_class, shared=True)
     return path

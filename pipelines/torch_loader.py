@@ -24,7 +24,7 @@ class _Unreadable(NamedTuple):
 
 
 class _Views(Dataset):
-    def __init__(self, source, size: int, seed: int, train: bool):
+    def __init__(self, source, *, size: int, seed: int, train: bool):
         self.source, self.size, self.seed, self.train = source, size, seed, train
 
     def __len__(self):
@@ -36,8 +36,9 @@ class _Views(Dataset):
             image = self.source.image(index)
         except UNREADABLE as error:
             return _Unreadable(self.source.describe(index), str(error) or type(error).__name__)
-        box, flip = crop_and_flip(image.width, image.height, self.seed, epoch, index, self.train)
-        return torch.from_numpy(np.array(crop_resize_flip(image, self.size, box, flip))), int(self.source.labels[index])
+        box, flip = crop_and_flip(image.width, image.height, seed=self.seed, epoch=epoch, index=index,
+                                  train=self.train)
+        return torch.from_numpy(np.array(crop_resize_flip(image, size=self.size, box=box, flip=flip))), int(self.source.labels[index])
 
 
 def _collate(samples):
@@ -69,14 +70,15 @@ class TorchLoader:
     def __iter__(self) -> Iterator[Batch]:
         spec = self.spec
         loader = DataLoader(
-            _Views(self.source, spec.img_size, spec.seed, spec.train),
+            _Views(self.source, size=spec.img_size, seed=spec.seed, train=spec.train),
             batch_sampler=_Keys(self.schedule, spec.start),
             num_workers=spec.workers,
             collate_fn=_collate,
             pin_memory=torch.device(spec.device).type == "cuda",
             prefetch_factor=PREFETCH_PER_WORKER if spec.workers else None,
         )
-        return to_device_batches(_raise_unreadable(loader), spec.device, spec.mask_sampler, spec.start, spec.dtype)
+        return to_device_batches(_raise_unreadable(loader), spec.device, spec.mask_sampler, start=spec.start,
+                                 dtype=spec.dtype)
 
 
 def _raise_unreadable(batches):
@@ -86,10 +88,10 @@ def _raise_unreadable(batches):
         yield batch
 
 
-def ordered_views(source, img_size: int, batch_size: int, workers: int, device) -> Iterator[Batch]:
+def ordered_views(source, *, img_size: int, batch_size: int, workers: int, device) -> Iterator[Batch]:
     """Every sample once, in order, centre-cropped, with no mask: what evaluation reads."""
     n = len(source)
     keys = [[(0, i) for i in range(first, min(first + batch_size, n))] for first in range(0, n, batch_size)]
-    loader = DataLoader(_Views(source, img_size, 0, train=False), batch_sampler=keys, num_workers=workers,
+    loader = DataLoader(_Views(source, size=img_size, seed=0, train=False), batch_sampler=keys, num_workers=workers,
                         collate_fn=_collate, pin_memory=torch.device(device).type == "cuda")
     return to_device_batches(_raise_unreadable(loader), device, None)

@@ -6,4 +6,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python=python3
 [ -x .venv/bin/python ] && python=.venv/bin/python
-exec "$python" benchmarks/suite.py "$@"
+exec "$python" -m benchmarks.suite "$@"

@@ -1,4 +1,5 @@
-"""Checkpoints that survive crashes: written to a temporary name, synced, then renamed into place.
+"""Checkpoints that survive crashes (written whole or not at all, `supmae.atomic`), and the options a
+resumed run takes from the one it continues.
 
 A checkpoint is a dict whose "model" entry is a plain state dict in the official layout, so the
 official code's `load_model` reads it as it reads its own.
@@ -8,9 +9,12 @@ import re
 
 import torch
 
+from supmae.atomic import replaced
+from supmae.config import PretrainConfig
 from supmae.errors import SupmaeError
 
 _NAME = re.compile(r"^checkpoint-(\d+)\.pt$")
+_PARTIAL = re.compile(r"^\.checkpoint-\d+\.pt\.partial-\d+$")
 
 
 def checkpoint_path(output: str, step: int) -> str:
@@ -18,21 +22,8 @@ def checkpoint_path(output: str, step: int) -> str:
 
 
 def save_checkpoint(state: dict, path: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+    with replaced(path) as tmp:
+        torch.save(state, tmp)
 
 
 def list_checkpoints(output: str) -> list[str]:
@@ -67,12 +58,32 @@ def latest_checkpoint(output: str, mmap: bool = False) -> tuple[str, dict] | Non
     return None
 
 
+def saved_config(state: dict) -> PretrainConfig:
+    """The configuration a checkpoint was trained with (options added since take their defaults, options
+    since removed are left out)."""
+    return PretrainConfig.build(PretrainConfig.fields_of(state.get("config", {}), "checkpoint", strict=False))
+
+
+def resumed_options(cfg: PretrainConfig) -> dict:
+    """What a resumed run takes from the checkpoint it continues: every option that run set, except where
+    it is read from and written to and whether it shows progress, which are this invocation's business.
+    Empty when `cfg` resumes nothing, or `--resume auto` finds no checkpoint yet."""
+    if not cfg.resume:
+        return {}
+    found = latest_checkpoint(cfg.output, mmap=True) if cfg.resume == "auto" else \
+        (cfg.resume, load_checkpoint(cfg.resume, mmap=True))
+    if found is None:
+        return {}
+    path, state = found
+    saved = PretrainConfig.fields_of(state.get("config", {}), f"checkpoint {path}", strict=False)
+    return {k: v for k, v in saved.items() if k not in ("resume", "output", "progress") and v is not None}
+
+
 def remove_partial_checkpoints(output: str) -> list[str]:
     """Delete what a writer killed mid-checkpoint left behind (the temporary files); returns their paths."""
     if not os.path.isdir(output):
         return []
-    partial = [os.path.join(output, name) for name in os.listdir(output)
-               if ".pt.tmp-" in name and _NAME.match(name.split(".tmp-")[0])]
+    partial = [os.path.join(output, name) for name in os.listdir(output) if _PARTIAL.match(name)]
     for path in partial:
         os.remove(path)
     return partial

@@ -7,18 +7,20 @@ The encoder's parameter names are timm's already; the final norm becomes `fc_nor
 (timm normalises after pooling then), and the decoder, mask token and classification branch are left
 out. timm's features then equal `MaskedAutoencoderViT.features` with the same pooling.
 """
+import logging
 import os
 
+from supmae.atomic import replaced
 from supmae.checkpoint import load_checkpoint
+from supmae.config import ExportConfig
 from supmae.errors import SupmaeError
 
-POOLS = ("avg", "token")
+logger = logging.getLogger(__name__)
 _ENCODER = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
 
 
 def timm_state_dict(model_state: dict, global_pool: str = "avg") -> dict:
-    if global_pool not in POOLS:
-        raise SupmaeError(f"global pool must be one of {', '.join(POOLS)}, got {global_pool!r}")
+    """The encoder's entries of a model state dict, named for a timm ViT with `global_pool` avg or token."""
     encoder = {k: v for k, v in model_state.items() if k.startswith(_ENCODER)}
     if "pos_embed" not in encoder or not any(k.startswith("blocks.") for k in encoder):
         raise SupmaeError("the checkpoint holds no ViT encoder")
@@ -27,28 +29,28 @@ def timm_state_dict(model_state: dict, global_pool: str = "avg") -> dict:
     return {rename(k): v.detach().contiguous() for k, v in encoder.items()}
 
 
-def export(checkpoint: str, out: str, global_pool: str = "avg", force: bool = False) -> dict:
+def export(cfg: ExportConfig) -> dict:
     from safetensors import SafetensorError
     from safetensors.torch import save_file
-    if os.path.exists(out) and not force:
+    out = cfg.out
+    if os.path.exists(out) and not cfg.force:
         raise SupmaeError(f"{out} exists; pass --force to replace it")
-    state = load_checkpoint(checkpoint)
-    tensors = timm_state_dict(state["model"], global_pool)
+    state = load_checkpoint(cfg.checkpoint)
+    tensors = timm_state_dict(state["model"], cfg.global_pool)
     config = state.get("config", {})
-    metadata = {"format": "pt", "supmae_model": str(config.get("model")), "global_pool": global_pool,
+    metadata = {"format": "pt", "supmae_model": str(config.get("model")), "global_pool": cfg.global_pool,
                 "img_size": str(config.get("img_size")), "step": str(state.get("step"))}
     folder = os.path.dirname(os.path.abspath(out))
     try:
         os.makedirs(folder, exist_ok=True)
     except FileExistsError:
         raise SupmaeError(f"cannot write {out}: {folder} is a file, not a folder") from None
-    tmp = f"{out}.tmp-{os.getpid()}"
     try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, out)
+        with replaced(out) as tmp:
+            save_file(tensors, tmp, metadata=metadata)
     except SafetensorError as error:  # safetensors reports failed writes in its own type, not as OSError
         raise SupmaeError(f"cannot write {out}: {error}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return dict(tensors=len(tensors), parameters=sum(t.numel() for t in tensors.values()), **metadata)
+    info = dict(tensors=len(tensors), parameters=sum(t.numel() for t in tensors.values()), **metadata)
+    logger.info(f"wrote {out}: {info['tensors']} tensors, {info['parameters'] / 1e6:.1f}M parameters of "
+                f"{info['supmae_model']} (step {info['step']}), for timm global_pool={cfg.global_pool!r}")
+    return info

@@ -6,10 +6,9 @@ smoothing 0.1, optional mixup/cutmix, half-cycle cosine after warmup. The linear
 BatchNorm (no affine) + Linear on the frozen encoder's features, as MAE's linear probe does, on
 features extracted once.
 """
+import logging
 import math
 import os
-from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -18,35 +17,18 @@ from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models.vision_transformer import VisionTransformer
 
+from supmae.atomic import replaced
+from supmae.config import FinetuneConfig, LinearConfig
 from supmae.errors import SupmaeError
 from supmae.evaluate import frozen_features, load_pretrained, open_splits
 from supmae.export import timm_state_dict
+from supmae.hardware import resolve_device
+from supmae.measure import write_json
 from supmae.optim import lr_at
 from supmae.pipelines.loader import LoaderSpec, create_loader
 from supmae.pipelines.torch_loader import ordered_views
-from supmae.train import resolve_device
 
-
-@dataclass
-class FinetuneConfig:
-    checkpoint: str
-    train: str
-    val: str
-    epochs: float = 100
-    batch_size: int = 64
-    blr: float = 5e-4                  # lr = blr * batch / 256
-    layer_decay: float = 0.65
-    weight_decay: float = 0.05
-    drop_path: float = 0.1
-    smoothing: float = 0.1
-    mixup: float = 0.0                 # the official recipe uses 0.8 and cutmix 1.0 on ImageNet
-    cutmix: float = 0.0
-    warmup_epochs: float = 5
-    loader: str = "auto"
-    workers: int = 2
-    device: str = "auto"
-    seed: int = 0
-    output: Optional[str] = None       # writes model.safetensors here
+logger = logging.getLogger(__name__)
 
 
 def timm_vit(checkpoint: str, num_classes: int, drop_path: float = 0.0) -> VisionTransformer:
@@ -58,7 +40,8 @@ def timm_vit(checkpoint: str, num_classes: int, drop_path: float = 0.0) -> Visio
                             mlp_ratio=model.blocks[0].mlp.fc1.out_features / width, qkv_bias=True,
                             num_classes=num_classes, global_pool="avg", drop_path_rate=drop_path)
     missing = set(vit.load_state_dict(timm_state_dict(model.state_dict(), "avg"), strict=False).missing_keys)
-    assert missing == {"head.weight", "head.bias"}, missing
+    if missing != {"head.weight", "head.bias"}:
+        raise SupmaeError(f"{checkpoint}'s encoder does not fill a timm ViT: missing {', '.join(sorted(missing))}")
     nn.init.trunc_normal_(vit.head.weight, std=2e-5)  # MAE's fine-tuning head initialisation
     return vit
 
@@ -85,16 +68,16 @@ def layer_decay_groups(vit: VisionTransformer, weight_decay: float, layer_decay:
 
 
 @torch.no_grad()
-def top1(model: nn.Module, source, img_size: int, batch_size: int, workers: int, device) -> float:
+def top1(model: nn.Module, source, *, img_size: int, batch_size: int, workers: int, device) -> float:
     model.eval()
     correct = total = 0
-    for batch in ordered_views(source, img_size, batch_size, workers, device):
+    for batch in ordered_views(source, img_size=img_size, batch_size=batch_size, workers=workers, device=device):
         correct += (model(batch.images).argmax(1) == batch.labels).sum().item()
         total += len(batch.labels)
     return correct / total
 
 
-def finetune(cfg: FinetuneConfig, log=print) -> dict:
+def finetune(cfg: FinetuneConfig) -> dict:
     if cfg.output:  # made now, so a bad --output fails at once rather than after the whole run
         try:
             os.makedirs(cfg.output, exist_ok=True)
@@ -120,11 +103,12 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict:
     mix = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing,
                 num_classes=num_classes) if mixing else None
     criterion = SoftTargetCrossEntropy() if mixing else LabelSmoothingCrossEntropy(cfg.smoothing)
-    batches = iter(create_loader(cfg.loader, train, LoaderSpec(cfg.batch_size, img_size, None, device,
-                                                               workers=cfg.workers, seed=cfg.seed)))
+    batches = iter(create_loader(cfg.loader, train, LoaderSpec(batch_size=cfg.batch_size, img_size=img_size,
+                                                               mask_sampler=None, device=device, workers=cfg.workers,
+                                                               seed=cfg.seed)))
     vit.train()
     for step in range(total):
-        lr = lr_at(step, peak, warmup, total)
+        lr = lr_at(step, peak=peak, warmup=warmup, total=total)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
         batch = next(batches)
@@ -134,30 +118,29 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if (step + 1) % max(1, steps_per_epoch) == 0 or step + 1 == total:
-            log(f"step {step + 1}/{total}: loss {loss.item():.4f}, lr {lr:.3g}")
-    accuracy = top1(vit, val, img_size, cfg.batch_size, cfg.workers, device)
-    log(f"fine-tuned top-1: {accuracy:.2%} on {len(val)} images, {num_classes} classes "
+            logger.info(f"step {step + 1}/{total}: loss {loss.item():.4f}, lr {lr:.3g}")
+    accuracy = top1(vit, val, img_size=img_size, batch_size=cfg.batch_size, workers=cfg.workers, device=device)
+    logger.info(f"fine-tuned top-1: {accuracy:.2%} on {len(val)} images, {num_classes} classes "
         f"(chance {1 / num_classes:.2%}) after {total} steps")
     if cfg.output:
         from safetensors.torch import save_file
-        save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, os.path.join(cfg.output, "model.safetensors"))
+        with replaced(os.path.join(cfg.output, "model.safetensors")) as tmp:
+            save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, tmp)
     return dict(top1=accuracy, steps=total, val_images=len(val), num_classes=num_classes)
 
 
-def linear_probe(checkpoint: str, train: str, val: str, epochs: int = 90, batch_size: int = 256, blr: float = 0.1,
-                 workers: int = 2, device: str = "auto", log=print) -> dict:
+def linear_probe(cfg: LinearConfig) -> dict:
     """SGD (momentum 0.9, no weight decay) of the head on features extracted once; the lr warms up linearly
     for min(10, total // 10) steps, then falls on a half-cycle cosine to 0."""
-    device = resolve_device(device)
-    name, num_classes, (train_f, train_y), (val_f, val_y) = frozen_features(checkpoint, train, val, 64, workers,
-                                                                            device, normalise=False)
+    name, num_classes, (train_f, train_y), (val_f, val_y) = frozen_features(cfg, batch_size=64, normalise=False)
+    device, epochs = train_f.device, cfg.epochs
     torch.manual_seed(0)
     head = nn.Sequential(nn.BatchNorm1d(train_f.shape[1], affine=False, eps=1e-6),
                          nn.Linear(train_f.shape[1], num_classes)).to(device)
     nn.init.trunc_normal_(head[1].weight, std=0.01)
     nn.init.zeros_(head[1].bias)
-    batch_size = min(batch_size, len(train_y))
-    peak = blr * batch_size / 256
+    batch_size = min(cfg.batch_size, len(train_y))
+    peak = cfg.blr * batch_size / 256
     optimizer = torch.optim.SGD(head.parameters(), lr=peak, momentum=0.9, weight_decay=0.0)
     steps_per_epoch = len(train_y) // batch_size
     total = epochs * steps_per_epoch
@@ -167,7 +150,7 @@ def linear_probe(checkpoint: str, train: str, val: str, epochs: int = 90, batch_
         if step % steps_per_epoch == 0:
             order = torch.randperm(len(train_y), generator=generator).to(device)
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, peak, min(10, total // 10), total)
+            group["lr"] = lr_at(step, peak=peak, warmup=min(10, total // 10), total=total)
         rows = order[(step % steps_per_epoch) * batch_size:(step % steps_per_epoch + 1) * batch_size]
         F.cross_entropy(head(train_f[rows]), train_y[rows]).backward()
         optimizer.step()
@@ -175,6 +158,9 @@ def linear_probe(checkpoint: str, train: str, val: str, epochs: int = 90, batch_
     head.eval()
     with torch.no_grad():
         accuracy = (head(val_f).argmax(1) == val_y).float().mean().item()
-    log(f"linear probe top-1: {accuracy:.2%} on {len(val_y)} images, {num_classes} classes "
-        f"(chance {1 / num_classes:.2%}) after {epochs} epochs on frozen features; {name} from {checkpoint}")
-    return dict(top1=accuracy, epochs=epochs, val_images=len(val_y), num_classes=num_classes)
+    logger.info(f"linear probe top-1: {accuracy:.2%} on {len(val_y)} images, {num_classes} classes "
+                f"(chance {1 / num_classes:.2%}) after {epochs} epochs on frozen features; {name} from {cfg.checkpoint}")
+    result = dict(top1=accuracy, epochs=epochs, val_images=len(val_y), num_classes=num_classes)
+    if cfg.json:
+        write_json(cfg.json, result)
+    return result

@@ -13,6 +13,8 @@ from typing import Callable, Optional
 import psutil
 import torch
 
+from supmae.atomic import write_text
+
 
 def sync(device: torch.device) -> None:
     if torch.device(device).type == "cuda":
@@ -55,11 +57,8 @@ def versions(*packages: str) -> dict:
 
 
 def write_json(path: str, report: dict) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(report, f, indent=2)
-        f.write("\n")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_text(path, json.dumps(report, indent=2) + "\n")
 
 
 class Usage:
@@ -101,7 +100,7 @@ class Usage:
         return figures
 
 
-def measure(call: Callable[[], Optional[float]], images_per_call: int, device: torch.device, steps: int,
+def measure(call: Callable[[], Optional[float]], images_per_call: int, *, device: torch.device, steps: int,
             warmup: int, window: int) -> dict:
     """Time `call` over `steps` calls in windows of `window` calls, after `warmup` untimed ones
     (at least one).

@@ -2,6 +2,8 @@
 import json
 import os
 
+from supmae.atomic import write_text
+
 
 def _logged_by(line: str, step: int) -> bool:
     try:
@@ -14,17 +16,14 @@ class Metrics:
     """metrics.jsonl and TensorBoard scalars, written by rank 0. A resumed run first drops the lines past
     its checkpoint (a killed run may have logged steps it never saved), so the file is one clean curve."""
 
-    def __init__(self, output: str, step: int, enabled: bool, tensorboard: bool):
+    def __init__(self, output: str, *, step: int, enabled: bool, tensorboard: bool):
         self.path, self.enabled = os.path.join(output, "metrics.jsonl"), enabled
         self.file = self.board = None
         if not enabled:
             return
         if os.path.exists(self.path):
             with open(self.path) as f:
-                kept = [line for line in f if _logged_by(line, step)]
-            with open(self.path + ".tmp", "w") as f:
-                f.writelines(kept)
-            os.replace(self.path + ".tmp", self.path)
+                write_text(self.path, "".join(line for line in f if _logged_by(line, step)))
         self.file = open(self.path, "a")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter

@@ -11,11 +11,10 @@ import torch.nn as nn
 from timm.layers import AttentionPoolLatent
 from timm.models.vision_transformer import Block, PatchEmbed
 
+from supmae.config import POOLS
 from supmae.objective import classification_loss, norm_pix, patchify, reconstruction_loss
 from supmae.pipelines.masking import Masking, num_kept, random_masking
 from supmae.pos_embed import sincos_2d
-
-POOLS = ("avg", "token", "max", "map")
 
 
 class Output(NamedTuple):
@@ -30,6 +29,7 @@ class Output(NamedTuple):
 class MaskedAutoencoderViT(nn.Module):
     def __init__(
         self,
+        *,
         img_size: int = 224,
         patch_size: int = 16,
         in_chans: int = 3,
@@ -49,8 +49,9 @@ class MaskedAutoencoderViT(nn.Module):
         temperature: float = 10.0,
     ):
         super().__init__()
-        _check_config(img_size, patch_size, embed_dim, num_heads, decoder_embed_dim, decoder_num_heads,
-                      mask_ratio, pool, num_classes)
+        _check_config(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, num_heads=num_heads,
+                      decoder_embed_dim=decoder_embed_dim, decoder_num_heads=decoder_num_heads,
+                      mask_ratio=mask_ratio, pool=pool, num_classes=num_classes)
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
         self.patch_size = patch_size
         self.mask_ratio = mask_ratio
@@ -153,7 +154,7 @@ class MaskedAutoencoderViT(nn.Module):
         logits = self.cls_head(self.pool_features(latent))
         if labels is None:
             return logits, None
-        return logits, classification_loss(logits, labels, self.cls_loss_ratio, self.temperature)
+        return logits, classification_loss(logits, labels, ratio=self.cls_loss_ratio, temperature=self.temperature)
 
     def pool_features(self, latent: torch.Tensor) -> torch.Tensor:
         """(B, 1 + num_kept, D) encoder output -> (B, D) feature for the classification branch."""
@@ -166,7 +167,7 @@ class MaskedAutoencoderViT(nn.Module):
             return self.attn_pool(visible)
         return visible.mean(dim=1)
 
-    def forward(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None,
+    def forward(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None, *,
                 noise: Optional[torch.Tensor] = None, masking: Optional[Masking] = None) -> Output:
         """`noise` (B, L) replaces the random draw; a loader's precomputed `masking` replaces both."""
         if masking is None:
@@ -198,7 +199,7 @@ def _rename_projection_head(state_dict, prefix, *args):
         state_dict[prefix + "cls_head." + key[len(old):]] = state_dict.pop(key)
 
 
-def _check_config(img_size, patch_size, embed_dim, num_heads, decoder_embed_dim, decoder_num_heads,
+def _check_config(*, img_size, patch_size, embed_dim, num_heads, decoder_embed_dim, decoder_num_heads,
                   mask_ratio, pool, num_classes):
     def need(ok, message):
         if not ok:

@@ -44,5 +44,5 @@ def removed_patch_loss(pred: torch.Tensor, images: torch.Tensor, ids_removed: to
     return ((pred.float() - target) ** 2).mean()
 
 
-def classification_loss(logits: torch.Tensor, labels: torch.Tensor, ratio: float, temperature: float) -> torch.Tensor:
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor, *, ratio: float, temperature: float) -> torch.Tensor:
     return ratio * F.cross_entropy(logits / temperature, labels)

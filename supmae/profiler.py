@@ -7,61 +7,52 @@ The verdict names the slower of loader and step, by how much, and the levers tha
 report is a terminal table, a JSON file and two plots.
 """
 import dataclasses
+import logging
 import os
 import time
-from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
-from supmae.errors import SupmaeError
+from supmae.config import ProfileConfig
+from supmae.hardware import autocast_for
 from supmae.measure import commit, device_name, measure, versions, write_json
 from supmae.pipelines.batch import Batch
 from supmae.pipelines.loader import LoaderSpec, buffered_batches, create_loader, open_batches
 from supmae.pipelines.masking import MaskSampler
-from supmae.train import PretrainConfig, Run, autocast_for, train_step
+from supmae.train import Run, train_step
 
-STAGES = ("loader", "step", "end_to_end")
+logger = logging.getLogger(__name__)
 LABELS = dict(loader="loader alone", step="step alone", end_to_end="end to end")
 
 
-@dataclass
-class ProfileOptions:
-    steps: int = 20              # timed steps (or batches) per stage
-    warmup: int = 3              # untimed ones first: worker start-up, compilation
-    window: int = 4              # steps per timing window; figures are median, min, max over windows
-    stages: tuple = STAGES
-    out: Optional[str] = None    # folder for profile.json and the plots; None: no files
-    json: Optional[str] = None   # also write the JSON report here
-
-
-def synthetic_batch(batch_size: int, img_size: int, num_patches: int, mask_ratio: float, num_classes: int,
+def synthetic_batch(*, batch_size: int, img_size: int, num_patches: int, mask_ratio: float, num_classes: int,
                     device: torch.device) -> Batch:
     """A normalised random batch with labels and a mask, made on the device: the step with no loader."""
     return Batch(torch.randn(batch_size, 3, img_size, img_size, device=device),
                  torch.randint(0, max(1, num_classes), (batch_size,), device=device),
-                 MaskSampler(num_patches, mask_ratio, 0, device)(batch_size, 0))
+                 MaskSampler(num_patches, mask_ratio, seed=0, device=device)(batch_size, 0))
 
 
-def measure_loader(engine: str, source, spec: LoaderSpec, options: ProfileOptions) -> dict:
+def measure_loader(engine: str, source, spec: LoaderSpec, *, steps: int, warmup: int, window: int) -> dict:
     """The loader alone: batches delivered to the device, normalised and masked, with no model. Its warm-up
     drains what the workers prepared while it started, so the figure is the rate, not the buffer."""
     with open_batches(create_loader(engine, source, spec)) as batches:
         def next_batch() -> None:
             next(batches)
-        return measure(next_batch, spec.batch_size, spec.device, options.steps,
-                       max(options.warmup, buffered_batches(spec)), options.window)
+        return measure(next_batch, spec.batch_size, device=spec.device, steps=steps,
+                       warmup=max(warmup, buffered_batches(spec)), window=window)
 
 
-def _stage(run: Run, stage: str, options: ProfileOptions) -> dict:
+def _stage(run: Run, stage: str, options: ProfileConfig) -> dict:
     cfg = run.cfg
     if stage == "loader":
-        return measure_loader(run.engine, run.source, run.loader_spec(), options)
+        return measure_loader(run.engine, run.source, run.loader_spec(), steps=options.steps, warmup=options.warmup,
+                              window=options.window)
     autocast = autocast_for(run.device, run.precision)
     timing = dict(device=run.device, steps=options.steps, warmup=options.warmup, window=options.window)
     if stage == "step":
-        batch = synthetic_batch(cfg.batch_size, cfg.img_size, run.model.num_patches, cfg.mask_ratio,
-                                len(run.source.classes), run.device)
+        batch = synthetic_batch(batch_size=cfg.batch_size, img_size=cfg.img_size, num_patches=run.model.num_patches,
+                                mask_ratio=cfg.mask_ratio, num_classes=len(run.source.classes), device=run.device)
 
         def synthetic_step() -> None:
             train_step(run.forward, [batch] * cfg.accum_iter, run.optimizer, run.scaler, autocast)
@@ -128,24 +119,18 @@ def verdict(stages: dict, run: Run) -> dict:
     return result
 
 
-def profile(cfg: PretrainConfig, options: ProfileOptions, log=print) -> dict:
-    """Measure the stages, print the table and verdict, write the JSON and plots; returns the report."""
-    for name in ("steps", "window"):
-        if getattr(options, name) < 1:
-            raise SupmaeError(f"{name} must be at least 1, got {getattr(options, name)}")
-    if options.warmup < 0:
-        raise SupmaeError(f"warmup must not be negative, got {options.warmup}")
-    unknown = set(options.stages) - set(STAGES)
-    if unknown:
-        raise SupmaeError(f"unknown stage(s) {', '.join(sorted(unknown))}; stages are {', '.join(STAGES)}")
-    run = Run(cfg, log)
+def profile(options: ProfileConfig) -> dict:
+    """Measure the stages, log the table and verdict, write the JSON and plots; returns the report."""
+    cfg = options.run
+    run = Run(cfg)
     run.model.train()
-    log(f"profiling {cfg.model}, batch {run.effective_batch}, {run.engine} loader ({_workers(run.workers)}) on "
+    out = options.out or time.strftime("runs/profile-%Y%m%d-%H%M%S")
+    logger.info(f"profiling {cfg.model}, batch {run.effective_batch}, {run.engine} loader ({_workers(run.workers)}) on "
         f"{device_name(run.device)}, {run.speed}: {options.steps} steps per stage after {options.warmup} warm-up")
     stages = {}
-    for stage in options.stages:
+    for stage in options.stage_list:
         stages[stage] = _stage(run, stage, options)
-        log(f"  {LABELS[stage]}: {_rate(stages[stage]['images_per_s']['median'])} img/s")
+        logger.info(f"  {LABELS[stage]}: {_rate(stages[stage]['images_per_s']['median'])} img/s")
     report = dict(
         device=device_name(run.device), commit=commit(),
         versions=versions("timm", "triton", "ffcv", "nvidia-dali-cuda130", "numpy", "psutil"),
@@ -153,21 +138,18 @@ def profile(cfg: PretrainConfig, options: ProfileOptions, log=print) -> dict:
                              precision=run.precision, compile=run.compile, compile_mode=run.compile_mode,
                              workers=run.workers,
                              effective_batch=run.effective_batch),
-                    profile=dataclasses.asdict(options)),
+                    profile={k: v for k, v in dataclasses.asdict(options).items() if k != "run"}),
         stages=stages)
     if "loader" in stages and "step" in stages:
         report["verdict"] = verdict(stages, run)
-    log(table(report))
-    written = []
-    if options.out:
-        written.append(os.path.join(options.out, "profile.json"))
-        write_json(written[-1], report)
-        written += plot(report, options.out)
+    logger.info(table(report))
+    written = [os.path.join(out, "profile.json")]
+    write_json(written[0], report)
+    written += plot(report, out)
     if options.json:
         write_json(options.json, report)
         written.append(options.json)
-    if written:
-        log("wrote " + ", ".join(written))
+    logger.info("wrote " + ", ".join(written))
     return report
 
 

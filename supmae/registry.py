@@ -1,5 +1,6 @@
-"""Named model configurations, timm-style: `create_model("supmae_vit_base_patch16", mask_ratio=0.8)`."""
-from supmae.model import MaskedAutoencoderViT
+"""Named model configurations, timm-style: `create_model("supmae_vit_base_patch16", mask_ratio=0.8)`, and
+the model a run's configuration trains. The names are read without importing torch (the CLI checks
+--model before it loads anything heavy)."""
 
 _ENCODERS = {
     "tiny": dict(embed_dim=192, depth=12, num_heads=3),
@@ -39,5 +40,26 @@ def model_config(name: str, **overrides) -> dict:
     return {**_CONFIGS[name], **overrides}
 
 
-def create_model(name: str, **overrides) -> MaskedAutoencoderViT:
+def create_model(name: str, **overrides):
+    """A `MaskedAutoencoderViT` of the named configuration, with `overrides`."""
+    from supmae.model import MaskedAutoencoderViT
     return MaskedAutoencoderViT(**model_config(name, **overrides))
+
+
+def build_model(cfg, num_classes: int):
+    """The model a run of `cfg` (a PretrainConfig) trains, on data with `num_classes` classes (MAE models
+    have no branch)."""
+    from supmae.errors import SupmaeError
+    try:
+        supervised = model_config(cfg.model)["num_classes"] != 0
+        return create_model(
+            cfg.model, img_size=cfg.img_size, mask_ratio=cfg.mask_ratio, norm_pix_loss=cfg.norm_pix_loss,
+            **(dict(num_classes=num_classes, pool=cfg.pool, cls_loss_ratio=cfg.cls_loss_ratio,
+                    temperature=cfg.temperature) if supervised else {}))
+    except ValueError as error:
+        raise SupmaeError(str(error)) from None
+
+
+def print_models(cfg=None) -> None:
+    """`supmae models`."""
+    print("\n".join(list_models()))

@@ -6,175 +6,47 @@ run replays exactly what an uninterrupted one would have done.
 """
 import contextlib
 import dataclasses
-import glob
 import json
+import logging
 import math
 import os
-import shutil
 import sys
 import time
-from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from tqdm import tqdm
 
+from supmae.atomic import write_text
 from supmae.checkpoint import checkpoint_path, latest_checkpoint, list_checkpoints, load_checkpoint, \
-    prune_checkpoints, remove_partial_checkpoints, save_checkpoint
+    prune_checkpoints, remove_partial_checkpoints, save_checkpoint, saved_config
+from supmae.config import RUN_DEFINING, PretrainConfig
 from supmae.distributed import any_rank, apply_ddp, apply_global_batchnorm, barrier, earliest_over_ranks, init_world, \
     mean_over_ranks
 from supmae.errors import SupmaeError
 from supmae.fast import apply_kernels
+from supmae.hardware import apply_compile, autocast_for, compile_mode_for, resolve_device, speed_defaults
 from supmae.metrics import Metrics
 from supmae.optim import build_optimizer, lr_at
-from supmae.pipelines.loader import LoaderSpec, check_engine, choose_engine, create_loader, open_batches
+from supmae.pipelines.loader import LoaderSpec, choose_engine, create_loader, open_batches
 from supmae.pipelines.masking import MaskSampler
 from supmae.pipelines.sources import open_source
 from supmae.pipelines.synthetic import default_dataset
-from supmae.registry import create_model, model_config
+from supmae.registry import build_model
 from supmae.stop import StopRequests
 
-# What a resumed run may not change: the model, and what fixes the data order, crops and masks.
-RUN_DEFINING = ("model", "img_size", "mask_ratio", "pool", "batch_size", "accum_iter", "seed")
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-# torch.compile's modes, and auto. reduce-overhead replays the step as CUDA graphs: on an H100 the
-# ViT-B/16 step at batch 256 ran 1.22x faster so (benchmarks/results/), for a static copy of the inputs.
-COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
-
-@dataclass
-class PretrainConfig:
-    data: Optional[str] = None          # image folder, CSV/TSV list or .beton; None: the embedded synthetic dataset
-    model: str = "supmae_vit_base_patch16"
-    batch_size: int = 64                # per device, per micro-batch
-    epochs: Optional[float] = None      # length of the run: epochs or steps (default 400 epochs)
-    steps: Optional[int] = None         # optimizer steps
-    output: str = "runs/supmae"
-    checkpoint_every: int = 1000        # optimizer steps; 0: only at the end
-    keep_checkpoints: int = 3
-    resume: Optional[str] = None        # a checkpoint path, or "auto" for the newest in `output`
-    loader: str = "auto"                # auto (ffcv for a .beton, else torch) | torch | ffcv | dali
-    order: str = "random"               # random | quasi_random (ffcv)
-    os_cache: bool = True               # ffcv: OS page cache (False: FFCV's process cache)
-    device: str = "auto"                # auto | cpu | cuda | cuda:N
-    workers: Optional[int] = None       # loader processes; None: cores - 1
-    precision: str = "auto"             # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
-    compile: Optional[bool] = None      # torch.compile; None: on for GPU, off for CPU
-    compile_mode: str = "auto"          # one of COMPILE_MODES; auto: CUDA graphs where they are safe
-    accum_iter: int = 1
-    blr: float = 1.5e-4                 # lr = blr * effective batch / 256 unless lr is given
-    lr: Optional[float] = None
-    min_lr: float = 0.0
-    weight_decay: float = 0.05
-    warmup_epochs: float = 40
-    warmup_steps: Optional[int] = None  # overrides warmup_epochs
-    img_size: int = 224
-    mask_ratio: float = 0.75
-    pool: str = "avg"
-    norm_pix_loss: bool = True
-    cls_loss_ratio: float = 0.01
-    temperature: float = 10.0
-    log_every: int = 20
-    seed: int = 0
-    sync_bn: bool = False               # several ranks: the classification head's BatchNorm over the global batch
-    tensorboard: bool = True            # TensorBoard scalars beside metrics.jsonl
-    progress: bool = True
-
-
-def unusable_gpu() -> Optional[str]:
-    """Why a GPU this machine has cannot be used, or None: a driver older than the CUDA build of torch
-    is the usual cause, and it would otherwise turn a GPU run into a CPU run without a word."""
-    if torch.cuda.is_available() or not (glob.glob("/dev/nvidia[0-9]*") or shutil.which("nvidia-smi")):
-        return None
-    return (f"an NVIDIA GPU is present but torch {torch.__version__} cannot use it (built for CUDA "
-            f"{torch.version.cuda or 'none'}): usually a driver older than that CUDA version, or a CPU-only torch")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        reason = unusable_gpu()
-        if reason:
-            print(f"warning: {reason}; running on the CPU", file=sys.stderr)
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise SupmaeError(f"unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SupmaeError(f"device {name} was asked for but {unusable_gpu() or 'no CUDA GPU is available'}")
-    if device.type not in ("cpu", "cuda"):
-        raise SupmaeError(f"unsupported device {name!r} (use auto, cpu, cuda or cuda:N)")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise SupmaeError(f"device {name} does not exist: {torch.cuda.device_count()} GPU(s) visible")
-    if device.type == "cuda" and device.index is not None:
-        torch.cuda.set_device(device)  # Triton launches on the current device, not on the tensors'
-    return device
-
-
-def speed_defaults(device: torch.device, precision: str = "auto", compile: Optional[bool] = None) -> tuple[str, bool]:
-    """Resolve "auto" to the fastest correct choice: bf16 and torch.compile on GPU, fp32 eager on CPU."""
-    on_gpu = device.type == "cuda"
-    return (precision if precision != "auto" else ("bf16" if on_gpu else "fp32"),
-            on_gpu if compile is None else compile)
-
-
-def compile_mode_for(mode: str, device: torch.device, accum_iter: int = 1, distributed: bool = False) -> str:
-    """Resolve "auto": CUDA graphs (reduce-overhead) on one GPU without accumulation, where they were
-    measured faster; they would overwrite accumulated gradients, and DDP's bucketed all-reduce runs
-    outside them."""
-    if mode != "auto":
-        return mode
-    return "reduce-overhead" if device.type == "cuda" and accum_iter == 1 and not distributed else "default"
-
-
-def apply_compile(forward, mode: str = "default"):
-    """torch.compile the step's forward (and, through AOTAutograd, its backward). fullgraph: a graph break
-    would silently split the step and cost speed, so it is an error instead."""
-    return torch.compile(forward, mode=mode, fullgraph=True)
-
-
-def autocast_for(device: torch.device, precision: str):
-    dtype = PRECISIONS[precision]
-    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-
-
-def build_model(cfg: PretrainConfig, num_classes: int):
-    """The model a run of `cfg` trains, on data with `num_classes` classes (MAE models have no branch)."""
-    try:
-        supervised = model_config(cfg.model)["num_classes"] != 0
-        return create_model(
-            cfg.model, img_size=cfg.img_size, mask_ratio=cfg.mask_ratio, norm_pix_loss=cfg.norm_pix_loss,
-            **(dict(num_classes=num_classes, pool=cfg.pool, cls_loss_ratio=cfg.cls_loss_ratio,
-                    temperature=cfg.temperature) if supervised else {}))
-    except ValueError as error:
-        raise SupmaeError(str(error)) from None
-
-
-def config_of(state: dict) -> PretrainConfig:
-    """The configuration a checkpoint was trained with (options added since take their defaults)."""
-    known = {f.name for f in dataclasses.fields(PretrainConfig)}
-    return PretrainConfig(**{k: v for k, v in state.get("config", {}).items() if k in known})
+logger = logging.getLogger(__name__)
 
 
 class Run:
     """Everything a pretraining run holds, built once from a config: data, model, optimiser and the
     (compiled, kernel-backed) forward. `restore()` moves it to a checkpoint's step."""
 
-    def __init__(self, cfg: PretrainConfig, log):
-        self.cfg, self.log = cfg, log
-        check_engine(cfg.loader)
-        if cfg.precision != "auto" and cfg.precision not in PRECISIONS:
-            raise SupmaeError(f"unknown precision {cfg.precision!r}; use auto, {', '.join(PRECISIONS)}")
-        if cfg.compile_mode not in COMPILE_MODES:
-            raise SupmaeError(f"unknown compile mode {cfg.compile_mode!r}; use {', '.join(COMPILE_MODES)}")
-        if cfg.accum_iter > 1 and cfg.compile_mode == "reduce-overhead":
-            raise SupmaeError("--compile-mode reduce-overhead replays the step as CUDA graphs, whose next replay "
-                              "overwrites the gradients being accumulated: use --accum-iter 1 or another --compile-mode")
+    def __init__(self, cfg: PretrainConfig):
+        self.cfg = cfg
         self.world, self.device = init_world(resolve_device(cfg.device))
         self.precision, self.compile = speed_defaults(self.device, cfg.precision, cfg.compile)
-        self.compile_mode = compile_mode_for(cfg.compile_mode, self.device, cfg.accum_iter, self.world.distributed)
+        self.compile_mode = compile_mode_for(cfg.compile_mode, self.device, accum_iter=cfg.accum_iter,
+                                             distributed=self.world.distributed)
         self.workers = cfg.workers if cfg.workers is not None else max(1, (os.cpu_count() or 2) - 1)
 
         self.data = cfg.data or default_dataset()
@@ -225,7 +97,7 @@ class Run:
         if cfg.resume == "auto":
             found = latest_checkpoint(cfg.output)
             if found is None:
-                self.log(f"no checkpoint in {cfg.output} yet: starting from step 0")
+                logger.info(f"no checkpoint in {cfg.output} yet: starting from step 0")
         elif cfg.resume:
             found = cfg.resume, load_checkpoint(cfg.resume)
         elif list_checkpoints(cfg.output):
@@ -234,10 +106,11 @@ class Run:
         if found is None:
             return
         path, state = found
-        saved = state.get("config", {})
+        saved = saved_config(state)
         for key in RUN_DEFINING:
-            if key in saved and saved[key] != getattr(cfg, key):
-                raise SupmaeError(f"checkpoint {path} was made with {key}={saved[key]!r}, not {getattr(cfg, key)!r}")
+            if getattr(saved, key) != getattr(cfg, key):
+                raise SupmaeError(f"checkpoint {path} was made with {key}={getattr(saved, key)!r}, not "
+                                  f"{getattr(cfg, key)!r}")
         if state.get("world_size", 1) != self.world.world_size:
             raise SupmaeError(f"checkpoint {path} was made on {state.get('world_size', 1)} rank(s), not "
                               f"{self.world.world_size}: the data order and batch would change")
@@ -249,7 +122,7 @@ class Run:
         torch.set_rng_state(state["rng"]["cpu"])
         if self.device.type == "cuda" and "cuda" in state["rng"]:
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
-        self.log(f"resumed from {path} at step {state['step']}")
+        logger.info(f"resumed from {path} at step {state['step']}")
         self.step = state["step"]
 
     def save(self, step: int) -> str:
@@ -274,10 +147,11 @@ class Run:
     def loader_spec(self) -> LoaderSpec:
         cfg = self.cfg
         rank, world_size = self.world.rank, self.world.world_size
-        masks = MaskSampler(self.model.num_patches, cfg.mask_ratio, cfg.seed, self.device, rank, world_size)
-        return LoaderSpec(cfg.batch_size, cfg.img_size, masks, self.device, workers=self.workers, seed=cfg.seed,
-                          start=self.step * cfg.accum_iter, order=cfg.order, os_cache=cfg.os_cache, rank=rank,
-                          world_size=world_size)
+        masks = MaskSampler(self.model.num_patches, cfg.mask_ratio, seed=cfg.seed, device=self.device, rank=rank,
+                            world_size=world_size)
+        return LoaderSpec(batch_size=cfg.batch_size, img_size=cfg.img_size, mask_sampler=masks, device=self.device,
+                          workers=self.workers, seed=cfg.seed, start=self.step * cfg.accum_iter, order=cfg.order,
+                          os_cache=cfg.os_cache, rank=rank, world_size=world_size)
 
     def loader(self):
         return create_loader(self.engine, self.source, self.loader_spec())
@@ -300,39 +174,36 @@ def train_step(forward, micro_batches, optimizer, scaler, autocast) -> torch.Ten
     return torch.stack(losses).mean(0)
 
 
-def pretrain(cfg: PretrainConfig, log=print) -> dict:
-    """Run (or continue) a pretraining run; returns the summary it also prints and logs.
+def pretrain(cfg: PretrainConfig) -> dict:
+    """Run (or continue) a pretraining run; returns the summary it also logs.
 
     SIGTERM or Ctrl-C ends the run after the current step with a checkpoint (summary["stopped"] names
-    the signal). On several ranks, rank 0 alone logs and writes files."""
-    _check(cfg)
-    run = Run(cfg, log)
-    if not run.world.is_main:
-        log = run.log = lambda *_: None
+    the signal). On several ranks, rank 0 alone writes files."""
+    run = Run(cfg)
     run.restore()
     if run.world.is_main:
         os.makedirs(cfg.output, exist_ok=True)
         for path in remove_partial_checkpoints(cfg.output):
-            log(f"removed {path}, left by a run killed while writing it")
+            logger.info(f"removed {path}, left by a run killed while writing it")
         _write_config(run)
     barrier(run.world)
     if run.warmup_steps >= run.total_steps:
-        log(f"warning: the warm-up ({run.warmup_steps} steps) is as long as the run ({run.total_steps} steps), so the "
+        logger.warning(f"the warm-up ({run.warmup_steps} steps) is as long as the run ({run.total_steps} steps), so the "
             "lr never reaches its peak; shorten it with --warmup-epochs or --warmup-steps")
     if cfg.accum_iter > 1 and run.supervised:
-        log(f"warning: with --accum-iter {cfg.accum_iter} the classification head's BatchNorm normalises over "
+        logger.warning(f"with --accum-iter {cfg.accum_iter} the classification head's BatchNorm normalises over "
             f"micro-batches of {cfg.batch_size}, not the effective batch of {run.effective_batch}")
     ranks = f" x {run.world.world_size} ranks" if run.world.distributed else ""
-    log(f"{cfg.model} on {run.device}{ranks} ({run.speed}): "
+    logger.info(f"{cfg.model} on {run.device}{ranks} ({run.speed}): "
         f"{len(run.source)} images in {len(run.source.classes)} classes from {run.data} ({run.engine} loader); "
         f"steps {run.step}->{run.total_steps}, batch {run.effective_batch}, peak lr {run.peak_lr:.3g}")
 
     if run.step >= run.total_steps:
-        log(f"nothing to do: the run is already at step {run.step} of {run.total_steps}")
+        logger.info(f"nothing to do: the run is already at step {run.step} of {run.total_steps}")
         return dict(steps=run.total_steps, images_per_s=None, checkpoint=None, metrics=None, stopped=None)
-    with Metrics(cfg.output, run.step, run.world.is_main, cfg.tensorboard) as metrics, StopRequests() as stop:
+    with Metrics(cfg.output, step=run.step, enabled=run.world.is_main, tensorboard=cfg.tensorboard) as metrics, StopRequests() as stop:
         summary = _loop(run, metrics, stop)
-    log(f"{'stopped by ' + summary['stopped'] + ' at' if summary['stopped'] else 'done:'} step {summary['steps']}, "
+    logger.info(f"{'stopped by ' + summary['stopped'] + ' at' if summary['stopped'] else 'done:'} step {summary['steps']}, "
         f"{summary['images_per_s']:.1f} images/s; checkpoint {summary['checkpoint']}; metrics {metrics.path}")
     return dict(summary, metrics=metrics.path)
 
@@ -350,7 +221,7 @@ def _loop(run: Run, metrics: Metrics, stop: StopRequests) -> dict:
             total=run.total_steps, initial=run.step, unit="step", file=sys.stderr, dynamic_ncols=True,
             disable=not (cfg.progress and run.world.is_main)) as bar:
         for step in range(run.step, run.total_steps):
-            lr = lr_at(step, run.peak_lr, run.warmup_steps, run.total_steps, cfg.min_lr)
+            lr = lr_at(step, peak=run.peak_lr, warmup=run.warmup_steps, total=run.total_steps, min_lr=cfg.min_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             losses = train_step(run.forward, [next(batches) for _ in range(cfg.accum_iter)], optimizer, run.scaler,
@@ -397,32 +268,8 @@ def _stop_if_diverged(first_bad: torch.Tensor, world) -> None:
 
 def _write_config(run: Run) -> None:
     cfg = run.cfg
-    with open(os.path.join(cfg.output, "config.json"), "w") as f:
-        json.dump(dict(dataclasses.asdict(cfg), data=run.data, device=str(run.device), precision=run.precision,
-                       compile=run.compile, compile_mode=run.compile_mode, workers=run.workers, world_size=run.world.world_size,
-                       total_steps=run.total_steps, warmup_steps=run.warmup_steps, peak_lr=run.peak_lr,
-                       effective_batch=run.effective_batch, classes=run.source.classes), f, indent=2)
-
-
-def _check(cfg: PretrainConfig) -> None:
-    positive = dict(batch_size=cfg.batch_size, accum_iter=cfg.accum_iter, log_every=cfg.log_every)
-    for name, value in positive.items():
-        if value < 1:
-            raise SupmaeError(f"{name.replace('_', '-')} must be at least 1, got {value}")
-    if cfg.steps is not None and cfg.steps < 1:
-        raise SupmaeError(f"steps must be at least 1, got {cfg.steps}")
-    if cfg.epochs is not None and not cfg.epochs > 0:
-        raise SupmaeError(f"epochs must be positive, got {cfg.epochs}")
-    if cfg.steps is not None and cfg.epochs is not None:
-        raise SupmaeError("give --epochs or --steps, not both")
-    for name in ("checkpoint_every", "keep_checkpoints", "seed", "min_lr", "weight_decay", "warmup_epochs"):
-        if getattr(cfg, name) < 0:
-            raise SupmaeError(f"{name.replace('_', '-')} must not be negative, got {getattr(cfg, name)}")
-    if cfg.workers is not None and cfg.workers < 0:
-        raise SupmaeError(f"workers must not be negative, got {cfg.workers}")
-    if cfg.warmup_steps is not None and cfg.warmup_steps < 0:
-        raise SupmaeError(f"warmup-steps must not be negative, got {cfg.warmup_steps}")
-    for name in ("blr", "lr", "temperature"):
-        value = getattr(cfg, name)
-        if value is not None and not value > 0:
-            raise SupmaeError(f"{name} must be positive, got {value}")
+    resolved = dict(dataclasses.asdict(cfg), data=run.data, device=str(run.device), precision=run.precision,
+                    compile=run.compile, compile_mode=run.compile_mode, workers=run.workers,
+                    world_size=run.world.world_size, total_steps=run.total_steps, warmup_steps=run.warmup_steps,
+                    peak_lr=run.peak_lr, effective_batch=run.effective_batch, classes=run.source.classes)
+    write_text(os.path.join(cfg.output, "config.json"), json.dumps(resolved, indent=2))

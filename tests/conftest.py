@@ -42,7 +42,8 @@ def folder_with_a_bad_image(tmp_path):
 def checkpoint(tmp_path):
     """A fresh supmae_vit_tiny_patch16 at 224, saved as a run would save it."""
     from supmae.checkpoint import save_checkpoint
-    from supmae.train import PretrainConfig, build_model
+    from supmae.config import PretrainConfig
+    from supmae.registry import build_model
     cfg = PretrainConfig(model="supmae_vit_tiny_patch16")
     torch.manual_seed(0)
     model = build_model(cfg, 5)

@@ -21,10 +21,11 @@ def test_file_list_that_is_not_utf8_text_or_not_csv(capsys, tmp_path):
     assert f"{huge} is not a readable file list: field larger than field limit" in err
 
 
-def test_visualize_wants_an_image_file_name_before_any_model_work(capsys, synth_folder, tmp_path):
-    missing = str(tmp_path / "none.pt")  # the name is checked first, so the missing checkpoint is not reached
+def test_visualize_wants_an_image_file_name_before_any_model_work(capsys, monkeypatch, checkpoint, synth_folder,
+                                                                  tmp_path):
+    monkeypatch.setattr("supmae.visualize.load_pretrained", lambda *_: pytest.fail("the model was loaded first"))
     for out in ("grid", "grid.xyz", "grid.psd"):  # PIL reads .psd but cannot write it
-        err = error_of(capsys, "visualize", "--checkpoint", missing, "--data", synth_folder,
+        err = error_of(capsys, "visualize", "--checkpoint", checkpoint, "--data", synth_folder,
                        "--out", str(tmp_path / out))
         assert err.endswith(f"give an image file name such as {tmp_path / 'grid'}.png"), err
 
@@ -55,21 +56,22 @@ def test_finetune_checks_its_output_folder_before_training(capsys, monkeypatch, 
 def test_resume_drops_the_torn_last_line_of_a_killed_run(tmp_path):
     good = [json.dumps(dict(step=step, loss=1.0 / step)) + "\n" for step in (1, 2, 3)]
     (tmp_path / "metrics.jsonl").write_text("".join(good) + '{"step": 4, "lo')
-    with Metrics(str(tmp_path), 3, enabled=True, tensorboard=False) as metrics:
+    with Metrics(str(tmp_path), step=3, enabled=True, tensorboard=False) as metrics:
         metrics.write(dict(step=4, loss=0.25))
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines(keepends=True)
     assert lines == good + [json.dumps(dict(step=4, loss=0.25)) + "\n"]
-    with Metrics(str(tmp_path), 2, enabled=True, tensorboard=False):
+    with Metrics(str(tmp_path), step=2, enabled=True, tensorboard=False):
         pass
     assert (tmp_path / "metrics.jsonl").read_text() == "".join(good[:2])
 
 
 def test_a_shared_dataset_published_first_is_kept_and_used(tmp_path):
     path = str(tmp_path / "synthetic")
-    assert write_synthetic(path, 2, 2, workers=1, shared=True) == path
+    assert write_synthetic(path, num_classes=2, images_per_class=2, workers=1, shared=True) == path
     (tmp_path / "synthetic" / "in use").write_text("")  # stands for a reader of the first copy
-    assert write_synthetic(path, 2, 2, workers=1, shared=True) == path  # a writer that finishes second
+    assert write_synthetic(path, num_classes=2, images_per_class=2, workers=1, shared=True) == path  # a writer that finishes second
     assert sorted(os.listdir(tmp_path)) == ["synthetic"]  # its own copy is gone
     assert sorted(os.listdir(path)) == ["0000_circle_stripes", "0001_triangle_stripes", "in use", MANIFEST]
     with pytest.raises(OSError):  # a target that is not a finished dataset is neither replaced nor taken
-        write_synthetic(str(tmp_path / "synthetic" / "0000_circle_stripes"), 2, 2, workers=1, shared=True)
+        write_synthetic(str(tmp_path / "synthetic" / "0000_circle_stripes"), num_classes=2, images_per_class=2, workers=1,
+                        shared=True)

@@ -12,7 +12,8 @@ from PIL import Image
 
 from supmae.cli import main
 from supmae.errors import SupmaeError
-from supmae.pipelines.convert import ConvertOptions, convert, report_path
+from supmae.config import ConvertConfig, ConvertOptions
+from supmae.pipelines.convert import convert, report_path
 from supmae.pipelines.sources import BetonSource, open_source, sidecar_path
 
 from test_cli import REPO, error_of
@@ -25,7 +26,7 @@ def pattern(width=48, height=32) -> np.ndarray:
 
 
 def quiet_convert(src, out, **options):
-    return convert(str(src), str(out), ConvertOptions(**options), workers=2, progress=False, log=lambda _: None)
+    return convert(ConvertConfig(src=str(src), out=str(out), storage=ConvertOptions(**options), workers=2, progress=False))
 
 
 def stock_ffcv_images(path) -> tuple[list[np.ndarray], list[int]]:

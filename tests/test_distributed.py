@@ -49,7 +49,7 @@ def _rank_gradients(rank, port, out):
     m = apply_global_batchnorm(model())
     forward = apply_ddp(apply_kernels(m, "eager"), device)
     images, labels = batch()
-    masking = MaskSampler(m.num_patches, 0.75, 0, device, world.rank, world.world_size)(4, 0)
+    masking = MaskSampler(m.num_patches, 0.75, seed=0, device=device, rank=world.rank, world_size=world.world_size)(4, 0)
     forward(images[rank::WORLD], labels[rank::WORLD], masking=masking).loss.backward()
     torch.save(gradients(m), os.path.join(out, f"rank{rank}.pt"))
     torch.distributed.destroy_process_group()
@@ -60,7 +60,7 @@ def test_gradients_are_equal_across_ranks_and_to_one_process(tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     m = model()
     images, labels = batch()
-    masking = MaskSampler(m.num_patches, 0.75, 0, "cpu")(8, 0)
+    masking = MaskSampler(m.num_patches, 0.75, seed=0, device="cpu")(8, 0)
     apply_kernels(m, "eager")(images, labels, masking=masking).loss.backward()
     single = gradients(m)
     assert set(ranks[0]) == set(single) and any(n.startswith("cls_head.1") for n in single)
@@ -83,9 +83,9 @@ def test_rank_shards_and_masks_make_up_the_global_batch():
     for epoch in range(2):  # together the ranks cover every epoch's batches
         covered = [i for s in shards for b in range(6) for i in s.batch(epoch * 6 + b)[1]]
         assert len(set(covered)) == len(covered) == 48
-    full = MaskSampler(16, 0.75, 0, "cpu")(8, 7)
+    full = MaskSampler(16, 0.75, seed=0, device="cpu")(8, 7)
     for r in range(WORLD):
-        part = MaskSampler(16, 0.75, 0, "cpu", r, WORLD)(4, 7)
+        part = MaskSampler(16, 0.75, seed=0, device="cpu", rank=r, world_size=WORLD)(4, 7)
         assert torch.equal(part.mask, full.mask[r::WORLD]) and torch.equal(part.ids_keep, full.ids_keep[r::WORLD])
 
 

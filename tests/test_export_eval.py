@@ -6,7 +6,8 @@ from supmae.cli import main
 from supmae.evaluate import eval_knn, knn_top1, load_pretrained
 from supmae.finetune import layer_decay_groups, linear_probe, timm_vit
 from supmae.pipelines.synthetic import write_synthetic
-from supmae.train import PretrainConfig, pretrain
+from supmae.config import KnnConfig, LinearConfig, PretrainConfig
+from supmae.train import pretrain
 
 from test_cli import error_of
 
@@ -41,27 +42,27 @@ def test_knn_votes_by_weighted_neighbours():
     train = torch.nn.functional.normalize(torch.tensor([[1.0, 0], [0.9, 0.1], [0, 1.0], [0.1, 0.9]]), dim=1)
     labels = torch.tensor([0, 0, 1, 1])
     val = torch.nn.functional.normalize(torch.tensor([[1.0, 0.2], [0.2, 1.0], [0.0, 1.0]]), dim=1)
-    assert knn_top1(train, labels, val, torch.tensor([0, 1, 1]), k=3) == 1.0
-    assert knn_top1(train, labels, val, torch.tensor([1, 1, 1]), k=3) == pytest.approx(2 / 3)
+    assert knn_top1((train, labels), (val, torch.tensor([0, 1, 1])), k=3) == 1.0
+    assert knn_top1((train, labels), (val, torch.tensor([1, 1, 1])), k=3) == pytest.approx(2 / 3)
 
 
 @pytest.fixture(scope="module")
 def short_runs(tmp_path_factory):
     """Same-length SupMAE and MAE runs on the embedded-style data, and a held-out split drawn with another seed."""
     root = tmp_path_factory.mktemp("short")
-    train = write_synthetic(str(root / "train"), 4, 16, seed=0, workers=1)
-    val = write_synthetic(str(root / "val"), 4, 10, seed=1, workers=1)
+    train = write_synthetic(str(root / "train"), num_classes=4, images_per_class=16, seed=0, workers=1)
+    val = write_synthetic(str(root / "val"), num_classes=4, images_per_class=10, seed=1, workers=1)
     checkpoints = {}
     for model in ("supmae_vit_tiny_patch16", "mae_vit_tiny_patch16"):
         checkpoints[model] = pretrain(PretrainConfig(
             data=train, model=model, img_size=64, batch_size=16, steps=100, warmup_steps=10, lr=1.5e-3, workers=1,
-            progress=False, tensorboard=False, output=str(root / model), log_every=50), log=lambda *_: None)["checkpoint"]
+            progress=False, tensorboard=False, output=str(root / model), log_every=50))["checkpoint"]
     return train, val, checkpoints
 
 
 def test_short_supmae_run_beats_chance_and_a_same_length_mae_run(short_runs):
     train, val, checkpoints = short_runs
-    top1 = {m: eval_knn(c, train, val, k=10, log=lambda *_: None)["top1"] for m, c in checkpoints.items()}
+    top1 = {m: eval_knn(KnnConfig(checkpoint=c, train=train, val=val, k=10))["top1"] for m, c in checkpoints.items()}
     assert top1["supmae_vit_tiny_patch16"] >= 0.25 + 0.4  # chance is 25%
     assert top1["supmae_vit_tiny_patch16"] > top1["mae_vit_tiny_patch16"] + 0.1
 
@@ -69,7 +70,7 @@ def test_short_supmae_run_beats_chance_and_a_same_length_mae_run(short_runs):
 def test_linear_probe_and_finetune_report_top1(capsys, short_runs, tmp_path):
     train, val, checkpoints = short_runs
     supmae = checkpoints["supmae_vit_tiny_patch16"]
-    assert linear_probe(supmae, train, val, epochs=30, workers=0, log=lambda *_: None)["top1"] >= 0.25 + 0.4
+    assert linear_probe(LinearConfig(checkpoint=supmae, train=train, val=val, epochs=30, workers=0))["top1"] >= 0.25 + 0.4
     assert main(["eval", "linear", "--checkpoint", supmae, "--train", train, "--val", val, "--epochs", "2",
                  "--workers", "0"]) == 0
     assert "linear probe top-1" in capsys.readouterr().out

@@ -65,7 +65,7 @@ def test_a_killed_run_resumes_onto_the_uninterrupted_curve(synth_folder, tmp_pat
     run.communicate()
     saved = load_checkpoint(list_checkpoints(str(killed))[-1])["step"]
     assert saved < steps, "the run ended before it could be killed"
-    partial = killed / "checkpoint-00000999.pt.tmp-12345"  # what a kill during a checkpoint write leaves
+    partial = killed / ".checkpoint-00000999.pt.partial-12345"  # what a kill during a checkpoint write leaves
     partial.write_bytes(b"half a checkpoint")
     resumed = start(*arguments(synth_folder, killed, steps, "--checkpoint-every", "10", "--resume", "auto"))
     out, err = resumed.communicate(timeout=600)
@@ -83,7 +83,7 @@ def test_a_diverging_loss_stops_naming_its_first_step(synth_folder, tmp_path, ch
     cfg = config(synth_folder, tmp_path, steps=40, lr=1e6, warmup_steps=0, log_every=20,
                  checkpoint_every=checkpoint_every, keep_checkpoints=2)
     with pytest.raises(SupmaeError, match=r"loss stopped being finite at step \d+; stopping") as raised:
-        pretrain(cfg, log=lambda *_: None)
+        pretrain(cfg)
     first = int(str(raised.value).split("at step ")[1].split(";")[0])
     assert all(r["step"] >= first for r in metrics(tmp_path) if not math.isfinite(r["loss"]))  # found between syncs
     for path in list_checkpoints(str(tmp_path)):  # what was kept was saved before the divergence

@@ -13,7 +13,8 @@ from PIL import Image
 from supmae.errors import SupmaeError
 from supmae.pipelines.augment import sample_crop
 from supmae.pipelines.batch import IMAGENET_MEAN, IMAGENET_STD
-from supmae.pipelines.convert import ConvertOptions, convert
+from supmae.config import ConvertConfig, ConvertOptions, PretrainConfig
+from supmae.pipelines.convert import convert
 from supmae.pipelines.loader import LoaderSpec, create_loader
 from supmae.pipelines.masking import MaskSampler
 from supmae.pipelines.sources import open_source
@@ -47,13 +48,13 @@ def coordinates(coordinate_folder):
     paths = {"folder": coordinate_folder}
     for mode in ("raw", "jpg"):
         paths[mode] = f"{coordinate_folder}-{mode}.beton"
-        convert(coordinate_folder, paths[mode], ConvertOptions(write_mode=mode), workers=2, progress=False,
-                log=lambda _: None)
+        convert(ConvertConfig(src=coordinate_folder, out=paths[mode], storage=ConvertOptions(write_mode=mode), workers=2,
+                              progress=False))
     return paths
 
 
 def spec(**overrides) -> LoaderSpec:
-    options = dict(batch_size=BATCH, img_size=SIZE, mask_sampler=MaskSampler(16, 0.75, 0, "cpu"), workers=2, seed=0)
+    options = dict(batch_size=BATCH, img_size=SIZE, mask_sampler=MaskSampler(16, 0.75, seed=0, device="cpu"), workers=2, seed=0)
     options.update(overrides)
     return LoaderSpec(**options)
 
@@ -166,8 +167,8 @@ def test_dali_decodes_a_beton_as_ffcv_does(coordinates, tmp_path):
             smooth = Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).resize((64, 64), Image.BICUBIC)
             smooth.save(folder / str(label) / f"{i}.png")
     beton = str(tmp_path / "squares.beton")
-    convert(str(folder), beton, ConvertOptions(write_mode="jpg", jpeg_quality=90), workers=1, progress=False,
-            log=lambda _: None)
+    convert(ConvertConfig(src=str(folder), out=beton, storage=ConvertOptions(write_mode="jpg", jpeg_quality=90),
+                          workers=1, progress=False))
     ffcv, dali = (take(engine, beton, 1, train=False, img_size=56)[0] for engine in ("ffcv", "dali"))
     assert torch.equal(ffcv.labels, dali.labels)
     difference = np.abs(pixels(ffcv) - pixels(dali))
@@ -229,7 +230,7 @@ def test_gpu_batches_arrive_on_the_device(request, coordinate_folder, engine, ki
             pytest.importorskip(package)
     path = coordinate_folder if kind == "folder" else request.getfixturevalue("coordinates")[kind]
     device = torch.device("cuda")
-    batches = take(engine, path, 3, device=device, mask_sampler=MaskSampler(16, 0.75, 0, device),
+    batches = take(engine, path, 3, device=device, mask_sampler=MaskSampler(16, 0.75, seed=0, device=device),
                    dtype=torch.bfloat16)
     for batch, reference in zip(batches, take("torch", coordinate_folder, 3)):
         assert batch.images.device.type == "cuda" and batch.images.dtype == torch.bfloat16
@@ -244,8 +245,8 @@ def test_auto_picks_ffcv_for_a_beton_and_torch_otherwise(coordinates, monkeypatc
     assert choose_engine("auto", open_source(coordinates["jpg"])) == "ffcv"
     assert choose_engine("auto", open_source(coordinates["folder"])) == "torch"
     assert choose_engine("dali", open_source(coordinates["jpg"])) == "dali"
-    with pytest.raises(SupmaeError, match="unknown loader 'fast'"):
-        choose_engine("fast", open_source(coordinates["folder"]))
+    with pytest.raises(SupmaeError, match="^--loader: 'fast' is not one of auto, torch, ffcv, dali$"):
+        PretrainConfig(loader="fast")
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None)  # no ffcv installed
     assert choose_engine("auto", open_source(coordinates["jpg"])) == "torch"
 

@@ -16,8 +16,9 @@ from supmae.pipelines.synthetic import class_names
 
 
 def make_loader(folder, start=0, workers=0, seed=0, batch_size=8):
-    return create_loader("torch", open_source(folder), LoaderSpec(batch_size, 32, MaskSampler(16, 0.75, seed, "cpu"),
-                                                                  workers=workers, seed=seed, start=start))
+    return create_loader("torch", open_source(folder), LoaderSpec(
+        batch_size=batch_size, img_size=32, mask_sampler=MaskSampler(16, 0.75, seed=seed, device="cpu"), workers=workers, seed=seed,
+        start=start))
 
 
 def take(loader, n):
@@ -72,7 +73,7 @@ def test_flip_rate_is_one_half():
     image = Image.fromarray(np.tile(np.arange(64, dtype=np.uint8) * 4, (64, 1))[..., None].repeat(3, axis=2))
     flips = 0
     for index in range(1000):
-        out = np.asarray(crop_resize_flip(image, 16, *crop_and_flip(64, 64, 1, 0, index, train=True)), np.float32)[..., 0]
+        out = np.asarray(crop_resize_flip(image, 16, *crop_and_flip(64, 64, seed=1, epoch=0, index=index, train=True)), np.float32)[..., 0]
         flips += out[:, 0].mean() > out[:, -1].mean()  # the ramp now decreases left to right
     assert 450 < flips < 550
 

@@ -1,4 +1,5 @@
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -9,8 +10,8 @@ import torch
 
 from supmae.pipelines.batch import to_device_batches
 from supmae.pipelines.loader import ENGINES
-from supmae.profiler import ProfileOptions, profile
-from supmae.train import PretrainConfig
+from supmae.config import PretrainConfig, ProfileConfig
+from supmae.profiler import profile
 
 from test_cli import REPO, error_of, run_cli
 
@@ -33,28 +34,29 @@ class PausingLoader:
             while True:
                 time.sleep(self.delay)
                 yield pixels, labels
-        return to_device_batches(host_batches(), spec.device, spec.mask_sampler, spec.start, spec.dtype)
+        return to_device_batches(host_batches(), spec.device, spec.mask_sampler, start=spec.start,
+                                 dtype=spec.dtype)
 
 
 class SlowLoader(PausingLoader):
     delay = DELAY
 
 
-def profiled(engine, synth_folder, tmp_path, monkeypatch):
+def profiled(engine, synth_folder, tmp_path, monkeypatch, caplog):
     monkeypatch.setitem(ENGINES, engine, f"{__name__}:{dict(slow='SlowLoader', instant='PausingLoader')[engine]}")
     cfg = PretrainConfig(data=synth_folder, loader=engine, model="supmae_vit_tiny_patch16", img_size=64,
                          batch_size=BATCH, workers=0, progress=False)
-    lines = []
-    report = profile(cfg, ProfileOptions(steps=6, warmup=2, window=2, out=str(tmp_path / "profile")), log=lines.append)
-    return report, "\n".join(lines)
+    with caplog.at_level(logging.INFO, logger="supmae"):
+        report = profile(ProfileConfig(run=cfg, steps=6, warmup=2, window=2, out=str(tmp_path / "profile")))
+    return report, "\n".join(caplog.messages)
 
 
 def median(report, stage):
     return report["stages"][stage]["images_per_s"]["median"]
 
 
-def test_a_slowed_loader_is_named_as_the_bound(synth_folder, tmp_path, monkeypatch):
-    report, printed = profiled("slow", synth_folder, tmp_path, monkeypatch)
+def test_a_slowed_loader_is_named_as_the_bound(synth_folder, tmp_path, monkeypatch, caplog):
+    report, printed = profiled("slow", synth_folder, tmp_path, monkeypatch, caplog)
     ceiling = BATCH / DELAY
     assert 0.6 * ceiling < median(report, "loader") <= ceiling
     assert median(report, "step") > 2 * median(report, "loader")  # the tiny step is far faster than the pause
@@ -66,8 +68,8 @@ def test_a_slowed_loader_is_named_as_the_bound(synth_folder, tmp_path, monkeypat
     assert verdict["text"] in printed and "--workers" in verdict["text"]
 
 
-def test_a_fast_loader_leaves_the_step_as_the_bound(synth_folder, tmp_path, monkeypatch):
-    report, printed = profiled("instant", synth_folder, tmp_path, monkeypatch)
+def test_a_fast_loader_leaves_the_step_as_the_bound(synth_folder, tmp_path, monkeypatch, caplog):
+    report, printed = profiled("instant", synth_folder, tmp_path, monkeypatch, caplog)
     assert median(report, "loader") > 2 * median(report, "step")
     verdict = report["verdict"]
     assert verdict["bound"] == "step" and verdict["text"].startswith("step-bound")
@@ -76,8 +78,8 @@ def test_a_fast_loader_leaves_the_step_as_the_bound(synth_folder, tmp_path, monk
     assert "train on a GPU" in verdict["text"]  # the lever that fits a CPU run
 
 
-def test_report_figures_hang_together(synth_folder, tmp_path, monkeypatch):
-    report, _ = profiled("instant", synth_folder, tmp_path, monkeypatch)
+def test_report_figures_hang_together(synth_folder, tmp_path, monkeypatch, caplog):
+    report, _ = profiled("instant", synth_folder, tmp_path, monkeypatch, caplog)
     out = tmp_path / "profile"
     with open(out / "profile.json") as f:
         assert json.load(f) == json.loads(json.dumps(report))
@@ -112,7 +114,7 @@ def test_profile_cli_on_the_embedded_dataset(tmp_path):
 @pytest.mark.parametrize("args, expected", [
     (("--steps", "0"), "--steps: must be at least 1"),
     (("--window", "0"), "--window: must be at least 1"),
-    (("--loader", "nope"), "invalid choice"),
+    (("--loader", "nope"), "--loader: 'nope' is not one of auto"),
     (("--data", "/no/such/folder"), "/no/such/folder"),
 ])
 def test_profile_bad_inputs_are_one_line_errors(capsys, args, expected):
@@ -122,7 +124,7 @@ def test_profile_bad_inputs_are_one_line_errors(capsys, args, expected):
 def test_benchmark_suite_writes_a_consistent_summary(synth_folder, tmp_path):
     """The GPU check's one command runs on a CPU too: GPU rows skipped, the rest measured and consistent."""
     out = tmp_path / "suite.json"
-    done = subprocess.run([sys.executable, "benchmarks/suite.py", "--data", synth_folder, "--engines", "torch",
+    done = subprocess.run([sys.executable, "-m", "benchmarks.suite", "--data", synth_folder, "--engines", "torch",
                            "--model", "supmae_vit_tiny_patch16", "--img-size", "64", "--batch-size", "8",
                            "--steps", "4", "--window", "2", "--warmup", "1", "--workers", "1", "--out", str(out),
                            "--rows", "2,3,4,5,6,7,8"],  # not row 1, the CUDA tests: this is one of the suite's tests

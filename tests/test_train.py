@@ -1,5 +1,6 @@
 import contextlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -13,7 +14,8 @@ from supmae.errors import SupmaeError
 from supmae.optim import build_optimizer, lr_at, param_groups
 from supmae.pipelines.batch import Batch
 from supmae.pipelines.masking import random_masking
-from supmae.train import PretrainConfig, pretrain, train_step
+from supmae.config import PretrainConfig, ProfileConfig
+from supmae.train import pretrain, train_step
 
 from conftest import TINY
 
@@ -30,7 +32,7 @@ def metrics(output):
 
 
 def test_pretrain_writes_checkpoints_metrics_and_config(synth_folder, tmp_path):
-    summary = pretrain(config(synth_folder, tmp_path), log=lambda *_: None)
+    summary = pretrain(config(synth_folder, tmp_path))
     assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path))] == ["checkpoint-00000003.pt",
                                                                               "checkpoint-00000006.pt"]
     assert summary["checkpoint"].endswith("checkpoint-00000006.pt") and summary["images_per_s"] > 0
@@ -53,10 +55,10 @@ def test_pretrain_writes_checkpoints_metrics_and_config(synth_folder, tmp_path):
 
 def test_resume_continues_exactly(synth_folder, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    pretrain(config(synth_folder, straight), log=lambda *_: None)
+    pretrain(config(synth_folder, straight))
     resumed.mkdir()
     shutil.copy(straight / "checkpoint-00000003.pt", resumed)
-    pretrain(config(synth_folder, resumed, resume="auto", workers=1), log=lambda *_: None)
+    pretrain(config(synth_folder, resumed, resume="auto", workers=1))
     after = [r for r in metrics(resumed)]
     assert [r["step"] for r in after] == [4, 5, 6]
     for a, b in zip(metrics(straight)[3:], after):
@@ -67,16 +69,15 @@ def test_resume_continues_exactly(synth_folder, tmp_path):
         torch.testing.assert_close(final_a[key], final_b[key], rtol=1e-5, atol=1e-6)
 
 
-def test_fresh_run_never_overwrites_an_earlier_one(synth_folder, tmp_path):
-    pretrain(config(synth_folder, tmp_path, steps=3), log=lambda *_: None)
+def test_fresh_run_never_overwrites_an_earlier_one(synth_folder, tmp_path, caplog):
+    pretrain(config(synth_folder, tmp_path, steps=3))
     with pytest.raises(SupmaeError, match="already holds checkpoints"):
-        pretrain(config(synth_folder, tmp_path, steps=3), log=lambda *_: None)
-    lines = []
-    assert pretrain(config(synth_folder, tmp_path, steps=3, resume="auto"), log=lines.append)["checkpoint"] is None
-    assert "already at step 3" in lines[-1] and len(metrics(tmp_path)) == 3
+        pretrain(config(synth_folder, tmp_path, steps=3))
+    with caplog.at_level(logging.INFO, logger="supmae"):
+        assert pretrain(config(synth_folder, tmp_path, steps=3, resume="auto"))["checkpoint"] is None
+    assert "already at step 3" in caplog.messages[-1] and len(metrics(tmp_path)) == 3
     with pytest.raises(SupmaeError, match="made with model"):
-        pretrain(config(synth_folder, tmp_path, steps=6, model="mae_vit_tiny_patch16", resume="auto"),
-                 log=lambda *_: None)
+        pretrain(config(synth_folder, tmp_path, steps=6, model="mae_vit_tiny_patch16", resume="auto"))
 
 
 def test_gradient_accumulation_matches_the_full_batch():
@@ -97,16 +98,18 @@ def test_gradient_accumulation_matches_the_full_batch():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_a_warm_up_as_long_as_the_run_is_warned_about(synth_folder, tmp_path):
-    lines = []
-    pretrain(config(synth_folder, tmp_path, steps=2, warmup_steps=2, img_size=32), log=lines.append)
-    assert any(line.startswith("warning: the warm-up (2 steps) is as long as the run (2 steps)") for line in lines)
+def warnings_of(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
 
 
-def test_accumulation_warns_about_batchnorm(synth_folder, tmp_path):
-    lines = []
-    pretrain(config(synth_folder, tmp_path, steps=1, batch_size=4, accum_iter=2), log=lines.append)
-    assert any("BatchNorm" in line and "micro-batches of 4" in line for line in lines)
+def test_a_warm_up_as_long_as_the_run_is_warned_about(synth_folder, tmp_path, caplog):
+    pretrain(config(synth_folder, tmp_path, steps=2, warmup_steps=2, img_size=32))
+    assert any(line.startswith("the warm-up (2 steps) is as long as the run (2 steps)") for line in warnings_of(caplog))
+
+
+def test_accumulation_warns_about_batchnorm(synth_folder, tmp_path, caplog):
+    pretrain(config(synth_folder, tmp_path, steps=1, batch_size=4, accum_iter=2))
+    assert any("BatchNorm" in line and "micro-batches of 4" in line for line in warnings_of(caplog))
 
 
 def test_weight_decay_skips_biases_and_1d_parameters():
@@ -123,11 +126,11 @@ def test_weight_decay_skips_biases_and_1d_parameters():
 
 
 def test_learning_rate_schedule():
-    assert lr_at(0, 1.0, 10, 110) == 0
-    assert lr_at(5, 1.0, 10, 110) == 0.5
-    assert lr_at(10, 1.0, 10, 110) == 1.0
-    assert math.isclose(lr_at(60, 1.0, 10, 110, min_lr=0.1), 0.55)  # half way down the cosine
-    assert math.isclose(lr_at(110, 1.0, 10, 110, min_lr=0.1), 0.1)
+    assert lr_at(0, peak=1.0, warmup=10, total=110) == 0
+    assert lr_at(5, peak=1.0, warmup=10, total=110) == 0.5
+    assert lr_at(10, peak=1.0, warmup=10, total=110) == 1.0
+    assert math.isclose(lr_at(60, peak=1.0, warmup=10, total=110, min_lr=0.1), 0.55)  # half way down the cosine
+    assert math.isclose(lr_at(110, peak=1.0, warmup=10, total=110, min_lr=0.1), 0.1)
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
@@ -135,7 +138,8 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     save_checkpoint({"model": {"w": torch.ones(3)}, "step": 1}, path)
 
     def crash(obj, f):
-        f.write(b"partial")
+        with open(f, "wb") as file:
+            file.write(b"partial")
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", crash)
@@ -147,20 +151,20 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_steps_run(synth_folder, tmp_path, precision):
-    summary = pretrain(config(synth_folder, tmp_path, steps=2, precision=precision), log=lambda *_: None)
+    summary = pretrain(config(synth_folder, tmp_path, steps=2, precision=precision))
     assert all(math.isfinite(r["loss"]) for r in metrics(tmp_path)) and summary["checkpoint"]
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_compiled_bf16_runs_on_gpu_with_and_without_cuda_graphs(synth_folder, tmp_path):
+def test_compiled_bf16_runs_on_gpu_with_and_without_cuda_graphs(synth_folder, tmp_path, caplog):
     from torch._inductor import config as inductor_config
     curves = {}
     for mode in ("default", "reduce-overhead"):
-        lines = []
-        with inductor_config.patch({"triton.cudagraph_or_error": True}):  # graphs skipped would be an error
-            pretrain(config(synth_folder, tmp_path / mode, steps=4, device="cuda", compile_mode=mode), log=lines.append)
-        assert "bf16, compiled" in lines[0]
+        caplog.clear()
+        with inductor_config.patch({"triton.cudagraph_or_error": True}), caplog.at_level(logging.INFO, "supmae"):
+            pretrain(config(synth_folder, tmp_path / mode, steps=4, device="cuda", compile_mode=mode))
+        assert any("bf16, compiled" in line for line in caplog.messages)
         curves[mode] = [r["loss"] for r in metrics(tmp_path / mode)]
         assert all(math.isfinite(loss) for loss in curves[mode]) and len(curves[mode]) == 4
     assert curves["reduce-overhead"] == pytest.approx(curves["default"], rel=1e-2)  # bf16: the same step, replayed
@@ -170,7 +174,7 @@ def test_the_compile_mode_reaches_torch_compile(synth_folder, tmp_path, monkeypa
     from supmae.train import Run
     modes = []
     monkeypatch.setattr(torch, "compile", lambda module, mode, fullgraph: modes.append((mode, fullgraph)) or module)
-    run = Run(config(synth_folder, tmp_path, compile=True, compile_mode="max-autotune"), log=lambda *_: None)
+    run = Run(config(synth_folder, tmp_path, compile=True, compile_mode="max-autotune"))
     assert modes == [("max-autotune", True)] and run.speed == "fp32, compiled, max-autotune"
 
 
@@ -178,33 +182,31 @@ def test_compiled_run_follows_the_eager_run(synth_folder, tmp_path):
     """torch.compile over the forward and, through AOTAutograd, its backward."""
     curves = {}
     for compiled in (False, True):
-        pretrain(config(synth_folder, tmp_path / str(compiled), img_size=32, compile=compiled, tensorboard=False),
-                 log=lambda *_: None)
+        pretrain(config(synth_folder, tmp_path / str(compiled), img_size=32, compile=compiled, tensorboard=False))
         curves[compiled] = [r["loss"] for r in metrics(tmp_path / str(compiled))]
     assert curves[True] == pytest.approx(curves[False], rel=1e-5)
 
 
-def test_a_gpu_torch_cannot_use_is_named_not_silently_replaced(monkeypatch, capsys):
+def test_a_gpu_torch_cannot_use_is_named_not_silently_replaced(monkeypatch, caplog):
     """An old driver makes torch.cuda.is_available() false on a GPU machine: say so, in one line."""
-    from supmae.train import resolve_device
+    from supmae.hardware import resolve_device
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr("shutil.which", lambda command: "/usr/bin/nvidia-smi" if command == "nvidia-smi" else None)
     assert resolve_device("auto").type == "cpu"
-    warning = capsys.readouterr().err.strip()
-    assert warning.startswith("warning: an NVIDIA GPU is present but torch") and "driver" in warning
+    [warning] = warnings_of(caplog)
+    assert warning.startswith("an NVIDIA GPU is present but torch") and "driver" in warning
     assert len(warning.splitlines()) == 1
+    caplog.clear()
     with pytest.raises(SupmaeError, match="driver older than"):
         resolve_device("cuda")
     monkeypatch.setattr("shutil.which", lambda command: None)
     monkeypatch.setattr("glob.glob", lambda pattern: [])
-    assert resolve_device("auto").type == "cpu" and capsys.readouterr().err == ""
+    assert resolve_device("auto").type == "cpu" and warnings_of(caplog) == []
 
 
 def test_cuda_graphs_with_accumulation_are_refused(synth_folder, tmp_path):
-    """The next replay would overwrite the gradients being accumulated; the loop and the profiler refuse."""
-    from supmae.profiler import ProfileOptions, profile
-    cfg = config(synth_folder, tmp_path, accum_iter=2, compile_mode="reduce-overhead")
+    """The next replay would overwrite the gradients being accumulated: no run or profile is configured so."""
     with pytest.raises(SupmaeError, match="use --accum-iter 1"):
-        pretrain(cfg, log=lambda *_: None)
+        config(synth_folder, tmp_path, accum_iter=2, compile_mode="reduce-overhead")
     with pytest.raises(SupmaeError, match="use --accum-iter 1"):
-        profile(cfg, ProfileOptions(), log=lambda *_: None)
+        ProfileConfig.merge(dict(data=synth_folder, accum_iter=2, compile_mode="reduce-overhead"))

@@ -1,0 +1,44 @@
+"""Files that appear whole or not at all: written under a temporary name beside the target, synced, then
+renamed over it, so a crash, a full disk or a kill mid-write leaves the previous version intact."""
+import contextlib
+import os
+import shutil
+from typing import Iterator
+
+
+def _sync_folder(path: str) -> None:
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(fd)  # makes the rename itself durable
+    finally:
+        os.close(fd)
+
+
+def temporary_name(path: str) -> str:
+    """Where `replaced` writes `path` first: hidden, beside it, unique to this process."""
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, f".{name}.partial-{os.getpid()}")
+
+
+@contextlib.contextmanager
+def replaced(path: str) -> Iterator[str]:
+    """Yields a temporary path to write `path`'s new contents to (a file or a folder); on leaving without
+    an error it is synced and renamed to `path`, and on an error it is removed."""
+    tmp = temporary_name(path)
+    try:
+        yield tmp
+        if os.path.isfile(tmp):
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _sync_folder(path)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif os.path.lexists(tmp):
+            os.remove(tmp)
+
+
+def write_text(path: str, text: str) -> None:
+    with replaced(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
