@@ -73,7 +73,7 @@ class FFCVLoader:
         if not isinstance(source, BetonSource):
             raise SupmaeError(f"the ffcv loader reads .beton files; convert {source.path} first "
                               f"(supmae convert {source.path} OUT.beton)")
-        if spec.order not in ("random", "quasi_random"):
+        if spec.order not in ("random", "quasi_random", "sequential"):
             raise SupmaeError(f"unknown order {spec.order!r}; use random or quasi_random")
         if spec.order == "quasi_random" and spec.world_size > 1:
             raise SupmaeError("quasi_random order cannot be sharded across ranks; use random")
@@ -106,6 +106,8 @@ class FFCVLoader:
         loader = self._loader(epoch, 0)
         while True:
             yield from _one_epoch(loader)
+            if self.schedule.total_batches is not None:  # a single pass
+                return
 
     def __iter__(self) -> Iterator[Batch]:
         spec = self.spec

@@ -55,11 +55,13 @@ class LoaderSpec:
     train: bool = True          # random resized crop + flip; False: the centre crop
     rank: int = 0
     world_size: int = 1
-    order: str = "random"       # random (shared by all engines) | quasi_random (ffcv, page-aware)
+    # random (shared by all engines) | quasi_random (ffcv, page-aware) | sequential (one pass in index order)
+    order: str = "random"
     os_cache: bool = True       # ffcv: rely on the OS page cache (False: its own process cache)
 
     def schedule(self, num_samples: int) -> Schedule:
-        schedule = Schedule(num_samples, self.batch_size, seed=self.seed, rank=self.rank, world_size=self.world_size)
+        schedule = Schedule(num_samples, self.batch_size, seed=self.seed, rank=self.rank, world_size=self.world_size,
+                            sequential=self.order == "sequential")
         if schedule.batches_per_epoch < 1:
             raise SupmaeError(f"{num_samples} images make no batch of {self.batch_size} on each of "
                               f"{self.world_size} rank(s); lower --batch-size")
@@ -95,7 +97,7 @@ def choose_engine(engine: str, source) -> str:
 
 def create_loader(engine: str, source: Source, spec: LoaderSpec) -> Engine:
     engine = choose_engine(engine, source)
-    if spec.order != "random" and engine != "ffcv":
+    if spec.order == "quasi_random" and engine != "ffcv":
         raise SupmaeError(f"order {spec.order!r} is an ffcv loader option; the {engine} loader reads in random order")
     module, name = ENGINES[engine].split(":")
     try:
@@ -104,6 +106,20 @@ def create_loader(engine: str, source: Source, spec: LoaderSpec) -> Engine:
         raise SupmaeError(f"the {engine} loader needs the {PACKAGES.get(engine, engine)} package, "
                           f"which failed to import: {error}") from None
     return cls(source, spec)
+
+
+def ordered_batches(engine: str, source: Source, *, img_size: int, batch_size: int, workers: int,
+                    device) -> Iterator[Batch]:
+    """Every sample once, in index order, centre-cropped, with no mask, through any engine: what evaluation,
+    fine-tuning's validation and visualisation read. The last batch holds what is left (the engines' padding
+    is cut off)."""
+    spec = LoaderSpec(batch_size=batch_size, img_size=img_size, mask_sampler=None, device=device, workers=workers,
+                      train=False, order="sequential")
+    with open_batches(create_loader(engine, source, spec)) as batches:
+        for first in range(0, len(source), batch_size):
+            batch = next(batches)
+            left = len(source) - first
+            yield batch if left >= batch_size else Batch(batch.images[:left], batch.labels[:left], None)
 
 
 @contextlib.contextmanager

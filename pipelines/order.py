@@ -18,20 +18,32 @@ def shard(order: np.ndarray, rank: int, world_size: int) -> np.ndarray:
 
 
 class Schedule:
-    """Batches of `batch_size` sample indices, epoch after epoch; the partial last batch is dropped."""
+    """Batches of `batch_size` sample indices, epoch after epoch; the partial last batch is dropped.
 
-    def __init__(self, num_samples: int, batch_size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1):
+    `sequential`: one pass over every sample in index order (what evaluation reads), the last batch filled
+    up with repeats of the last sample, so engines keep their fixed batch shape; `total_batches` ends it."""
+
+    def __init__(self, num_samples: int, batch_size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 sequential: bool = False):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside a world of {world_size}")
+        if sequential and world_size > 1:
+            raise ValueError("a sequential pass is read by one rank")
         self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
-        self.rank, self.world_size = rank, world_size
-        self.batches_per_epoch = num_samples // world_size // batch_size
+        self.rank, self.world_size, self.sequential = rank, world_size, sequential
+        self.batches_per_epoch = (-(-num_samples // batch_size) if sequential
+                                  else num_samples // world_size // batch_size)
+        self.total_batches = self.batches_per_epoch if sequential else None  # None: endless
         self._cached = (None, None)
 
     def epoch(self, epoch: int) -> np.ndarray:
         """This rank's samples for `epoch`, in order, a whole number of batches long."""
         if self._cached[0] != epoch:
-            order = shard(epoch_order(self.num_samples, self.seed, epoch), self.rank, self.world_size)
+            if self.sequential:
+                padding = self.batches_per_epoch * self.batch_size - self.num_samples
+                order = np.concatenate([np.arange(self.num_samples), np.full(padding, self.num_samples - 1)])
+            else:
+                order = shard(epoch_order(self.num_samples, self.seed, epoch), self.rank, self.world_size)
             self._cached = (epoch, order[:self.batches_per_epoch * self.batch_size])
         return self._cached[1]
 

@@ -51,13 +51,15 @@ def _collate(samples):
 
 
 class _Keys:
-    """The DataLoader's batch sampler: (epoch, index) keys of global batches start, start + 1, ..."""
+    """The DataLoader's batch sampler: (epoch, index) keys of global batches start, start + 1, ... (to the
+    schedule's end, when it has one, so the workers decode nothing past a single pass)."""
 
     def __init__(self, schedule: Schedule, start: int):
         self.schedule, self.start = schedule, start
 
     def __iter__(self):
-        for b in itertools.count(self.start):
+        total = self.schedule.total_batches
+        for b in itertools.count(self.start) if total is None else range(self.start, total):
             epoch, indices = self.schedule.batch(b)
             yield [(epoch, int(i)) for i in indices]
 
@@ -86,12 +88,3 @@ def _raise_unreadable(batches):
         if isinstance(batch, _Unreadable):
             raise SupmaeError(f"cannot read image {batch.name}: {batch.reason}")
         yield batch
-
-
-def ordered_views(source, *, img_size: int, batch_size: int, workers: int, device) -> Iterator[Batch]:
-    """Every sample once, in order, centre-cropped, with no mask: what evaluation reads."""
-    n = len(source)
-    keys = [[(0, i) for i in range(first, min(first + batch_size, n))] for first in range(0, n, batch_size)]
-    loader = DataLoader(_Views(source, size=img_size, seed=0, train=False), batch_sampler=keys, num_workers=workers,
-                        collate_fn=_collate, pin_memory=torch.device(device).type == "cuda")
-    return to_device_batches(_raise_unreadable(loader), device, None)

@@ -34,6 +34,11 @@ def device_option(group: Optional[str] = None) -> str:
     return option("auto", "auto (a GPU when there is one), cpu, cuda or cuda:N", metavar="DEVICE", group=group)
 
 
+def loader_option(group: Optional[str] = None) -> str:
+    return option("auto", "decoding engine (ffcv reads .beton files only); auto: ffcv for a .beton, torch otherwise",
+                  choices=_loaders, metavar="{" + ",".join(_loaders()) + "}", group=group)
+
+
 def _check_device(cfg: Config) -> None:
     if not _DEVICE.match(cfg.device):
         raise SupmaeError(f"--device: must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
@@ -107,9 +112,7 @@ class PretrainConfig(Config):
     # data
     data: Optional[str] = option(None, "image folder, CSV/TSV file list or .beton", group="data loading", exists=True,
                                  shown="the embedded synthetic dataset")
-    loader: str = option("auto", "decoding engine (ffcv reads .beton files only); auto: ffcv for a .beton, torch "
-                                 "otherwise", choices=_loaders, metavar="{" + ",".join(_loaders()) + "}",
-                         group="data loading")
+    loader: str = loader_option(group="data loading")
     order: str = option("random", "sample order; quasi_random (ffcv) reads pages in near-random order, for data "
                                   "larger than memory", choices=ORDERS, group="data loading")
     os_cache: bool = option(True, "ffcv: rely on the OS page cache (--no-os-cache: FFCV's own process cache)",
@@ -202,6 +205,7 @@ class SplitsConfig(Config):
     checkpoint: str = option(help="a pretraining checkpoint", exists=True)
     train: str = option(help="image folder, file list or .beton with the labelled train split", exists=True)
     val: str = option(help="the validation split, with the same classes", exists=True)
+    loader: str = loader_option()
     workers: int = option(2, "decoding processes", at_least=0)
     device: str = device_option()
 
@@ -244,8 +248,6 @@ class FinetuneConfig(SplitsConfig):
     mixup: float = option(0.0, "mixup alpha (0: off; the official ImageNet recipe uses 0.8)", at_least=0)
     cutmix: float = option(0.0, "cutmix alpha (0: off; the official ImageNet recipe uses 1.0)", at_least=0)
     warmup_epochs: float = option(5, "epochs of linear lr warm-up", at_least=0)
-    loader: str = option("auto", "decoding engine; auto: ffcv for a .beton, torch otherwise", choices=_loaders,
-                         metavar="{" + ",".join(_loaders()) + "}")
     seed: int = option(0, "seed of the head, data order and augmentation", at_least=0)
     output: Optional[str] = option(None, "folder for the fine-tuned model.safetensors")
 
@@ -256,6 +258,7 @@ class VisualizeConfig(Config):
     reconstruction with the visible patches pasted back."""
     checkpoint: str = option(help="a pretraining checkpoint", exists=True)
     data: str = option(help="image folder, file list or .beton; its first images are shown", exists=True)
+    loader: str = loader_option()
     out: str = option(help="the PNG to write")
     images: int = option(6, "images shown", at_least=1)
     seed: int = option(0, "mask seed", at_least=0)

@@ -14,8 +14,8 @@ from supmae.config import KnnConfig
 from supmae.errors import SupmaeError
 from supmae.hardware import resolve_device
 from supmae.measure import write_json
+from supmae.pipelines.loader import ordered_batches
 from supmae.pipelines.sources import open_source
-from supmae.pipelines.torch_loader import ordered_views
 from supmae.registry import build_model
 
 logger = logging.getLogger(__name__)
@@ -31,10 +31,11 @@ def load_pretrained(checkpoint: str, device: torch.device):
 
 
 @torch.no_grad()
-def extract(model, source, *, img_size: int, batch_size: int, workers: int, device, pool: str,
+def extract(model, source, *, loader: str, img_size: int, batch_size: int, workers: int, device, pool: str,
             normalise: bool = True):
     features, labels = [], []
-    for batch in ordered_views(source, img_size=img_size, batch_size=batch_size, workers=workers, device=device):
+    for batch in ordered_batches(loader, source, img_size=img_size, batch_size=batch_size, workers=workers,
+                                 device=device):
         f = model.features(batch.images, pool).float()
         features.append(F.normalize(f, dim=1) if normalise else f)
         labels.append(batch.labels)
@@ -71,8 +72,8 @@ def frozen_features(cfg, *, batch_size: int, pool: str = "avg", normalise: bool 
     model, trained = load_pretrained(cfg.checkpoint, device)
     sources = open_splits(cfg.train, cfg.val)
     return trained.model, len(sources[0].classes), *(
-        extract(model, s, img_size=trained.img_size, batch_size=batch_size, workers=cfg.workers, device=device,
-                pool=pool, normalise=normalise) for s in sources)
+        extract(model, s, loader=cfg.loader, img_size=trained.img_size, batch_size=batch_size, workers=cfg.workers,
+                device=device, pool=pool, normalise=normalise) for s in sources)
 
 
 def eval_knn(cfg: KnnConfig) -> dict:

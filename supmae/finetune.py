@@ -25,8 +25,7 @@ from supmae.export import timm_state_dict
 from supmae.hardware import resolve_device
 from supmae.measure import write_json
 from supmae.optim import lr_at
-from supmae.pipelines.loader import LoaderSpec, create_loader
-from supmae.pipelines.torch_loader import ordered_views
+from supmae.pipelines.loader import LoaderSpec, create_loader, open_batches, ordered_batches
 
 logger = logging.getLogger(__name__)
 
@@ -68,10 +67,11 @@ def layer_decay_groups(vit: VisionTransformer, weight_decay: float, layer_decay:
 
 
 @torch.no_grad()
-def top1(model: nn.Module, source, *, img_size: int, batch_size: int, workers: int, device) -> float:
+def top1(model: nn.Module, source, *, loader: str, img_size: int, batch_size: int, workers: int, device) -> float:
     model.eval()
     correct = total = 0
-    for batch in ordered_views(source, img_size=img_size, batch_size=batch_size, workers=workers, device=device):
+    for batch in ordered_batches(loader, source, img_size=img_size, batch_size=batch_size, workers=workers,
+                                 device=device):
         correct += (model(batch.images).argmax(1) == batch.labels).sum().item()
         total += len(batch.labels)
     return correct / total
@@ -103,25 +103,26 @@ def finetune(cfg: FinetuneConfig) -> dict:
     mix = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing,
                 num_classes=num_classes) if mixing else None
     criterion = SoftTargetCrossEntropy() if mixing else LabelSmoothingCrossEntropy(cfg.smoothing)
-    batches = iter(create_loader(cfg.loader, train, LoaderSpec(batch_size=cfg.batch_size, img_size=img_size,
-                                                               mask_sampler=None, device=device, workers=cfg.workers,
-                                                               seed=cfg.seed)))
+    spec = LoaderSpec(batch_size=cfg.batch_size, img_size=img_size, mask_sampler=None, device=device,
+                      workers=cfg.workers, seed=cfg.seed)
     vit.train()
-    for step in range(total):
-        lr = lr_at(step, peak=peak, warmup=warmup, total=total)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]
-        batch = next(batches)
-        images, targets = mix(batch.images, batch.labels) if mix else (batch.images, batch.labels)
-        loss = criterion(vit(images), targets)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if (step + 1) % max(1, steps_per_epoch) == 0 or step + 1 == total:
-            logger.info(f"step {step + 1}/{total}: loss {loss.item():.4f}, lr {lr:.3g}")
-    accuracy = top1(vit, val, img_size=img_size, batch_size=cfg.batch_size, workers=cfg.workers, device=device)
+    with open_batches(create_loader(cfg.loader, train, spec)) as batches:
+        for step in range(total):
+            lr = lr_at(step, peak=peak, warmup=warmup, total=total)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group["lr_scale"]
+            batch = next(batches)
+            images, targets = mix(batch.images, batch.labels) if mix else (batch.images, batch.labels)
+            loss = criterion(vit(images), targets)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if (step + 1) % max(1, steps_per_epoch) == 0 or step + 1 == total:
+                logger.info(f"step {step + 1}/{total}: loss {loss.item():.4f}, lr {lr:.3g}")
+    accuracy = top1(vit, val, loader=cfg.loader, img_size=img_size, batch_size=cfg.batch_size, workers=cfg.workers,
+                    device=device)
     logger.info(f"fine-tuned top-1: {accuracy:.2%} on {len(val)} images, {num_classes} classes "
-        f"(chance {1 / num_classes:.2%}) after {total} steps")
+                f"(chance {1 / num_classes:.2%}) after {total} steps")
     if cfg.output:
         from safetensors.torch import save_file
         with replaced(os.path.join(cfg.output, "model.safetensors")) as tmp:

@@ -17,8 +17,8 @@ from supmae.hardware import resolve_device
 from supmae.objective import patchify
 from supmae.pipelines.batch import IMAGENET_MEAN, IMAGENET_STD
 from supmae.pipelines.masking import MaskSampler
+from supmae.pipelines.loader import ordered_batches
 from supmae.pipelines.sources import open_source
-from supmae.pipelines.torch_loader import ordered_views
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +54,9 @@ def to_pixels(images: torch.Tensor) -> np.ndarray:
 def visualize(cfg: VisualizeConfig) -> str:
     device = resolve_device(cfg.device)
     model, trained = load_pretrained(cfg.checkpoint, device)
-    batch = next(iter(ordered_views(open_source(cfg.data), img_size=trained.img_size, batch_size=cfg.images,
-                                    workers=0, device=device)))
+    source = open_source(cfg.data)
+    batch = next(ordered_batches(cfg.loader, source, img_size=trained.img_size,
+                                 batch_size=min(cfg.images, len(source)), workers=0, device=device))
     columns = [to_pixels(x) for x in reconstruct(model, batch.images, cfg.seed)]
     gap = 4
     rows = [np.concatenate([np.pad(c[i], ((gap, gap), (gap, gap), (0, 0)), constant_values=255) for c in columns], 1)

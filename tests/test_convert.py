@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from supmae.cli import main
-from supmae.errors import SupmaeError
 from supmae.config import ConvertConfig, ConvertOptions
+from supmae.errors import SupmaeError
 from supmae.pipelines.convert import convert, report_path
 from supmae.pipelines.sources import BetonSource, open_source, sidecar_path
 

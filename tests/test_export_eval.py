@@ -1,12 +1,14 @@
+import json
+
 import pytest
 import timm
 import torch
 
 from supmae.cli import main
+from supmae.config import KnnConfig, LinearConfig, PretrainConfig
 from supmae.evaluate import eval_knn, knn_top1, load_pretrained
 from supmae.finetune import layer_decay_groups, linear_probe, timm_vit
 from supmae.pipelines.synthetic import write_synthetic
-from supmae.config import KnnConfig, LinearConfig, PretrainConfig
 from supmae.train import pretrain
 
 from test_cli import error_of
@@ -94,10 +96,15 @@ def test_layer_decay_scales_lr_from_the_head_down(checkpoint):
     assert sum(len(g["params"]) for g in groups) == sum(1 for p in vit.parameters() if p.requires_grad)
 
 
-def test_eval_knn_cli(capsys, synth_folder, checkpoint, tmp_path):
+@pytest.mark.parametrize("loader", ["torch", "dali"])
+def test_eval_knn_cli(capsys, synth_folder, checkpoint, tmp_path, loader):
+    """Evaluation reads through the training engines."""
     assert main(["eval", "knn", "--checkpoint", checkpoint, "--train", synth_folder, "--val", synth_folder,
-                 "--workers", "0", "--json", str(tmp_path / "knn.json")]) == 0
-    assert "k-NN (k=20, T=0.07) top-1" in capsys.readouterr().out and (tmp_path / "knn.json").exists()
+                 "--loader", loader, "--workers", "0", "--json", str(tmp_path / "knn.json")]) == 0
+    assert "k-NN (k=20, T=0.07) top-1" in capsys.readouterr().out
+    with open(tmp_path / "knn.json") as f:
+        result = json.load(f)
+    assert result["val_images"] == result["train_images"] == 48
 
 
 def test_visualize_writes_the_grid_and_keeps_visible_patches(capsys, checkpoint, synth_folder, tmp_path):

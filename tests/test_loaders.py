@@ -12,10 +12,10 @@ from PIL import Image
 
 from supmae.errors import SupmaeError
 from supmae.pipelines.augment import sample_crop
-from supmae.pipelines.batch import IMAGENET_MEAN, IMAGENET_STD
 from supmae.config import ConvertConfig, ConvertOptions, PretrainConfig
+from supmae.pipelines.batch import IMAGENET_MEAN, IMAGENET_STD
 from supmae.pipelines.convert import convert
-from supmae.pipelines.loader import LoaderSpec, create_loader
+from supmae.pipelines.loader import LoaderSpec, create_loader, ordered_batches
 from supmae.pipelines.masking import MaskSampler
 from supmae.pipelines.sources import open_source
 
@@ -103,6 +103,20 @@ def test_labels_arrive_intact(views, engine, kind):
         np.testing.assert_allclose(blue, batch.labels.numpy() * 40, atol=3)
     epoch = torch.cat([b.labels for b in views[engine, kind][:2]])  # 32 images: one epoch
     assert sorted(epoch.tolist()) == sorted(list(range(4)) * 8)
+
+
+@pytest.mark.parametrize("engine,kind", ENGINES)
+def test_an_ordered_pass_reads_every_sample_once_centre_cropped(coordinates, engine, kind):
+    """What evaluation reads, through each engine: index order, a partial last batch, the centre crop."""
+    source = open_source(coordinates[kind])
+    batches = list(ordered_batches(engine, source, img_size=SIZE, batch_size=12, workers=2, device="cpu"))
+    assert [len(b.labels) for b in batches] == [12, 12, 8] and all(b.masking is None for b in batches)
+    assert torch.cat([b.labels for b in batches]).tolist() == source.labels.tolist()
+    area, aspect, flipped = map(np.concatenate, zip(*(boxes(pixels(b)) for b in batches)))
+    centre = (0.875 * HEIGHT) ** 2 / (WIDTH * HEIGHT)  # the 224/256 crop of the short side
+    np.testing.assert_allclose(area, centre, rtol=0.03)
+    np.testing.assert_allclose(aspect, 1, rtol=0.03)
+    assert not flipped.any()
 
 
 @pytest.mark.parametrize("engine,kind", ENGINES)

@@ -10,11 +10,11 @@ import torch
 
 from supmae import create_model
 from supmae.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from supmae.config import PretrainConfig, ProfileConfig
 from supmae.errors import SupmaeError
 from supmae.optim import build_optimizer, lr_at, param_groups
 from supmae.pipelines.batch import Batch
 from supmae.pipelines.masking import random_masking
-from supmae.config import PretrainConfig, ProfileConfig
 from supmae.train import pretrain, train_step
 
 from conftest import TINY
