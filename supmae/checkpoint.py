@@ -90,5 +90,15 @@ def remove_partial_checkpoints(output: str) -> list[str]:
 
 
 def prune_checkpoints(output: str, keep: int) -> None:
-    for path in list_checkpoints(output)[:-keep] if keep > 0 else []:
-        os.remove(path)
+    """Keep the newest `keep` checkpoints that load; older ones go. One that does not load (a truncated copy,
+    say) is not counted, so a damaged newer file never costs the good one before it."""
+    loadable = 0
+    for path in reversed(list_checkpoints(output)):
+        if loadable >= keep:
+            os.remove(path)
+            continue
+        try:
+            load_checkpoint(path, mmap=True)
+        except SupmaeError:
+            continue
+        loadable += 1

@@ -89,3 +89,16 @@ def test_a_diverging_loss_stops_naming_its_first_step(synth_folder, tmp_path, ch
     for path in list_checkpoints(str(tmp_path)):  # what was kept was saved before the divergence
         state = load_checkpoint(path)
         assert state["step"] < first and all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+def test_a_damaged_newer_checkpoint_never_costs_the_good_one(synth_folder, tmp_path):
+    pretrain(config(synth_folder, tmp_path, steps=3, keep_checkpoints=1))
+    good = tmp_path / "checkpoint-00000003.pt"
+    damaged = tmp_path / "checkpoint-00000010.pt"  # a copy cut short, newer than the run's own
+    damaged.write_bytes(good.read_bytes()[:1000])
+    pretrain(config(synth_folder, tmp_path, steps=4, keep_checkpoints=1, checkpoint_every=1, resume="auto"))
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*.pt")) == ["checkpoint-00000004.pt", damaged.name]
+    assert load_checkpoint(str(tmp_path / "checkpoint-00000004.pt"))["step"] == 4
+    pretrain(config(synth_folder, tmp_path, steps=5, keep_checkpoints=1, checkpoint_every=1, resume="auto"))
+    assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3, 4, 5]  # continued from 4, not from 0
+
