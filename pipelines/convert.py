@@ -22,6 +22,7 @@ from tqdm import tqdm
 from supmae.atomic import replaced, write_text
 from supmae.config import ConvertConfig
 from supmae.errors import SupmaeError
+from supmae.lock import exclusive
 from supmae.pipelines.decode import UNREADABLE, load_rgb, probe
 from supmae.pipelines.sources import scan_images, sidecar_path
 from supmae.pipelines.torch_threads import keep_torch_threads
@@ -136,13 +137,19 @@ def _page_size(sizes: list[tuple[int, int]], max_resolution: int) -> int:
 def convert(cfg: ConvertConfig) -> dict:
     """Convert `cfg.src` to `cfg.out`; returns the sidecar's contents. Raises SupmaeError for bad input,
     leaving `out` as it was."""
+    if os.path.isdir(cfg.out):
+        raise SupmaeError(f"output {cfg.out} is a directory; give a file name such as {cfg.out.rstrip('/')}.beton")
+    folder, name = os.path.split(os.path.abspath(cfg.out))
+    with exclusive(os.path.join(folder, f".{name}.lock"), f"output {cfg.out}"):  # one conversion per output
+        return _write(cfg)
+
+
+def _write(cfg: ConvertConfig) -> dict:
     with keep_torch_threads():
         from ffcv.fields import IntField, RGBImageField
         from ffcv.writer import DatasetWriter
 
     src, out, options = cfg.src, cfg.out, cfg.storage
-    if os.path.isdir(out):
-        raise SupmaeError(f"output {out} is a directory; give a file name such as {out.rstrip('/')}.beton")
     if os.path.exists(out) and not cfg.force:
         raise SupmaeError(f"{out} already exists; pass --force to replace it")
     images = scan_images(src)

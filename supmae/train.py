@@ -25,6 +25,7 @@ from supmae.distributed import any_rank, apply_ddp, apply_global_batchnorm, barr
 from supmae.errors import SupmaeError
 from supmae.fast import apply_kernels
 from supmae.hardware import apply_compile, autocast_for, compile_mode_for, resolve_device, speed_defaults
+from supmae.lock import exclusive
 from supmae.metrics import Metrics
 from supmae.optim import build_optimizer, lr_at
 from supmae.pipelines.loader import LoaderSpec, choose_engine, create_loader, open_batches
@@ -35,6 +36,7 @@ from supmae.registry import build_model
 from supmae.stop import StopRequests
 
 logger = logging.getLogger(__name__)
+LOCK = ".supmae.lock"  # in the output folder, held by the run writing it
 
 
 class Run:
@@ -178,33 +180,42 @@ def pretrain(cfg: PretrainConfig) -> dict:
     """Run (or continue) a pretraining run; returns the summary it also logs.
 
     SIGTERM or Ctrl-C ends the run after the current step with a checkpoint (summary["stopped"] names
-    the signal). On several ranks, rank 0 alone writes files."""
+    the signal). On several ranks, rank 0 alone writes files, and holds the output folder's lock."""
     run = Run(cfg)
+    lock = exclusive(os.path.join(cfg.output, LOCK), f"--output {cfg.output}") if run.world.is_main else \
+        contextlib.nullcontext()
+    with lock:
+        return _pretrain(run)
+
+
+def _pretrain(run: Run) -> dict:
+    cfg = run.cfg
     run.restore()
     if run.world.is_main:
-        os.makedirs(cfg.output, exist_ok=True)
         for path in remove_partial_checkpoints(cfg.output):
             logger.info(f"removed {path}, left by a run killed while writing it")
         _write_config(run)
     barrier(run.world)
     if run.warmup_steps >= run.total_steps:
-        logger.warning(f"the warm-up ({run.warmup_steps} steps) is as long as the run ({run.total_steps} steps), so the "
-            "lr never reaches its peak; shorten it with --warmup-epochs or --warmup-steps")
+        logger.warning(f"the warm-up ({run.warmup_steps} steps) is as long as the run ({run.total_steps} steps), so "
+                       "the lr never reaches its peak; shorten it with --warmup-epochs or --warmup-steps")
     if cfg.accum_iter > 1 and run.supervised:
         logger.warning(f"with --accum-iter {cfg.accum_iter} the classification head's BatchNorm normalises over "
-            f"micro-batches of {cfg.batch_size}, not the effective batch of {run.effective_batch}")
+                       f"micro-batches of {cfg.batch_size}, not the effective batch of {run.effective_batch}")
     ranks = f" x {run.world.world_size} ranks" if run.world.distributed else ""
-    logger.info(f"{cfg.model} on {run.device}{ranks} ({run.speed}): "
-        f"{len(run.source)} images in {len(run.source.classes)} classes from {run.data} ({run.engine} loader); "
-        f"steps {run.step}->{run.total_steps}, batch {run.effective_batch}, peak lr {run.peak_lr:.3g}")
+    logger.info(f"{cfg.model} on {run.device}{ranks} ({run.speed}): {len(run.source)} images in "
+                f"{len(run.source.classes)} classes from {run.data} ({run.engine} loader); steps "
+                f"{run.step}->{run.total_steps}, batch {run.effective_batch}, peak lr {run.peak_lr:.3g}")
 
     if run.step >= run.total_steps:
         logger.info(f"nothing to do: the run is already at step {run.step} of {run.total_steps}")
         return dict(steps=run.total_steps, images_per_s=None, checkpoint=None, metrics=None, stopped=None)
-    with Metrics(cfg.output, step=run.step, enabled=run.world.is_main, tensorboard=cfg.tensorboard) as metrics, StopRequests() as stop:
+    with Metrics(cfg.output, step=run.step, enabled=run.world.is_main, tensorboard=cfg.tensorboard) as metrics, \
+            StopRequests() as stop:
         summary = _loop(run, metrics, stop)
-    logger.info(f"{'stopped by ' + summary['stopped'] + ' at' if summary['stopped'] else 'done:'} step {summary['steps']}, "
-        f"{summary['images_per_s']:.1f} images/s; checkpoint {summary['checkpoint']}; metrics {metrics.path}")
+    logger.info(f"{'stopped by ' + summary['stopped'] + ' at' if summary['stopped'] else 'done:'} step "
+                f"{summary['steps']}, {summary['images_per_s']:.1f} images/s; checkpoint {summary['checkpoint']}; "
+                f"metrics {metrics.path}")
     return dict(summary, metrics=metrics.path)
 
 

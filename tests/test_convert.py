@@ -196,3 +196,14 @@ def test_the_default_longest_side_is_320_and_0_keeps_originals(tmp_path, capsys)
         sizes[name] = sorted(tuple(int(v) for v in source._image[i][["width", "height"]]) for i in range(2))
     assert sizes == {"default": [(240, 160), (320, 240)], "original": [(240, 160), (500, 375)]}
     assert "or 0 to keep originals" in error_of(capsys, "convert", str(root), str(tmp_path / "x.beton"), "--max-res", "4")
+
+
+def test_a_second_conversion_to_one_output_is_refused(capsys, synth_folder, tmp_path):
+    from supmae.lock import exclusive
+    out = tmp_path / "data.beton"
+    with exclusive(str(tmp_path / ".data.beton.lock"), "the first conversion's output"):
+        err = error_of(capsys, "convert", synth_folder, str(out), "--no-progress")
+    assert err == f"supmae: error: output {out} is in use by process {os.getpid()}: wait for it to finish, or " \
+                  "choose another"
+    assert not out.exists()
+    assert main(["convert", synth_folder, str(out), "--no-progress"]) == 0

@@ -102,3 +102,14 @@ def test_a_damaged_newer_checkpoint_never_costs_the_good_one(synth_folder, tmp_p
     pretrain(config(synth_folder, tmp_path, steps=5, keep_checkpoints=1, checkpoint_every=1, resume="auto"))
     assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3, 4, 5]  # continued from 4, not from 0
 
+
+def test_a_second_run_on_a_folder_in_use_is_refused(capsys, synth_folder, tmp_path):
+    from supmae.lock import exclusive
+    from supmae.train import LOCK
+    from test_cli import error_of
+    with exclusive(str(tmp_path / LOCK), "the first run's folder"):  # as a run in another process holds it
+        err = error_of(capsys, *["pretrain", *arguments(synth_folder, tmp_path, 2)])
+    assert err == (f"supmae: error: --output {tmp_path} is in use by process {os.getpid()}: wait for it to "
+                   "finish, or choose another")
+    assert not list(tmp_path.glob("checkpoint-*")) and not (tmp_path / "metrics.jsonl").exists()
+    pretrain(config(synth_folder, tmp_path, steps=1))  # released: the folder is free again
