@@ -137,8 +137,6 @@ def _page_size(sizes: list[tuple[int, int]], max_resolution: int) -> int:
 def convert(cfg: ConvertConfig) -> dict:
     """Convert `cfg.src` to `cfg.out`; returns the sidecar's contents. Raises SupmaeError for bad input,
     leaving `out` as it was."""
-    if os.path.isdir(cfg.out):
-        raise SupmaeError(f"output {cfg.out} is a directory; give a file name such as {cfg.out.rstrip('/')}.beton")
     folder, name = os.path.split(os.path.abspath(cfg.out))
     with exclusive(os.path.join(folder, f".{name}.lock"), f"output {cfg.out}"):  # one conversion per output
         return _write(cfg)

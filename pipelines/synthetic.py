@@ -128,9 +128,15 @@ def write_synthetic(out_dir: str, *, num_classes: int = 10, images_per_class: in
     """
     if num_classes < 2 or images_per_class < 1:
         raise SupmaeError("synthetic data needs at least 2 classes and 1 image per class")
-    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
-        if not (force or shared):
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)) and not shared:
+        if not force:
             raise SupmaeError(f"{out_dir} already exists and is not empty (pass --force to replace it)")
+        here, target = os.path.realpath(os.getcwd()), os.path.realpath(out_dir)
+        if os.path.commonpath([here, target]) == target:
+            raise SupmaeError(f"{out_dir} holds the current folder; replacing it would delete the folder you are in")
+        if not os.path.isfile(os.path.join(out_dir, MANIFEST)):
+            raise SupmaeError(f"{out_dir} holds files that are not a synthetic dataset; --force replaces only a "
+                              "dataset supmae synth wrote")
     os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
     try:
         with replaced(out_dir) as tmp:

@@ -89,6 +89,13 @@ class ConvertConfig(Config):
     force: bool = option(False, "replace OUT if it exists")
     progress: bool = option(True, "show progress bars")
 
+    def check(self) -> None:
+        if os.path.isdir(self.out):
+            raise SupmaeError(f"output {self.out} is a directory; give a file name such as "
+                              f"{self.out.rstrip('/')}.beton")
+        if not self.out.lower().endswith(".beton"):  # --data tells a converted file from a folder by its name
+            raise SupmaeError(f"OUT: {self.out} should end in .beton, as --data expects of a converted file")
+
 
 @configuration
 class PretrainConfig(Config):
@@ -197,6 +204,11 @@ class ExportConfig(Config):
     global_pool: str = option("avg", "the timm global_pool the weights are for (avg: the final norm becomes "
                                      "fc_norm)", choices=("avg", "token"))
     force: bool = option(False, "replace OUT if it exists")
+
+    def check(self) -> None:
+        if os.path.isdir(self.out):
+            raise SupmaeError(f"OUT {self.out} is a directory; give a file name such as "
+                              f"{os.path.join(self.out, 'encoder.safetensors')}")
 
 
 @configuration

@@ -75,3 +75,33 @@ def test_a_shared_dataset_published_first_is_kept_and_used(tmp_path):
     with pytest.raises(OSError):  # a target that is not a finished dataset is neither replaced nor taken
         write_synthetic(str(tmp_path / "synthetic" / "0000_circle_stripes"), num_classes=2, images_per_class=2, workers=1,
                         shared=True)
+
+
+def test_a_conversion_writes_only_a_file_named_beton(capsys, synth_folder, tmp_path):
+    err = error_of(capsys, "convert", synth_folder, str(tmp_path / "data"), "--no-progress")
+    assert err.endswith("should end in .beton, as --data expects of a converted file")
+    assert os.listdir(tmp_path) == []
+
+
+def test_synth_replaces_only_its_own_output(capsys, tmp_path, monkeypatch):
+    (tmp_path / "mine" / "notes").mkdir(parents=True)
+    (tmp_path / "mine" / "notes" / "todo.txt").write_text("precious")
+    err = error_of(capsys, "synth", str(tmp_path / "mine"), "--classes", "2", "--images-per-class", "1", "--force")
+    assert err.endswith("holds files that are not a synthetic dataset; --force replaces only a dataset supmae synth "
+                        "wrote")
+    assert (tmp_path / "mine" / "notes" / "todo.txt").read_text() == "precious"
+    data = tmp_path / "data"
+    assert main(["synth", str(data), "--classes", "2", "--images-per-class", "1", "--workers", "1"]) == 0
+    monkeypatch.chdir(data)
+    assert "holds the current folder" in error_of(capsys, "synth", ".", "--classes", "2", "--images-per-class", "1",
+                                                  "--force")
+    assert (data / MANIFEST).exists()
+    monkeypatch.chdir(tmp_path)
+    assert main(["synth", str(data), "--classes", "3", "--images-per-class", "1", "--workers", "1", "--force"]) == 0
+    assert len([p for p in os.listdir(data) if p != MANIFEST]) == 3
+
+
+def test_export_onto_a_folder_names_a_file_instead(capsys, checkpoint, tmp_path):
+    err = error_of(capsys, "export", checkpoint, str(tmp_path))
+    assert err == (f"supmae: error: OUT {tmp_path} is a directory; give a file name such as "
+                   f"{tmp_path / 'encoder.safetensors'}")
