@@ -24,6 +24,7 @@ PROFILE_STAGES = ("loader", "step", "end_to_end")
 # What a resumed run may not change: the model, and what fixes the data order, crops and masks.
 RUN_DEFINING = ("model", "img_size", "mask_ratio", "pool", "batch_size", "accum_iter", "seed")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+SEED_MAX = 2**32 - 1  # every generator the seed reaches (torch, numpy, DALI, FFCV) takes it whole
 
 
 def _loaders() -> tuple[str, ...]:
@@ -52,7 +53,7 @@ class SynthConfig(Config):
     out_dir: str = option(positional=True, metavar="OUT_DIR", help="the folder to write")
     classes: int = option(10, "number of classes", at_least=2)
     images_per_class: int = option(100, "images per class", at_least=1)
-    seed: int = option(0, "the generator's seed", at_least=0)
+    seed: int = option(0, "the generator's seed", at_least=0, at_most=SEED_MAX)
     workers: Optional[int] = option(None, "processes", at_least=1, shown="all cores")
     force: bool = option(False, "replace OUT_DIR if it exists")
 
@@ -125,7 +126,8 @@ class PretrainConfig(Config):
     os_cache: bool = option(True, "ffcv: rely on the OS page cache (--no-os-cache: FFCV's own process cache)",
                             group="data loading")
     workers: Optional[int] = option(None, "loader processes", at_least=0, group="data loading", shown="cores - 1")
-    seed: int = option(0, "seed of the weights, data order, crops and masks", at_least=0, group="data loading")
+    seed: int = option(0, "seed of the weights, data order, crops and masks", at_least=0, at_most=SEED_MAX,
+                       group="data loading")
     # hardware
     device: str = device_option(group="hardware")
     precision: str = option("auto", "auto: bf16 on GPU, fp32 on CPU; fp16 uses a GradScaler", choices=PRECISIONS,
@@ -260,7 +262,7 @@ class FinetuneConfig(SplitsConfig):
     mixup: float = option(0.0, "mixup alpha (0: off; the official ImageNet recipe uses 0.8)", at_least=0)
     cutmix: float = option(0.0, "cutmix alpha (0: off; the official ImageNet recipe uses 1.0)", at_least=0)
     warmup_epochs: float = option(5, "epochs of linear lr warm-up", at_least=0)
-    seed: int = option(0, "seed of the head, data order and augmentation", at_least=0)
+    seed: int = option(0, "seed of the head, data order and augmentation", at_least=0, at_most=SEED_MAX)
     output: Optional[str] = option(None, "folder for the fine-tuned model.safetensors")
 
 
@@ -273,7 +275,7 @@ class VisualizeConfig(Config):
     loader: str = loader_option()
     out: str = option(help="the PNG to write")
     images: int = option(6, "images shown", at_least=1)
-    seed: int = option(0, "mask seed", at_least=0)
+    seed: int = option(0, "mask seed", at_least=0, at_most=SEED_MAX)
     device: str = device_option()
 
     @property

@@ -105,3 +105,8 @@ def test_export_onto_a_folder_names_a_file_instead(capsys, checkpoint, tmp_path)
     err = error_of(capsys, "export", checkpoint, str(tmp_path))
     assert err == (f"supmae: error: OUT {tmp_path} is a directory; give a file name such as "
                    f"{tmp_path / 'encoder.safetensors'}")
+
+
+def test_a_seed_past_what_the_generators_take_is_refused(capsys, synth_folder, tmp_path):
+    err = error_of(capsys, "pretrain", "--data", synth_folder, "--output", str(tmp_path), "--seed", str(2**64))
+    assert err == "supmae: error: --seed: must be at least 0 and at most 4294967295, got 18446744073709551616"
