@@ -13,7 +13,7 @@ from typing import Optional
 
 from supmae.config import PretrainConfig
 from supmae.errors import SupmaeError
-from supmae.hardware import resolve_device
+from supmae.hardware import loader_workers, resolve_device
 from supmae.measure import commit, device_name, versions, write_json
 from supmae.options import Config, configuration, from_command_line, option, section
 from supmae.pipelines.engines import ENGINES
@@ -50,7 +50,7 @@ def benchmark_loaders(cfg: LoaderBenchmark) -> dict:
     device = resolve_device(run.device)
     data = run.data or default_dataset()
     source = open_source(data)
-    workers = run.workers if run.workers is not None else max(1, (os.cpu_count() or 2) - 1)
+    workers = loader_workers(run.workers)
     patches = (run.img_size // 16) ** 2
     results = {}
     for engine in cfg.engine_list:

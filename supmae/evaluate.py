@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from supmae.checkpoint import load_checkpoint, saved_config
 from supmae.config import KnnConfig
 from supmae.errors import SupmaeError
-from supmae.hardware import resolve_device
+from supmae.hardware import loader_workers, resolve_device
 from supmae.measure import write_json
 from supmae.pipelines.loader import ordered_batches
 from supmae.pipelines.sources import open_source
@@ -72,8 +72,8 @@ def frozen_features(cfg, *, batch_size: int, pool: str = "avg", normalise: bool 
     model, trained = load_pretrained(cfg.checkpoint, device)
     sources = open_splits(cfg.train, cfg.val)
     return trained.model, len(sources[0].classes), *(
-        extract(model, s, loader=cfg.loader, img_size=trained.img_size, batch_size=batch_size, workers=cfg.workers,
-                device=device, pool=pool, normalise=normalise) for s in sources)
+        extract(model, s, loader=cfg.loader, img_size=trained.img_size, batch_size=batch_size,
+                workers=loader_workers(cfg.workers), device=device, pool=pool, normalise=normalise) for s in sources)
 
 
 def eval_knn(cfg: KnnConfig) -> dict:

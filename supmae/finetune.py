@@ -22,7 +22,7 @@ from supmae.config import FinetuneConfig, LinearConfig
 from supmae.errors import SupmaeError
 from supmae.evaluate import frozen_features, load_pretrained, open_splits
 from supmae.export import timm_state_dict
-from supmae.hardware import resolve_device
+from supmae.hardware import loader_workers, resolve_device
 from supmae.measure import write_json
 from supmae.optim import lr_at
 from supmae.pipelines.loader import LoaderSpec, create_loader, open_batches, ordered_batches
@@ -85,7 +85,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
             raise SupmaeError(f"--output {cfg.output} is a file, not a folder") from None
         if not os.access(cfg.output, os.W_OK | os.X_OK):
             raise SupmaeError(f"--output {cfg.output} is a folder this user cannot write to")
-    device = resolve_device(cfg.device)
+    device, workers = resolve_device(cfg.device), loader_workers(cfg.workers)
     train, val = open_splits(cfg.train, cfg.val)
     num_classes = len(train.classes)
     torch.manual_seed(cfg.seed)
@@ -104,7 +104,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
                 num_classes=num_classes) if mixing else None
     criterion = SoftTargetCrossEntropy() if mixing else LabelSmoothingCrossEntropy(cfg.smoothing)
     spec = LoaderSpec(batch_size=cfg.batch_size, img_size=img_size, mask_sampler=None, device=device,
-                      workers=cfg.workers, seed=cfg.seed)
+                      workers=workers, seed=cfg.seed)
     vit.train()
     with open_batches(create_loader(cfg.loader, train, spec)) as batches:
         for step in range(total):
@@ -119,7 +119,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
             optimizer.zero_grad(set_to_none=True)
             if (step + 1) % max(1, steps_per_epoch) == 0 or step + 1 == total:
                 logger.info(f"step {step + 1}/{total}: loss {loss.item():.4f}, lr {lr:.3g}")
-    accuracy = top1(vit, val, loader=cfg.loader, img_size=img_size, batch_size=cfg.batch_size, workers=cfg.workers,
+    accuracy = top1(vit, val, loader=cfg.loader, img_size=img_size, batch_size=cfg.batch_size, workers=workers,
                     device=device)
     logger.info(f"fine-tuned top-1: {accuracy:.2%} on {len(val)} images, {num_classes} classes "
                 f"(chance {1 / num_classes:.2%}) after {total} steps")

@@ -3,6 +3,7 @@ profiling and the benchmarks: what "auto" means on this machine, and the context
 import contextlib
 import glob
 import logging
+import os
 import shutil
 from typing import Optional
 
@@ -45,6 +46,33 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # Triton launches on the current device, not on the tensors'
     return device
+
+
+def loader_workers(requested: Optional[int]) -> int:
+    """The loader's processes: cores - 1 by default, and at most 4 per core, since more only compete for the
+    cores (a thousand of them take minutes just to start)."""
+    cores = os.cpu_count() or 2
+    if requested is None:
+        return max(1, cores - 1)
+    if requested > 4 * cores:
+        logger.warning(f"--workers {requested} on {cores} cores: using {4 * cores}, as more would only compete for "
+                       "the cores")
+        return 4 * cores
+    return requested
+
+
+def check_batch_fits(*, batch_size: int, img_size: int, device: torch.device) -> None:
+    """Refuse a batch whose images alone outgrow the memory there is, before the allocation that would end in
+    the out-of-memory killer."""
+    needed = batch_size * 3 * img_size * img_size * 4  # float32 pixels, before any activation
+    if device.type == "cuda":
+        available, where = torch.cuda.mem_get_info(device)[0], "GPU memory free"
+    else:
+        import psutil
+        available, where = psutil.virtual_memory().available, "memory available"
+    if needed > available:
+        raise SupmaeError(f"--img-size {img_size}: one batch of {batch_size} images alone needs "
+                          f"{needed / 2**30:.1f} GiB, more than the {available / 2**30:.1f} GiB of {where}")
 
 
 def speed_defaults(device: torch.device, precision: str = "auto", compile: Optional[bool] = None) -> tuple[str, bool]:

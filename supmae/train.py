@@ -24,7 +24,8 @@ from supmae.distributed import any_rank, apply_ddp, apply_global_batchnorm, barr
     mean_over_ranks
 from supmae.errors import SupmaeError
 from supmae.fast import apply_kernels
-from supmae.hardware import apply_compile, autocast_for, compile_mode_for, resolve_device, speed_defaults
+from supmae.hardware import apply_compile, autocast_for, check_batch_fits, compile_mode_for, loader_workers, \
+    resolve_device, speed_defaults
 from supmae.lock import exclusive
 from supmae.metrics import Metrics
 from supmae.optim import build_optimizer, lr_at
@@ -49,7 +50,8 @@ class Run:
         self.precision, self.compile = speed_defaults(self.device, cfg.precision, cfg.compile)
         self.compile_mode = compile_mode_for(cfg.compile_mode, self.device, accum_iter=cfg.accum_iter,
                                              distributed=self.world.distributed)
-        self.workers = cfg.workers if cfg.workers is not None else max(1, (os.cpu_count() or 2) - 1)
+        self.workers = loader_workers(cfg.workers)
+        check_batch_fits(batch_size=cfg.batch_size, img_size=cfg.img_size, device=self.device)
 
         self.data = cfg.data or default_dataset()
         self.source = open_source(self.data)

@@ -77,6 +77,11 @@ def test_a_shared_dataset_published_first_is_kept_and_used(tmp_path):
                         shared=True)
 
 
+def test_a_seed_past_what_the_generators_take_is_refused(capsys, synth_folder, tmp_path):
+    err = error_of(capsys, "pretrain", "--data", synth_folder, "--output", str(tmp_path), "--seed", str(2**64))
+    assert err == "supmae: error: --seed: must be at least 0 and at most 4294967295, got 18446744073709551616"
+
+
 def test_a_conversion_writes_only_a_file_named_beton(capsys, synth_folder, tmp_path):
     err = error_of(capsys, "convert", synth_folder, str(tmp_path / "data"), "--no-progress")
     assert err.endswith("should end in .beton, as --data expects of a converted file")
@@ -107,6 +112,16 @@ def test_export_onto_a_folder_names_a_file_instead(capsys, checkpoint, tmp_path)
                    f"{tmp_path / 'encoder.safetensors'}")
 
 
-def test_a_seed_past_what_the_generators_take_is_refused(capsys, synth_folder, tmp_path):
-    err = error_of(capsys, "pretrain", "--data", synth_folder, "--output", str(tmp_path), "--seed", str(2**64))
-    assert err == "supmae: error: --seed: must be at least 0 and at most 4294967295, got 18446744073709551616"
+def test_workers_past_four_per_core_are_capped_with_a_warning(caplog):
+    from supmae.hardware import loader_workers
+    cores = os.cpu_count()
+    assert loader_workers(1000) == 4 * cores and loader_workers(None) == max(1, cores - 1) and loader_workers(0) == 0
+    assert [r.getMessage() for r in caplog.records] == [f"--workers 1000 on {cores} cores: using {4 * cores}, as "
+                                                        "more would only compete for the cores"]
+
+
+def test_an_image_size_no_batch_fits_is_refused_before_any_allocation(capsys, synth_folder, tmp_path):
+    err = error_of(capsys, "pretrain", "--data", synth_folder, "--output", str(tmp_path), "--img-size", "100000",
+                   "--device", "cpu")
+    assert err.startswith("supmae: error: --img-size 100000: one batch of 64 images alone needs 7152.6 GiB, more "
+                          "than the ")
