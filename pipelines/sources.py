@@ -6,7 +6,9 @@ all three can be compared on one file.
 """
 import csv
 import json
+import logging
 import os
+import re
 from typing import NamedTuple
 
 import numpy as np
@@ -16,6 +18,9 @@ from supmae.errors import SupmaeError
 from supmae.pipelines.decode import load_rgb, upright_size
 from supmae.pipelines.torch_threads import keep_torch_threads
 
+logger = logging.getLogger(__name__)
+_INTEGER = re.compile(r"[+-]?[0-9]+")  # ASCII digits: "²" is a digit to str.isdigit, not to int()
+MAX_CLASSES = 1_000_000  # a label past this is a typo, not a class (ImageNet-21k has 21,843)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp")
 LIST_EXTENSIONS = (".csv", ".tsv")
 
@@ -46,38 +51,82 @@ def scan_image_folder(root: str) -> LabelledImages:
     return LabelledImages(root, classes, samples)
 
 
-def read_file_list(path: str) -> LabelledImages:
-    """A CSV (or, for .tsv, tab-separated) list of `path,label` rows, with or without a header row.
+def _rows(numbers: list[int], limit: int = 3) -> str:
+    shown = ", ".join(map(str, numbers[:limit]))
+    return f"row{'s' if len(numbers) > 1 else ''} {shown}" + (f" and {len(numbers) - limit} more" if len(numbers) > limit else "")
 
-    Relative paths are taken from the list's folder. Labels are class names, sorted into indices, unless
-    every label is a non-negative integer, in which case the integers are the indices.
-    """
+
+def read_file_list(path: str) -> LabelledImages:
+    """A CSV (or, for .tsv, tab-separated) list of `path,label` rows, with or without a header row (one whose
+    label reads `label` or `class`; a UTF-8 byte-order mark is allowed). Relative paths are taken from the
+    list's folder.
+
+    Labels that are all integers are class indices and keep their values, so lists of a train and a val split
+    agree whatever labels each holds; otherwise they are class names, sorted into indices. Empty, negative
+    or mixed labels, a path listed with two labels, and indices no dataset reaches are refused naming their
+    rows; repeated rows are dropped with a warning. Row numbers count the file's lines from 1."""
     if not os.path.isfile(path):
         raise SupmaeError(f"file list {path} does not exist")
     base = os.path.dirname(os.path.abspath(path))
     try:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = [row for row in csv.reader(f, delimiter="\t" if path.lower().endswith(".tsv") else ",") if row]
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f, delimiter="\t" if path.lower().endswith(".tsv") else ",")
+            rows = [(reader.line_num, row) for row in reader if row]
     except UnicodeDecodeError as error:
         raise SupmaeError(f"{path} is not UTF-8 text ({error.reason}); save it as UTF-8") from None
     except csv.Error as error:
         raise SupmaeError(f"{path} is not a readable file list: {error}") from None
-    if rows and [c.strip().lower() for c in rows[0]] == ["path", "label"]:
+    if rows and len(rows[0][1]) == 2 and rows[0][1][1].strip().lower() in ("label", "class"):
         rows = rows[1:]
-    for number, row in enumerate(rows, start=1):
+    for number, row in rows:
         if len(row) != 2 or not row[0].strip():
             raise SupmaeError(f"{path}: row {number} is {row!r}, expected two columns: path,label")
     if not rows:
         raise SupmaeError(f"file list {path} lists no images")
-    names = [label.strip() for _, label in rows]
-    if all(name.isdigit() for name in names):
+    numbers = [number for number, _ in rows]
+    names = [label.strip() for _, (_, label) in rows]
+    empty = [n for n, name in zip(numbers, names) if not name]
+    if empty:
+        raise SupmaeError(f"{path}: {_rows(empty)} without a label")
+    integer = [_INTEGER.fullmatch(name) is not None for name in names]
+    if all(integer):
         indices = [int(name) for name in names]
-        classes = [str(i) for i in range(max(indices) + 1)]
+        negative = [n for n, y in zip(numbers, indices) if y < 0]
+        if negative:
+            raise SupmaeError(f"{path}: {_rows(negative)} with a negative label; integer labels are class indices "
+                              "from 0")
+        top = max(indices)
+        if top >= MAX_CLASSES:
+            rows_at = [n for n, y in zip(numbers, indices) if y == top]
+            raise SupmaeError(f"{path}: {_rows(rows_at)} with label {top}, past the {MAX_CLASSES} classes any "
+                              "dataset has; integer labels are class indices")
+        if top + 1 > max(1000, 10 * len(set(indices))):
+            logger.warning(f"{path}: labels run up to {top} with {len(set(indices))} different ones, so most of the "
+                           f"{top + 1} classes are empty")
+        classes = [str(i) for i in range(top + 1)]
+    elif any(integer):
+        first_number = next(n for n, i in zip(numbers, integer) if i)
+        first_name = next(n for n, i in zip(numbers, integer) if not i)
+        raise SupmaeError(f"{path}: labels mix integers (row {first_number}) and names (row {first_name}); use one "
+                          "kind")
     else:
         classes = sorted(set(names))
         index = {name: i for i, name in enumerate(classes)}
         indices = [index[name] for name in names]
-    samples = [(os.path.join(base, p.strip()), y) for (p, _), y in zip(rows, indices)]
+    samples, seen, repeated = [], {}, []
+    for number, (file, _), label in zip(numbers, (row for _, row in rows), indices):
+        full = os.path.normpath(os.path.join(base, file.strip()))
+        if full in seen:
+            first, first_label = seen[full]
+            if first_label != label:
+                raise SupmaeError(f"{path}: {file.strip()} is listed with two labels (rows {first} and {number})")
+            repeated.append(number)
+            continue
+        seen[full] = number, label
+        samples.append((full, label))
+    if repeated:
+        logger.warning(f"{path}: {len(repeated)} repeated row{'s' if len(repeated) > 1 else ''} left out "
+                       f"({_rows(repeated)})")
     return LabelledImages(path, classes, samples)
 
 

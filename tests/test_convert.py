@@ -1,6 +1,7 @@
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -133,6 +134,34 @@ def test_file_lists_and_their_label_forms(tmp_path):
     assert numbered.classes == ["0", "1", "2", "3"] and numbered.labels.tolist() == [3, 0, 3]
     with pytest.raises(SupmaeError, match="row 2"):
         quiet_convert(tmp_path / "ragged.csv", tmp_path / "ragged.beton")
+
+
+def test_file_list_labels_are_kept_or_refused_never_invented(tmp_path, caplog):
+    from supmae.pipelines.sources import read_file_list
+    for i in range(4):
+        Image.fromarray(pattern()).save(tmp_path / f"{i}.png")
+
+    def listed(name: str, text: str, encoding="utf-8"):
+        (tmp_path / name).write_bytes(text.encode(encoding))
+        return read_file_list(str(tmp_path / name))
+
+    train = listed("train.csv", "filename,label\n0.png,2\n1.png,10\n2.png,2\n", encoding="utf-8-sig")  # BOM
+    val = listed("val.csv", "path,label\n3.png,10\n")
+    assert [y for _, y in train.samples] == [2, 10, 2] and [y for _, y in val.samples] == [10]  # the values kept
+    assert train.classes[10] == "10" and len(train.classes) == 11
+    for text, message in [("0.png,1\n1.png,-1\n", "row 2 with a negative label"),
+                          ("0.png,1\n1.png,\n2.png,\n", "rows 2, 3 without a label"),
+                          ("0.png,1\n1.png,cat\n", "labels mix integers (row 1) and names (row 2)"),
+                          ("0.png,1\n1.png,\u00b2\n", "labels mix integers (row 1) and names (row 2)"),
+                          ("0.png,1\n1.png,5000000\n", "row 2 with label 5000000, past the 1000000 classes"),
+                          ("0.png,cat\n1.png,dog\n0.png,dog\n", "0.png is listed with two labels (rows 1 and 3)")]:
+        with pytest.raises(SupmaeError, match=re.escape(message)):
+            listed("bad.csv", text)
+    repeated = listed("repeated.csv", "0.png,cat\n1.png,dog\n0.png,cat\n")
+    assert [os.path.basename(p) for p, _ in repeated.samples] == ["0.png", "1.png"]
+    assert caplog.messages[-1].endswith("repeated.csv: 1 repeated row left out (row 3)")
+    listed("sparse.csv", "0.png,0\n1.png,20000\n")
+    assert "labels run up to 20000 with 2 different ones" in caplog.messages[-1]
 
 
 def test_existing_output_is_kept_unless_forced(synth_folder, tmp_path, capsys):
