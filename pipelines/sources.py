@@ -31,6 +31,20 @@ class LabelledImages(NamedTuple):
     samples: list[tuple[str, int]]   # (path, label)
 
 
+def _walk(top: str, visited: set[str]):
+    """(folder, file names) under `top`, following links to folders but into each real folder once (a link
+    back up would otherwise repeat the tree until the path grows too long), hidden folders left out."""
+    real = os.path.realpath(top)
+    if real in visited:
+        return
+    visited.add(real)
+    entries = list(os.scandir(top))
+    yield top, [e.name for e in entries if e.is_file()]
+    for entry in entries:
+        if entry.is_dir() and not entry.name.startswith("."):
+            yield from _walk(entry.path, visited)
+
+
 def scan_image_folder(root: str) -> LabelledImages:
     """root/<class>/[sub/folders/]<image>; classes sorted by name, samples by class then path."""
     if not os.path.exists(root):
@@ -40,14 +54,19 @@ def scan_image_folder(root: str) -> LabelledImages:
     classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
     if not classes:
         raise SupmaeError(f"data path {root} has no class sub-folders (expected root/<class>/<image> folders)")
-    samples = []
+    samples, visited, empty = [], {os.path.realpath(root)}, []
     for label, name in enumerate(classes):
-        for folder, dirs, files in sorted(os.walk(os.path.join(root, name), followlinks=True)):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            samples += [(os.path.join(folder, f), label) for f in sorted(files)
-                        if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+        found = [(os.path.join(folder, f), label) for folder, files in sorted(_walk(os.path.join(root, name), visited))
+                 for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+        if not found:
+            empty.append(name)
+        samples += found
     if not samples:
         raise SupmaeError(f"data path {root} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    if empty:
+        logger.warning(f"{root}: class folder{'s' if len(empty) > 1 else ''} {', '.join(empty[:5])}"
+                       f"{' and more' if len(empty) > 5 else ''} hold{'' if len(empty) > 1 else 's'} no images; "
+                       "each stays a class with no samples")
     return LabelledImages(root, classes, samples)
 
 

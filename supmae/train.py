@@ -62,6 +62,9 @@ class Run:
         if self.supervised and cfg.batch_size < 2 and not (cfg.sync_bn and self.world.distributed):
             raise SupmaeError("the classification head's BatchNorm needs at least 2 images per batch: use "
                               "--batch-size 2 or more (or --sync-bn on several ranks)")
+        if self.supervised and len(self.source.classes) < 2:
+            logger.warning(f"{self.data} holds one class, so {cfg.model}'s classification loss is always 0: the run "
+                           "trains as MAE (an mae_vit model does so without the branch)")
         self.model.to(self.device)
         if cfg.sync_bn and self.world.distributed:
             apply_global_batchnorm(self.model)

@@ -152,3 +152,20 @@ def test_rank_shards_are_disjoint_equal_and_cover_the_epoch():
     assert not np.array_equal(one.epoch(0), one.epoch(1))              # a new order every epoch
     with pytest.raises(ValueError):
         Schedule(100, 4, rank=2, world_size=2)
+
+
+def test_a_folder_is_walked_once_through_links_and_empty_classes_are_named(tmp_path, caplog):
+    root = tmp_path / "data"
+    for name in ("a", "b", "empty"):
+        (root / name).mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "a" / f"{i}.png")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "b" / "0.png")
+    (root / "a" / "again").symlink_to(root / "a")  # a loop
+    (root / "a" / ".hidden").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "a" / ".hidden" / "x.png")
+    images = scan_image_folder(str(root))
+    assert [(os.path.relpath(p, root), y) for p, y in images.samples] == [
+        ("a/0.png", 0), ("a/1.png", 0), ("a/2.png", 0), ("b/0.png", 1)]
+    assert images.classes == ["a", "b", "empty"]
+    assert caplog.messages == [f"{root}: class folder empty holds no images; each stays a class with no samples"]

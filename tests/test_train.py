@@ -210,3 +210,10 @@ def test_cuda_graphs_with_accumulation_are_refused(synth_folder, tmp_path):
         config(synth_folder, tmp_path, accum_iter=2, compile_mode="reduce-overhead")
     with pytest.raises(SupmaeError, match="use --accum-iter 1"):
         ProfileConfig.merge(dict(data=synth_folder, accum_iter=2, compile_mode="reduce-overhead"))
+
+
+def test_a_single_class_is_warned_about_for_a_supervised_model(synth_folder, tmp_path, caplog):
+    one = tmp_path / "one"
+    shutil.copytree(os.path.join(synth_folder, sorted(os.listdir(synth_folder))[0]), one / "only")
+    pretrain(config(str(one), tmp_path / "run", steps=1, img_size=32))
+    assert any("holds one class" in line and "classification loss is always 0" in line for line in warnings_of(caplog))
