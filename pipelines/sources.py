@@ -186,6 +186,20 @@ def sidecar_path(beton: str) -> str:
     return beton + ".json"
 
 
+def _check_whole(path: str) -> None:
+    """A .beton ends with its allocation table, which a copy cut short loses first: refuse one whose file ends
+    before the table begins or inside an entry, rather than fail on its first missing sample mid-run."""
+    from ffcv.types import ALLOC_TABLE_TYPE, CURRENT_VERSION, HeaderType
+    size = os.path.getsize(path)
+    if size < HeaderType.itemsize:
+        return  # not a .beton at all: the reader says so
+    header = np.fromfile(path, dtype=HeaderType, count=1)[0]
+    table = int(header["alloc_table_ptr"])
+    if header["version"] == CURRENT_VERSION and (size < table or (size - table) % ALLOC_TABLE_TYPE.itemsize):
+        raise SupmaeError(f"{path} is cut short: {size} bytes, where its allocation table begins at byte {table}; "
+                          "convert again")
+
+
 class BetonSource:
     """A .beton written by `supmae convert` (or any FFCV file with an RGB `image` and an int `label` field)."""
 
@@ -195,6 +209,7 @@ class BetonSource:
             from ffcv.reader import Reader
         if not os.path.isfile(path):
             raise SupmaeError(f"data file {path} does not exist")
+        _check_whole(path)
         try:
             reader = Reader(path)
         except Exception as error:  # FFCV raises bare AssertionError/ValueError/IndexError on foreign files
@@ -210,6 +225,11 @@ class BetonSource:
         order = np.argsort(ptrs)
         self._ptrs, self._sizes = ptrs[order], reader.alloc_table["size"][order]
         self.classes = self._read_classes()
+        if len(self.labels) and self.labels.max() >= len(self.classes):
+            raise SupmaeError(f"{path}'s sidecar {sidecar_path(path)} names {len(self.classes)} classes but its labels "
+                              f"reach {self.labels.max()}: the sidecar is stale; convert again")
+        if not np.isin(self._image["data_ptr"], self._ptrs).all():
+            raise SupmaeError(f"{path} is cut short: samples are missing from its allocation table; convert again")
         self._file = None
 
     def _read_classes(self) -> list[str]:

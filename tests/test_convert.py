@@ -236,3 +236,21 @@ def test_a_second_conversion_to_one_output_is_refused(capsys, synth_folder, tmp_
                   "choose another"
     assert not out.exists()
     assert main(["convert", synth_folder, str(out), "--no-progress"]) == 0
+
+
+def test_a_cut_short_beton_or_a_stale_sidecar_is_refused_at_open(capsys, synth_folder, tmp_path):
+    out = tmp_path / "data.beton"
+    quiet_convert(synth_folder, out, max_resolution=64)
+    from ffcv.types import ALLOC_TABLE_TYPE
+    cut = tmp_path / "cut.beton"
+    for missing in (5000, 7, 2 * ALLOC_TABLE_TYPE.itemsize):  # into the data, into an entry, two whole entries
+        cut.write_bytes(out.read_bytes()[:-missing])
+        err = error_of(capsys, "pretrain", "--data", str(cut), "--output", str(tmp_path / "run"))
+        assert f"{cut} is cut short: " in err and err.endswith("; convert again"), err
+    with open(sidecar_path(str(out))) as f:
+        sidecar = json.load(f)
+    sidecar["class_to_index"] = dict(list(sidecar["class_to_index"].items())[:2])
+    with open(sidecar_path(str(out)), "w") as f:
+        json.dump(sidecar, f)
+    err = error_of(capsys, "pretrain", "--data", str(out), "--output", str(tmp_path / "run"))
+    assert err.endswith("names 2 classes but its labels reach 3: the sidecar is stale; convert again"), err
