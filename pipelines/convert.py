@@ -19,12 +19,12 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from supmae.atomic import replaced, write_text
+from supmae.atomic import leftovers, replaced, write_text
 from supmae.config import ConvertConfig
 from supmae.errors import SupmaeError
 from supmae.lock import exclusive
 from supmae.pipelines.decode import UNREADABLE, load_rgb, probe
-from supmae.pipelines.sources import scan_images, sidecar_path
+from supmae.pipelines.sources import IMAGE_EXTENSIONS, scan_images, sidecar_path
 from supmae.pipelines.torch_threads import keep_torch_threads
 
 logger = logging.getLogger(__name__)
@@ -87,7 +87,12 @@ def _check(path: str):
     try:
         return probe(path)
     except UNREADABLE as error:
-        return f"{type(error).__name__}: {error}".replace("\t", " ").replace("\n", " ")
+        return f"{type(error).__name__}: {error}"
+
+
+def _tsv(text: str) -> str:
+    """A TSV field: backslash, tab and line breaks escaped, so a file name holding them stays one row."""
+    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
 
 
 def _stored_size(width: int, height: int, max_resolution: int) -> tuple[int, int]:
@@ -150,6 +155,9 @@ def _write(cfg: ConvertConfig) -> dict:
     src, out, options = cfg.src, cfg.out, cfg.storage
     if os.path.exists(out) and not cfg.force:
         raise SupmaeError(f"{out} already exists; pass --force to replace it")
+    for path in leftovers(out):  # the lock is ours, so no conversion is writing these
+        os.remove(path)
+        logger.info(f"removed {path}, left by a conversion killed while writing it")
     images = scan_images(src)
     workers = cfg.workers or os.cpu_count() or 1
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -161,8 +169,13 @@ def _write(cfg: ConvertConfig) -> dict:
     skipped = [(path, result) for (path, _), result in zip(images.samples, checks) if isinstance(result, str)]
     kept = [(sample, result) for sample, result in zip(images.samples, checks) if not isinstance(result, str)]
     report = report_path(out)
-    write_text(report, "path\treason\n" + "".join(f"{p}\t{why}\n" for p, why in skipped))
+    rows = "path\treason\n" + "".join(f"{_tsv(p)}\t{_tsv(why)}\n" for p, why in skipped) + \
+        "".join(f"{_tsv(p)}\tnot an image file name ({', '.join(IMAGE_EXTENSIONS)})\n" for p in images.ignored)
     if not kept:
+        if os.path.exists(out):  # the report describes the .beton beside it, which stays as it was
+            raise SupmaeError(f"none of the {len(images.samples)} files in {src} could be read, first "
+                              f"{_tsv(skipped[0][0])}: {skipped[0][1]}; {out} is left as it was")
+        write_text(report, rows)
         raise SupmaeError(f"none of the {len(images.samples)} files in {src} could be read; reasons in {report}")
 
     samples = [sample for sample, _ in kept]
@@ -191,10 +204,12 @@ def _write(cfg: ConvertConfig) -> dict:
             counts = np.bincount([y for _, y in samples], minlength=len(images.classes))
             sidecar = dict(
                 format="supmae-beton/1", source=os.path.abspath(src), num_samples=len(samples), skipped=len(skipped),
+                ignored=len(images.ignored),
                 class_to_index={name: i for i, name in enumerate(images.classes)},
                 class_counts={name: int(n) for name, n in zip(images.classes, counts)},
                 options=dataclasses.asdict(options), report=os.path.basename(report),
                 seconds=round(seconds, 3), images_per_s=round(len(samples) / seconds, 1))
+            write_text(report, rows)
             write_text(sidecar_path(out), json.dumps(sidecar, indent=2) + "\n")
     except BaseException:
         for child in set(multiprocessing.active_children()) - already_running:
@@ -207,6 +222,8 @@ def _write(cfg: ConvertConfig) -> dict:
         raise
     finally:
         interrupted.restore()
-    logger.info(f"{len(samples)} written, {len(skipped)} skipped{f' (reasons in {report})' if skipped else ''}: "
-                f"{out} in {sidecar['seconds']:.1f} s, {sidecar['images_per_s']:.0f} images/s")
+    ignored = f", {len(images.ignored)} other files ignored" if images.ignored else ""
+    listed = f" (listed in {report})" if skipped or images.ignored else ""
+    logger.info(f"{len(samples)} written, {len(skipped)} skipped{ignored}{listed}: {out} in {sidecar['seconds']:.1f} s, "
+                f"{sidecar['images_per_s']:.0f} images/s")
     return sidecar

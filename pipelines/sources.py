@@ -29,6 +29,7 @@ class LabelledImages(NamedTuple):
     root: str                        # the folder or list file they were found from
     classes: list[str]               # a label is an index into this list
     samples: list[tuple[str, int]]   # (path, label)
+    ignored: tuple[str, ...] = ()    # other files found beside them (not an image file name)
 
 
 def _walk(top: str, visited: set[str]):
@@ -54,10 +55,12 @@ def scan_image_folder(root: str) -> LabelledImages:
     classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
     if not classes:
         raise SupmaeError(f"data path {root} has no class sub-folders (expected root/<class>/<image> folders)")
-    samples, visited, empty = [], {os.path.realpath(root)}, []
+    samples, ignored, visited, empty = [], [], {os.path.realpath(root)}, []
     for label, name in enumerate(classes):
-        found = [(os.path.join(folder, f), label) for folder, files in sorted(_walk(os.path.join(root, name), visited))
-                 for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+        files = [os.path.join(folder, f) for folder, names in sorted(_walk(os.path.join(root, name), visited))
+                 for f in sorted(names) if not f.startswith(".")]
+        found = [(path, label) for path in files if path.lower().endswith(IMAGE_EXTENSIONS)]
+        ignored += [path for path in files if not path.lower().endswith(IMAGE_EXTENSIONS)]
         if not found:
             empty.append(name)
         samples += found
@@ -67,7 +70,7 @@ def scan_image_folder(root: str) -> LabelledImages:
         logger.warning(f"{root}: class folder{'s' if len(empty) > 1 else ''} {', '.join(empty[:5])}"
                        f"{' and more' if len(empty) > 5 else ''} hold{'' if len(empty) > 1 else 's'} no images; "
                        "each stays a class with no samples")
-    return LabelledImages(root, classes, samples)
+    return LabelledImages(root, classes, samples, tuple(ignored))
 
 
 def _rows(numbers: list[int], limit: int = 3) -> str:

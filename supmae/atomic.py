@@ -1,6 +1,7 @@
 """Files that appear whole or not at all: written under a temporary name beside the target, synced, then
 renamed over it, so a crash, a full disk or a kill mid-write leaves the previous version intact."""
 import contextlib
+import glob
 import os
 import shutil
 from typing import Iterator
@@ -37,6 +38,12 @@ def replaced(path: str) -> Iterator[str]:
             shutil.rmtree(tmp, ignore_errors=True)
         elif os.path.lexists(tmp):
             os.remove(tmp)
+
+
+def leftovers(path: str) -> list[str]:
+    """What writers of `path` killed mid-write left behind (only safe to remove while holding its lock)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    return sorted(glob.glob(os.path.join(folder, f".{glob.escape(name)}.partial-*")))
 
 
 def write_text(path: str, text: str) -> None:

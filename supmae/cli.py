@@ -128,7 +128,8 @@ def main(argv=None) -> int:
         cfg = configure(command, typed)  # first: a bad option is found before the command's imports
         _function(command.run)(cfg)
     except (SupmaeError, OSError) as error:  # an OSError's own words name the path and what went wrong
-        print(f"supmae: error: {error}", file=sys.stderr)
+        line = str(error).replace("\r", "\\r").replace("\n", "\\n")  # a file name may hold either
+        print(f"supmae: error: {line}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("supmae: interrupted", file=sys.stderr)

@@ -125,3 +125,12 @@ def test_an_image_size_no_batch_fits_is_refused_before_any_allocation(capsys, sy
                    "--device", "cpu")
     assert err.startswith("supmae: error: --img-size 100000: one batch of 64 images alone needs 7152.6 GiB, more "
                           "than the ")
+
+
+def test_an_error_naming_a_file_with_a_line_break_stays_one_line(capsys, folder_with_a_bad_image, tmp_path):
+    bad = os.path.join(folder_with_a_bad_image, "b", "2.jpg")
+    os.rename(bad, os.path.join(folder_with_a_bad_image, "b", "2\nbad.jpg"))
+    err = error_of(capsys, "pretrain", "--data", folder_with_a_bad_image, "--model", "supmae_vit_tiny_patch16",
+                   "--img-size", "32", "--batch-size", "6", "--steps", "2", "--workers", "0", "--output",
+                   str(tmp_path / "out"), "--no-progress")
+    assert "cannot read image" in err and "2\\nbad.jpg" in err

@@ -1,7 +1,9 @@
 import io
 import json
+import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -254,3 +256,42 @@ def test_a_cut_short_beton_or_a_stale_sidecar_is_refused_at_open(capsys, synth_f
         json.dump(sidecar, f)
     err = error_of(capsys, "pretrain", "--data", str(out), "--output", str(tmp_path / "run"))
     assert err.endswith("names 2 classes but its labels reach 3: the sidecar is stale; convert again"), err
+
+
+def test_the_report_keeps_odd_names_on_one_row_and_counts_other_files(synth_folder, tmp_path, caplog):
+    root = tmp_path / "odd"
+    shutil.copytree(synth_folder, root)
+    for name in ("tab\there.jpg", "line\nbreak.jpg"):
+        (root / "0000_circle_stripes" / name).write_bytes(b"not an image")
+    (root / "0000_circle_stripes" / "notes.txt").write_text("a note")
+    (root / "0001_triangle_stripes" / "anim.gif").write_bytes(b"GIF89a")
+    out = tmp_path / "odd.beton"
+    with caplog.at_level(logging.INFO, logger="supmae"):
+        sidecar = quiet_convert(root, out)
+    rows = (tmp_path / "odd.beton.skipped.tsv").read_text().splitlines()
+    assert len(rows) == 5 and all(len(row.split("\t")) == 2 for row in rows)
+    assert {row.split("\t")[0].rsplit("/", 1)[1] for row in rows[1:]} == {"tab\\there.jpg", "line\\nbreak.jpg",
+                                                                         "notes.txt", "anim.gif"}
+    assert (sidecar["num_samples"], sidecar["skipped"], sidecar["ignored"]) == (48, 2, 2)
+    assert "48 written, 2 skipped, 2 other files ignored (listed in" in caplog.messages[-1]
+
+
+def test_a_failed_forced_conversion_keeps_the_old_output_and_its_report(capsys, synth_folder, tmp_path):
+    out = tmp_path / "data.beton"
+    quiet_convert(synth_folder, out, max_resolution=64)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    junk = tmp_path / "junk" / "a"
+    junk.mkdir(parents=True)
+    (junk / "0.jpg").write_bytes(b"not an image")
+    err = error_of(capsys, "convert", str(junk.parent), str(out), "--force", "--no-progress")
+    assert err.endswith(f"; {out} is left as it was") and "0.jpg" in err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+
+
+def test_what_a_killed_conversion_left_is_removed_by_the_next(synth_folder, tmp_path, caplog):
+    out = tmp_path / "data.beton"
+    left = tmp_path / ".data.beton.partial-999999"
+    left.write_bytes(b"half a beton")
+    with caplog.at_level(logging.INFO, logger="supmae"):
+        quiet_convert(synth_folder, out, max_resolution=64)
+    assert not left.exists() and f"removed {left}, left by a conversion killed while writing it" in caplog.messages
