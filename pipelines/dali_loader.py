@@ -7,6 +7,7 @@ Crop boxes and flips are drawn in Python by the same function as the torch engin
 """
 import os
 import pickle
+import signal
 import tempfile
 from typing import Iterator, Optional
 
@@ -55,6 +56,10 @@ class _CallbackFile:
         return self.path
 
     def loads(self, path: str):
+        """In the worker, which leaves the stop signals a scheduler sends the whole process group to the main
+        process (forked workers inherit its handler instead)."""
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, signal.SIG_IGN)
         with open(path, "rb") as f:
             return pickle.load(f)
 

@@ -4,6 +4,7 @@ Each sample's view is a function of (seed, epoch, index) alone, so a run restart
 exactly the data it would have seen, whatever the worker count.
 """
 import itertools
+import signal
 from typing import Iterator, NamedTuple
 
 import numpy as np
@@ -41,6 +42,13 @@ class _Views(Dataset):
         return torch.from_numpy(np.array(crop_resize_flip(image, size=self.size, box=box, flip=flip))), int(self.source.labels[index])
 
 
+def _leave_stop_signals_to_the_run(worker_id: int) -> None:
+    """A scheduler's SIGTERM reaches the whole process group: the workers must outlive it, so the main process
+    can finish its step, checkpoint and close them (torch's own handler would end them at once)."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def _collate(samples):
     # An exception raised in a worker reaches the main process wrapped in a traceback; a returned
     # value does not, so a bad image travels back as data and becomes one clear error there.
@@ -76,6 +84,7 @@ class TorchLoader:
             batch_sampler=_Keys(self.schedule, spec.start),
             num_workers=spec.workers,
             collate_fn=_collate,
+            worker_init_fn=_leave_stop_signals_to_the_run,
             pin_memory=torch.device(spec.device).type == "cuda",
             prefetch_factor=PREFETCH_PER_WORKER if spec.workers else None,
         )

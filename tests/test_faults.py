@@ -54,6 +54,21 @@ def test_a_stop_signal_finishes_the_step_checkpoints_and_exits_0(synth_folder, t
     assert load_checkpoint(list_checkpoints(str(tmp_path))[0])["step"] == stopped_at
 
 
+@pytest.mark.parametrize("engine", ["torch", "dali"])
+def test_sigterm_to_the_whole_process_group_still_checkpoints(synth_folder, tmp_path, engine):
+    """What Slurm, Docker and Kubernetes send: the loader's workers get it too, and must leave it to the run."""
+    run = subprocess.Popen([sys.executable, "-m", "supmae", "pretrain", *arguments(
+        synth_folder, tmp_path, 100_000, "--checkpoint-every", "0", "--workers", "2", "--loader", engine)], cwd=REPO,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": REPO},
+        start_new_session=True)
+    wait_for(lambda: logged_steps(tmp_path) >= 3, run)
+    os.killpg(run.pid, signal.SIGTERM)
+    out, err = run.communicate(timeout=300)
+    assert run.returncode == 0, err
+    assert "stopped by SIGTERM" in out and "Traceback" not in err
+    assert load_checkpoint(list_checkpoints(str(tmp_path))[-1])["step"] == metrics(tmp_path)[-1]["step"]
+
+
 def test_a_killed_run_resumes_onto_the_uninterrupted_curve(synth_folder, tmp_path):
     steps = 150
     straight = start(*arguments(synth_folder, tmp_path / "straight", steps, "--checkpoint-every", "10"))
