@@ -32,6 +32,9 @@ class Source(Protocol):
 
     def __len__(self) -> int: ...
 
+    def fingerprint(self) -> str:
+        """A digest of what the samples are, so a resumed run can tell it reads the data it began with."""
+
     def describe(self, index: int) -> str:
         """How an error names sample `index`: its file, or the .beton and position."""
 

@@ -5,6 +5,7 @@ Every source is a labelled, indexable set of encoded images. Engines ask it for 
 all three can be compared on one file.
 """
 import csv
+import hashlib
 import json
 import logging
 import os
@@ -170,6 +171,14 @@ class FolderSource:
     def __len__(self) -> int:
         return len(self.paths)
 
+    def fingerprint(self) -> str:
+        """What the samples are, wherever the folder lies: their paths below it and their labels."""
+        base = self.path if os.path.isdir(self.path) else os.path.dirname(os.path.abspath(self.path))
+        digest = hashlib.sha256(self.labels.tobytes())
+        for path in self.paths:
+            digest.update(os.path.relpath(path, base).encode("utf-8", "surrogateescape") + b"\0")
+        return digest.hexdigest()
+
     def describe(self, index: int) -> str:
         return self.paths[index]
 
@@ -244,6 +253,11 @@ class BetonSource:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def fingerprint(self) -> str:
+        """What the samples are: their labels and stored sizes and formats, read from the table, not the pixels."""
+        table = np.stack([self._image[f].astype(np.int64) for f in ("mode", "width", "height")])
+        return hashlib.sha256(self.labels.tobytes() + table.tobytes()).hexdigest()
 
     def __getstate__(self):
         # Worker processes map the file themselves.

@@ -53,9 +53,10 @@ class Run:
         self.workers = loader_workers(cfg.workers)
         check_batch_fits(batch_size=cfg.batch_size, img_size=cfg.img_size, device=self.device)
 
-        self.data = cfg.data or default_dataset()
+        self.data = os.path.abspath(cfg.data) if cfg.data else default_dataset()  # a resume may start elsewhere
         self.source = open_source(self.data)
         self.engine = choose_engine(cfg.loader, self.source)
+        self.dataset = dict(num_samples=len(self.source), fingerprint=self.source.fingerprint())
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank and in every run of this seed
         self.model = build_model(cfg, len(self.source.classes))
         self.supervised = self.model.cls_head is not None
@@ -123,6 +124,12 @@ class Run:
                               f"{self.world.world_size}: the data order and batch would change")
         if state.get("classes", self.source.classes) != self.source.classes:
             raise SupmaeError(f"checkpoint {path} was trained on other classes than {self.data} holds")
+        trained_on = state.get("dataset", self.dataset)
+        if trained_on != self.dataset:
+            raise SupmaeError(f"checkpoint {path} was trained on other data than {self.data}: "
+                              f"{trained_on['num_samples']} images (fingerprint {trained_on['fingerprint'][:12]}) then, "
+                              f"{self.dataset['num_samples']} ({self.dataset['fingerprint'][:12]}) now; give the --data "
+                              "it was trained on")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
@@ -146,8 +153,8 @@ class Run:
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         state = dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
                      scaler=self.scaler.state_dict(), step=step, epoch=step / self.steps_per_epoch,
-                     config=dataclasses.asdict(self.cfg), world_size=self.world.world_size, classes=self.source.classes,
-                     rng=rng, format="supmae/1")
+                     config=dict(dataclasses.asdict(self.cfg), data=self.data), world_size=self.world.world_size,
+                     classes=self.source.classes, dataset=self.dataset, rng=rng, format="supmae/1")
         save_checkpoint(state, path)
         prune_checkpoints(self.cfg.output, self.cfg.keep_checkpoints)
 

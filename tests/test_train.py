@@ -217,3 +217,22 @@ def test_a_single_class_is_warned_about_for_a_supervised_model(synth_folder, tmp
     shutil.copytree(os.path.join(synth_folder, sorted(os.listdir(synth_folder))[0]), one / "only")
     pretrain(config(str(one), tmp_path / "run", steps=1, img_size=32))
     assert any("holds one class" in line and "classification loss is always 0" in line for line in warnings_of(caplog))
+
+
+def test_a_resume_reads_the_data_it_began_with(capsys, synth_folder, tmp_path, monkeypatch):
+    """A relative --data is stored absolute; other data under the same classes is refused by its fingerprint."""
+    from supmae.cli import main
+    from test_cli import error_of
+    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
+    shutil.copytree(synth_folder, here / "data")
+    shutil.copytree(synth_folder, elsewhere / "data", ignore=lambda folder, names: {"000000.jpg"} & set(names))
+    out = str(tmp_path / "run")
+    monkeypatch.chdir(here)
+    assert main(["pretrain", "--data", "data", "--output", out, "--model", "supmae_vit_tiny_patch16", "--img-size",
+                 "32", "--batch-size", "8", "--steps", "1", "--workers", "0", "--no-progress"]) == 0
+    assert load_checkpoint(os.path.join(out, "checkpoint-00000001.pt"))["config"]["data"] == str(here / "data")
+    monkeypatch.chdir(elsewhere)
+    assert main(["pretrain", "--output", out, "--resume", "auto", "--steps", "2", "--no-progress"]) == 0
+    assert metrics(out)[-1]["step"] == 2  # went on with the data in `here`, not with ./data in `elsewhere`
+    err = error_of(capsys, "pretrain", "--output", out, "--resume", "auto", "--steps", "3", "--data", "data")
+    assert f"was trained on other data than {elsewhere / 'data'}: 48 images" in err and "44 (" in err
