@@ -6,6 +6,8 @@ import os
 import shutil
 from typing import Iterator
 
+from supmae.errors import SupmaeError
+
 
 def _sync_folder(path: str) -> None:
     fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
@@ -38,6 +40,13 @@ def replaced(path: str) -> Iterator[str]:
             shutil.rmtree(tmp, ignore_errors=True)
         elif os.path.lexists(tmp):
             os.remove(tmp)
+
+
+def check_space(folder: str, needed: int, what: str) -> None:
+    """Refuse, in one line, to write `what` (about `needed` bytes) into `folder` without the room for it."""
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise SupmaeError(f"{folder} has {free / 2**20:.0f} MiB free; {what} needs about {needed / 2**20:.0f} MiB")
 
 
 def leftovers(path: str) -> list[str]:

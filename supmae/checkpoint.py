@@ -9,7 +9,7 @@ import re
 
 import torch
 
-from supmae.atomic import replaced
+from supmae.atomic import check_space, replaced
 from supmae.config import PretrainConfig
 from supmae.errors import SupmaeError
 
@@ -21,9 +21,22 @@ def checkpoint_path(output: str, step: int) -> str:
     return os.path.join(output, f"checkpoint-{step:08d}.pt")
 
 
-def save_checkpoint(state: dict, path: str) -> None:
-    with replaced(path) as tmp:
-        torch.save(state, tmp)
+def checkpoint_bytes(model: torch.nn.Module) -> int:
+    """About what a checkpoint of `model` takes: its weights and AdamW's two moments of each."""
+    return 3 * sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def save_checkpoint(state: dict, path: str, *, expected_bytes: int = 0) -> None:
+    """Write `state` to `path` whole or not at all; a full disk is one line naming the folder and the room
+    needed, and the previous checkpoint stays."""
+    folder = os.path.dirname(os.path.abspath(path))
+    check_space(folder, expected_bytes, "a checkpoint")
+    try:
+        with replaced(path) as tmp:
+            torch.save(state, tmp)
+    except (RuntimeError, OSError) as error:  # torch reports a short write as RuntimeError ("unexpected pos")
+        check_space(folder, expected_bytes, "a checkpoint")
+        raise SupmaeError(f"cannot write checkpoint {path}: {str(error).splitlines()[0]}") from None
 
 
 def list_checkpoints(output: str) -> list[str]:

@@ -264,6 +264,7 @@ class FinetuneConfig(SplitsConfig):
     warmup_epochs: float = option(5, "epochs of linear lr warm-up", at_least=0)
     seed: int = option(0, "seed of the head, data order and augmentation", at_least=0, at_most=SEED_MAX)
     output: Optional[str] = option(None, "folder for the fine-tuned model.safetensors")
+    force: bool = option(False, "replace an existing model.safetensors in --output")
 
 
 @configuration

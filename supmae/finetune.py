@@ -17,7 +17,7 @@ from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models.vision_transformer import VisionTransformer
 
-from supmae.atomic import replaced
+from supmae.atomic import check_space, replaced
 from supmae.config import FinetuneConfig, LinearConfig
 from supmae.errors import SupmaeError
 from supmae.evaluate import frozen_features, load_pretrained, open_splits
@@ -28,6 +28,7 @@ from supmae.optim import lr_at
 from supmae.pipelines.loader import LoaderSpec, create_loader, open_batches, ordered_batches
 
 logger = logging.getLogger(__name__)
+WEIGHTS = "model.safetensors"  # what --output receives
 
 
 def timm_vit(checkpoint: str, num_classes: int, drop_path: float = 0.0) -> VisionTransformer:
@@ -85,11 +86,15 @@ def finetune(cfg: FinetuneConfig) -> dict:
             raise SupmaeError(f"--output {cfg.output} is a file, not a folder") from None
         if not os.access(cfg.output, os.W_OK | os.X_OK):
             raise SupmaeError(f"--output {cfg.output} is a folder this user cannot write to")
+        if os.path.exists(os.path.join(cfg.output, WEIGHTS)) and not cfg.force:
+            raise SupmaeError(f"{os.path.join(cfg.output, WEIGHTS)} exists; pass --force to replace it")
     device, workers = resolve_device(cfg.device), loader_workers(cfg.workers)
     train, val = open_splits(cfg.train, cfg.val)
     num_classes = len(train.classes)
     torch.manual_seed(cfg.seed)
     vit = timm_vit(cfg.checkpoint, num_classes, cfg.drop_path).to(device)
+    if cfg.output:
+        check_space(cfg.output, sum(p.numel() * p.element_size() for p in vit.parameters()), "the fine-tuned model")
     img_size = vit.patch_embed.img_size[0]
     steps_per_epoch = len(train) // cfg.batch_size
     if steps_per_epoch < 1:
@@ -124,9 +129,14 @@ def finetune(cfg: FinetuneConfig) -> dict:
     logger.info(f"fine-tuned top-1: {accuracy:.2%} on {len(val)} images, {num_classes} classes "
                 f"(chance {1 / num_classes:.2%}) after {total} steps")
     if cfg.output:
+        from safetensors import SafetensorError
         from safetensors.torch import save_file
-        with replaced(os.path.join(cfg.output, "model.safetensors")) as tmp:
-            save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, tmp)
+        path = os.path.join(cfg.output, WEIGHTS)
+        try:
+            with replaced(path) as tmp:
+                save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, tmp)
+        except SafetensorError as error:  # a write that failed after all (the disk filled meanwhile)
+            raise SupmaeError(f"cannot write {path}: {error}") from None
     return dict(top1=accuracy, steps=total, val_images=len(val), num_classes=num_classes)
 
 

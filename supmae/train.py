@@ -16,8 +16,8 @@ import time
 import torch
 from tqdm import tqdm
 
-from supmae.atomic import write_text
-from supmae.checkpoint import checkpoint_path, latest_checkpoint, list_checkpoints, load_checkpoint, \
+from supmae.atomic import check_space, write_text
+from supmae.checkpoint import checkpoint_bytes, checkpoint_path, latest_checkpoint, list_checkpoints, load_checkpoint, \
     prune_checkpoints, remove_partial_checkpoints, save_checkpoint, saved_config
 from supmae.config import RUN_DEFINING, PretrainConfig
 from supmae.distributed import any_rank, apply_ddp, apply_global_batchnorm, barrier, earliest_over_ranks, init_world, \
@@ -155,7 +155,7 @@ class Run:
                      scaler=self.scaler.state_dict(), step=step, epoch=step / self.steps_per_epoch,
                      config=dict(dataclasses.asdict(self.cfg), data=self.data), world_size=self.world.world_size,
                      classes=self.source.classes, dataset=self.dataset, rng=rng, format="supmae/1")
-        save_checkpoint(state, path)
+        save_checkpoint(state, path, expected_bytes=checkpoint_bytes(self.model))
         prune_checkpoints(self.cfg.output, self.cfg.keep_checkpoints)
 
     def loader_spec(self) -> LoaderSpec:
@@ -206,6 +206,7 @@ def _pretrain(run: Run) -> dict:
     if run.world.is_main:
         for path in remove_partial_checkpoints(cfg.output):
             logger.info(f"removed {path}, left by a run killed while writing it")
+        check_space(cfg.output, checkpoint_bytes(run.model), "a checkpoint")  # now, not after the first steps
         _write_config(run)
     barrier(run.world)
     if run.warmup_steps >= run.total_steps:

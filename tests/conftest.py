@@ -1,5 +1,6 @@
 import dataclasses
 import os
+import subprocess
 
 import pytest
 import torch
@@ -36,6 +37,24 @@ def folder_with_a_bad_image(tmp_path):
             render(0, i).save(root / c / f"{i}.jpg")
     (root / "b" / "2.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
     return str(root)
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """mount(MiB) -> a folder on a tmpfs that small, to fill a disk; skips where mounting is not allowed."""
+    mounted = []
+
+    def mount(mib: int):
+        disk = tmp_path / f"disk-{len(mounted)}"
+        disk.mkdir()
+        if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mib}m", "tmpfs", str(disk)],
+                                               capture_output=True).returncode != 0:
+            pytest.skip("mounting a small tmpfs needs root and a kernel that allows it here")
+        mounted.append(disk)
+        return disk
+    yield mount
+    for disk in mounted:
+        subprocess.run(["umount", str(disk)], check=True)
 
 
 @pytest.fixture

@@ -134,3 +134,22 @@ def test_an_error_naming_a_file_with_a_line_break_stays_one_line(capsys, folder_
                    "--img-size", "32", "--batch-size", "6", "--steps", "2", "--workers", "0", "--output",
                    str(tmp_path / "out"), "--no-progress")
     assert "cannot read image" in err and "2\\nbad.jpg" in err
+
+
+def test_finetune_keeps_an_earlier_result_unless_forced(capsys, monkeypatch, checkpoint, synth_folder, tmp_path):
+    monkeypatch.setattr("supmae.finetune.timm_vit", lambda *_: pytest.fail("fine-tuning started first"))
+    (tmp_path / "model.safetensors").write_bytes(b"an earlier result")
+    err = error_of(capsys, "finetune", "--checkpoint", checkpoint, "--train", synth_folder, "--val", synth_folder,
+                   "--output", str(tmp_path))
+    assert err == f"supmae: error: {tmp_path / 'model.safetensors'} exists; pass --force to replace it"
+    assert (tmp_path / "model.safetensors").read_bytes() == b"an earlier result"
+
+
+def test_finetune_checks_the_room_for_its_result_before_training(capsys, monkeypatch, checkpoint, synth_folder,
+                                                                  tmpfs):
+    disk = tmpfs(1)
+    monkeypatch.setattr("torch.optim.AdamW", lambda *_, **__: pytest.fail("fine-tuning started first"))
+    err = error_of(capsys, "finetune", "--checkpoint", checkpoint, "--train", synth_folder, "--val", synth_folder,
+                   "--output", str(disk))
+    assert err.startswith(f"supmae: error: {disk} has 1 MiB free; the fine-tuned model needs about ")
+    assert os.listdir(disk) == []

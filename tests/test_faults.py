@@ -128,3 +128,18 @@ def test_a_second_run_on_a_folder_in_use_is_refused(capsys, synth_folder, tmp_pa
                    "finish, or choose another")
     assert not list(tmp_path.glob("checkpoint-*")) and not (tmp_path / "metrics.jsonl").exists()
     pretrain(config(synth_folder, tmp_path, steps=1))  # released: the folder is free again
+
+
+def test_a_full_disk_is_one_line_and_the_last_checkpoint_survives(capsys, synth_folder, tmpfs):
+    """Room for one checkpoint of supmae_vit_tiny_patch16 (about 112 MiB), not two."""
+    from test_cli import error_of
+    small_disk = tmpfs(200)
+    run = arguments(synth_folder, small_disk / "run", 2, "--checkpoint-every", "1", "--keep-checkpoints", "3")
+    err = error_of(capsys, "pretrain", *run)
+    assert f"{small_disk / 'run'} has " in err and "MiB free; a checkpoint needs about " in err
+    assert [os.path.basename(p) for p in list_checkpoints(str(small_disk / "run"))] == ["checkpoint-00000001.pt"]
+    assert load_checkpoint(list_checkpoints(str(small_disk / "run"))[0])["step"] == 1
+    assert [p for p in os.listdir(small_disk / "run") if "partial" in p] == []
+    err = error_of(capsys, "pretrain", *run, "--resume", "auto")  # the disk still full: refused before training
+    assert "MiB free; a checkpoint needs about " in err
+    assert [os.path.basename(p) for p in list_checkpoints(str(small_disk / "run"))] == ["checkpoint-00000001.pt"]
