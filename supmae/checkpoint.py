@@ -6,6 +6,7 @@ official code's `load_model` reads it as it reads its own.
 """
 import os
 import re
+import zipfile
 
 import torch
 
@@ -52,6 +53,8 @@ def load_checkpoint(path: str, mmap: bool = False) -> dict:
     are read only when touched (to look at a checkpoint's config)."""
     if not os.path.isfile(path):
         raise SupmaeError(f"checkpoint {path} does not exist")
+    if not zipfile.is_zipfile(path):  # torch.load's own complaint would advise unsafe loading
+        raise SupmaeError(f"checkpoint {path} cannot be read: it is not a file torch.save writes, or it is cut short")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # torch raises many types for a damaged file

@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import timm
@@ -37,6 +38,9 @@ def test_export_refuses_to_overwrite_and_bad_inputs(capsys, checkpoint, tmp_path
     assert out.read_bytes() == b"keep me"
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     assert "cannot be read" in error_of(capsys, "export", str(tmp_path / "junk.pt"), str(tmp_path / "x.safetensors"))
+    (tmp_path / "noise.pt").write_bytes(os.urandom(3000))  # torch's own words would advise unsafe loading
+    assert error_of(capsys, "export", str(tmp_path / "noise.pt"), str(tmp_path / "x.safetensors")).endswith(
+        "cannot be read: it is not a file torch.save writes, or it is cut short")
     assert "does not exist" in error_of(capsys, "export", str(tmp_path / "none.pt"), str(tmp_path / "y.safetensors"))
 
 
