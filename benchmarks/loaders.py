@@ -15,7 +15,7 @@ from supmae.config import PretrainConfig
 from supmae.errors import SupmaeError
 from supmae.hardware import loader_workers, resolve_device
 from supmae.measure import commit, device_name, versions, write_json
-from supmae.options import Config, configuration, from_command_line, option, section
+from supmae.options import Config, configuration, from_command_line, items, option, section
 from supmae.pipelines.engines import ENGINES
 from supmae.pipelines.loader import LoaderSpec
 from supmae.pipelines.masking import MaskSampler
@@ -29,20 +29,13 @@ class LoaderBenchmark(Config):
     """Images/s each loader engine delivers to the device, with no model, on one dataset in one run."""
     run: PretrainConfig = section(PretrainConfig, ("data", "order", "os_cache", "workers", "seed", "device",
                                                    "batch_size", "img_size", "mask_ratio"), batch_size=256)
-    engines: str = option(",".join(ENGINES), "the engines to measure, comma-separated")
+    engines: str = option(",".join(ENGINES), "the engines to measure, comma-separated", choices=tuple(ENGINES),
+                          listed=True)
     warmup: int = option(5, "untimed batches after the first", at_least=0)
     batches: int = option(20, "batches per timed pass", at_least=1)
     passes: int = option(5, "timed passes; the figure is their median", at_least=1)
     json: Optional[str] = option(None, "write the results here", metavar="FILE")
 
-    @property
-    def engine_list(self) -> list[str]:
-        return [e.strip() for e in self.engines.split(",") if e.strip()]
-
-    def check(self) -> None:
-        unknown = [e for e in self.engine_list if e not in ENGINES]
-        if unknown or not self.engine_list:
-            raise SupmaeError(f"--engines: {', '.join(unknown) or 'none'} not among {', '.join(ENGINES)}")
 
 
 def benchmark_loaders(cfg: LoaderBenchmark) -> dict:
@@ -53,7 +46,7 @@ def benchmark_loaders(cfg: LoaderBenchmark) -> dict:
     workers = loader_workers(run.workers)
     patches = (run.img_size // 16) ** 2
     results = {}
-    for engine in cfg.engine_list:
+    for engine in items(cfg.engines):
         spec = LoaderSpec(batch_size=run.batch_size, img_size=run.img_size, device=device, workers=workers,
                           mask_sampler=MaskSampler(patches, run.mask_ratio, seed=run.seed, device=device),
                           seed=run.seed, order=run.order, os_cache=run.os_cache)

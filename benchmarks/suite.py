@@ -29,9 +29,8 @@ import torch
 from benchmarks.kernels import KernelBenchmark, benchmark_kernels
 from benchmarks.step import StepBenchmark, benchmark_step, describe
 from supmae.config import ConvertConfig, ConvertOptions, PretrainConfig, ProfileConfig
-from supmae.errors import SupmaeError
 from supmae.measure import commit, device_name, versions, write_json
-from supmae.options import Config, configuration, from_command_line, option, section
+from supmae.options import Config, configuration, from_command_line, items, option, section
 from supmae.pipelines.engines import ENGINES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,7 +51,8 @@ class Suite(Config):
     """Every check and measurement of supmae's speed in one command, with a pass/fail table: the GPU check."""
     run: PretrainConfig = section(PretrainConfig, ("model", "batch_size", "img_size", "device", "data", "workers"),
                                   batch_size=256)
-    engines: str = option("torch,dali,ffcv", "the loader engines to measure, comma-separated")
+    engines: str = option("torch,dali,ffcv", "the loader engines to measure, comma-separated",
+                          choices=tuple(ENGINES), listed=True)
     steps: int = option(20, "timed steps (or batches) per measurement", at_least=1)
     window: int = option(5, "steps per timing window", at_least=1)
     warmup: int = option(3, "untimed steps first", at_least=0)
@@ -62,14 +62,6 @@ class Suite(Config):
     rows: Optional[str] = option(None, "comma-separated row numbers to run", shown="all")
     out: Optional[str] = option(None, "the JSON to write", shown="benchmarks/results/<device>-<date>.json")
 
-    @property
-    def engine_list(self) -> list[str]:
-        return [e.strip() for e in self.engines.split(",") if e.strip()]
-
-    def check(self) -> None:
-        unknown = [e for e in self.engine_list if e not in ENGINES]
-        if unknown:
-            raise SupmaeError(f"--engines: {', '.join(unknown)} not among {', '.join(ENGINES)}")
 
 
 QUICK = dict(model="supmae_vit_tiny_patch16", batch_size=16, steps=4, window=2, warmup=1, images_per_class=100)
@@ -200,7 +192,7 @@ def _step_options(args, *, compile_mode: str, **options) -> StepBenchmark:
 
 def row_engine(engine):
     def row(args, summary) -> str:
-        if engine not in args.engine_list:
+        if engine not in items(args.engines):
             raise Skip(f"not among --engines {args.engines}")
         if importlib.util.find_spec(ENGINE_PACKAGES[engine].split(".")[0]) is None or (
                 engine == "dali" and importlib.util.find_spec("nvidia.dali") is None):

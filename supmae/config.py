@@ -9,7 +9,7 @@ import re
 from typing import ClassVar, Optional
 
 from supmae.errors import SupmaeError
-from supmae.options import Config, configuration, option, section
+from supmae.options import Config, configuration, items, option, section
 from supmae.pipelines.engines import ENGINES
 from supmae.registry import list_models
 
@@ -182,19 +182,15 @@ class ProfileConfig(Config):
     steps: int = option(20, "timed steps (batches) per stage", at_least=1, group="measurement")
     warmup: int = option(3, "untimed steps first, per stage", at_least=0, group="measurement")
     window: int = option(4, "steps per timing window", at_least=1, group="measurement")
-    stages: str = option(",".join(PROFILE_STAGES), "the stages to measure, comma-separated", group="measurement")
+    stages: str = option(",".join(PROFILE_STAGES), "the stages to measure, comma-separated", choices=PROFILE_STAGES,
+                         listed=True, group="measurement")
     out: Optional[str] = option(None, "folder for profile.json and the plots", metavar="DIR", group="measurement",
                                 shown="runs/profile-<time>")
     json: Optional[str] = option(None, "also write the JSON report here", metavar="FILE", group="measurement")
 
     @property
-    def stage_list(self) -> tuple[str, ...]:
-        return tuple(s.strip() for s in self.stages.split(","))
-
-    def check(self) -> None:
-        unknown = [s for s in self.stage_list if s not in PROFILE_STAGES]
-        if unknown or not self.stage_list:
-            raise SupmaeError(f"--stages: {', '.join(unknown) or 'none'} not among {', '.join(PROFILE_STAGES)}")
+    def stage_list(self) -> list[str]:
+        return items(self.stages)
 
 
 @configuration

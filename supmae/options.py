@@ -45,6 +45,7 @@ class Option:
     group: Optional[str] = None     # the --help section
     shown: Optional[str] = None     # the default as --help words it, when its value alone would not say
     exists: bool = False            # a path that must exist when given
+    listed: bool = False            # text holding comma-separated choices, at least one
 
     @property
     def required(self) -> bool:
@@ -68,7 +69,12 @@ class Option:
             raise SupmaeError(f"{self.display}: needs a value")
         value = self._convert(value)
         allowed = self.allowed()
-        if allowed is not None and value not in allowed:
+        if self.listed:
+            unknown = [item for item in items(value) if item not in allowed]
+            if unknown or not items(value):
+                raise SupmaeError(f"{self.display}: {', '.join(map(repr, unknown)) or 'nothing'} given; choose from "
+                                  f"{', '.join(map(str, allowed))}")
+        elif allowed is not None and value not in allowed:
             raise SupmaeError(f"{self.display}: {value!r} is not one of {', '.join(map(str, allowed))}")
         bounds = [(self.at_least, "at least", lambda v, b: v >= b), (self.above, "above", lambda v, b: v > b),
                   (self.at_most, "at most", lambda v, b: v <= b), (self.below, "below", lambda v, b: v < b)]
@@ -110,6 +116,11 @@ class Option:
             default = f"default: {self.default}"
         text = f"{self.help} ({default})" if self.help and default else self.help or default
         return text.replace("%", "%%")  # argparse %-formats help
+
+
+def items(text: str) -> list[str]:
+    """The entries of a comma-separated (`listed`) option."""
+    return [item.strip() for item in text.split(",") if item.strip()]
 
 
 def _number(value) -> str:
@@ -250,7 +261,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         if opt.group:
             target = groups.get(opt.group) or groups.setdefault(opt.group, parser.add_argument_group(opt.group))
         allowed = opt.allowed() if not callable(opt.choices) else None
-        metavar = opt.metavar or ("{" + ",".join(map(str, allowed)) + "}" if allowed else None)
+        metavar = opt.metavar or ("{" + ",".join(map(str, allowed)) + "}" if allowed and not opt.listed else None)
         if opt.positional:
             target.add_argument(opt.name, metavar=metavar or opt.name.upper(), help=opt.help_text())
         elif opt.kind is bool:

@@ -56,7 +56,7 @@ BAD = [
     ("mask_ratio", 1.5, "--mask-ratio: must be above 0 and below 1, got 1.5"),
     ("pool", "median", "--pool: 'median' is not one of avg, token, max, map"),
     ("lr", 0.0, "--lr: must be above 0, got 0"),
-    ("seed", -1, "--seed: must be at least 0, got -1"),
+    ("seed", -1, "--seed: must be at least 0 and at most 4294967295, got -1"),
     ("precision", "fp8", "--precision: 'fp8' is not one of auto, bf16, fp16, fp32"),
 ]
 
@@ -168,3 +168,12 @@ def test_only_the_two_subpackages_resolve_beside_the_package():
     import supmae.pipelines
     assert re.search(r"[/\\]pipelines[/\\]__init__\.py$", supmae.pipelines.__file__)
     assert re.search(r"[/\\]kernels[/\\]__init__\.py$", supmae.kernels.__file__)
+
+
+def test_a_listed_option_checks_each_entry():
+    assert ProfileConfig.merge({"stages": "loader, end_to_end"}).stage_list == ["loader", "end_to_end"]
+    for value, message in [("loader,nope", "--stages: 'nope' given; choose from loader, step, end_to_end"),
+                           (" , ", "--stages: nothing given; choose from loader, step, end_to_end")]:
+        with pytest.raises(SupmaeError) as raised:
+            ProfileConfig.merge({"stages": value})
+        assert str(raised.value) == message
