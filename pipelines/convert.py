@@ -15,6 +15,7 @@ import os
 import signal
 import threading
 import time
+from multiprocessing import shared_memory
 
 import numpy as np
 from tqdm import tqdm
@@ -27,8 +28,39 @@ from supmae.pipelines.decode import UNREADABLE, load_rgb, probe
 from supmae.pipelines.sources import IMAGE_EXTENSIONS, scan_images, sidecar_path
 from supmae.pipelines.torch_threads import keep_torch_threads
 
+with keep_torch_threads():
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
 logger = logging.getLogger(__name__)
 _MIN_PAGE, _MAX_PAGE = 1 << 23, 1 << 31
+
+
+class _Writer(DatasetWriter):
+    """FFCV's writer, noting in `record` the name of the shared-memory table it makes, which FFCV frees only
+    when it finishes: the next conversion to the same output frees it when this one was killed first."""
+
+    def __init__(self, *args, record: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.record = record
+
+    def prepare(self):
+        super().prepare()
+        write_text(self.record, self.metadata_sm.name)
+
+
+def _free_recorded_table(record: str) -> None:
+    """Free the shared memory a killed conversion's writer recorded (the caller holds the output's lock)."""
+    if not os.path.exists(record):
+        return
+    with open(record) as f:
+        name = f.read().strip()
+    with contextlib.suppress(FileNotFoundError):  # FFCV, or the system, freed it already
+        table = shared_memory.SharedMemory(name=name)
+        table.close()
+        table.unlink()
+        logger.info(f"freed shared memory {name}, left by a conversion killed while writing")
+    os.remove(record)
 
 
 def report_path(beton: str) -> str:
@@ -148,16 +180,15 @@ def convert(cfg: ConvertConfig) -> dict:
 
 
 def _write(cfg: ConvertConfig) -> dict:
-    with keep_torch_threads():
-        from ffcv.fields import IntField, RGBImageField
-        from ffcv.writer import DatasetWriter
-
     src, out, options = cfg.src, cfg.out, cfg.storage
     if os.path.exists(out) and not cfg.force:
         raise SupmaeError(f"{out} already exists; pass --force to replace it")
+    folder, name = os.path.split(os.path.abspath(out))
+    record = os.path.join(folder, f".{name}.table")
     for path in leftovers(out):  # the lock is ours, so no conversion is writing these
         os.remove(path)
         logger.info(f"removed {path}, left by a conversion killed while writing it")
+    _free_recorded_table(record)
     images = scan_images(src)
     workers = cfg.workers or os.cpu_count() or 1
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -189,8 +220,8 @@ def _write(cfg: ConvertConfig) -> dict:
     writer = None
     try:
         with replaced(out) as tmp:
-            writer = DatasetWriter(tmp, fields, page_size=_page_size([s for _, s in kept], options.max_resolution),
-                                   num_workers=workers)
+            writer = _Writer(tmp, fields, page_size=_page_size([s for _, s in kept], options.max_resolution),
+                             num_workers=workers, record=record)
             # FFCV draws its own progress bar on stderr; without --progress it is not shown.
             with contextlib.nullcontext() if cfg.progress else contextlib.redirect_stderr(io.StringIO()):
                 writer.from_indexed_dataset(_Images(samples, failed))
@@ -222,6 +253,8 @@ def _write(cfg: ConvertConfig) -> dict:
         raise
     finally:
         interrupted.restore()
+        if os.path.exists(record):
+            os.remove(record)
     ignored = f", {len(images.ignored)} other files ignored" if images.ignored else ""
     listed = f" (listed in {report})" if skipped or images.ignored else ""
     logger.info(f"{len(samples)} written, {len(skipped)} skipped{ignored}{listed}: {out} in {sidecar['seconds']:.1f} s, "

@@ -289,9 +289,18 @@ def test_a_failed_forced_conversion_keeps_the_old_output_and_its_report(capsys, 
 
 
 def test_what_a_killed_conversion_left_is_removed_by_the_next(synth_folder, tmp_path, caplog):
+    from multiprocessing import resource_tracker, shared_memory
     out = tmp_path / "data.beton"
     left = tmp_path / ".data.beton.partial-999999"
     left.write_bytes(b"half a beton")
+    table = shared_memory.SharedMemory(create=True, size=4096)  # FFCV's sample table, as a kill leaves it
+    resource_tracker.unregister(table._name, "shared_memory")  # no process of this test will free it
+    table.close()
+    (tmp_path / ".data.beton.table").write_text(table.name)
     with caplog.at_level(logging.INFO, logger="supmae"):
         quiet_convert(synth_folder, out, max_resolution=64)
     assert not left.exists() and f"removed {left}, left by a conversion killed while writing it" in caplog.messages
+    assert f"freed shared memory {table.name}, left by a conversion killed while writing" in caplog.messages
+    with pytest.raises(FileNotFoundError):
+        shared_memory.SharedMemory(name=table.name)
+    assert not (tmp_path / ".data.beton.table").exists()
