@@ -143,7 +143,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(OSError):
+    with pytest.raises(SupmaeError, match=r"^cannot write checkpoint .*checkpoint-00000001.pt: disk full$"):
         save_checkpoint({"model": {"w": torch.zeros(3)}, "step": 2}, path)
     assert os.listdir(tmp_path) == ["checkpoint-00000001.pt"]
     assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(3))
