@@ -1,5 +1,7 @@
 """Loader throughput: images/s each engine delivers to the device (decode -> augment -> normalise -> mask),
-with no model, on the same dataset, measured in one run so the engines can be compared as ratios.
+with no model, on the same dataset, measured in one run so the engines can be compared as ratios. On
+image-text data each engine is also measured delivering the captions' tokens and text masks, beside the
+same engine without them.
 
     python -m benchmarks.loaders --data train.beton --engines torch,ffcv,dali --workers 8 --batch-size 256 \\
         --json loaders.json
@@ -18,9 +20,10 @@ from supmae.measure import commit, device_name, versions, write_json
 from supmae.options import Config, configuration, from_command_line, items, option, section
 from supmae.pipelines.engines import ENGINES
 from supmae.pipelines.loader import LoaderSpec
-from supmae.pipelines.masking import MaskSampler
+from supmae.pipelines.masking import MaskSampler, TextMaskSampler
 from supmae.pipelines.sources import open_source
 from supmae.pipelines.synthetic import default_dataset
+from supmae.pipelines.text import special_tokens
 from supmae.profiler import measure_loader
 
 
@@ -46,18 +49,24 @@ def benchmark_loaders(cfg: LoaderBenchmark) -> dict:
     workers = loader_workers(run.workers)
     patches = (run.img_size // 16) ** 2
     results = {}
-    for engine in items(cfg.engines):
+    # Image-text data is read twice per engine, in turn: with its captions' tokens and without.
+    for engine, text in [(e, t) for e in items(cfg.engines) for t in ((False, True) if source.captioned else (False,))]:
+        text_masks = TextMaskSampler(0.75, special=special_tokens(), seed=run.seed, device=device) if text else None
         spec = LoaderSpec(batch_size=run.batch_size, img_size=run.img_size, device=device, workers=workers,
                           mask_sampler=MaskSampler(patches, run.mask_ratio, seed=run.seed, device=device),
-                          seed=run.seed, order=run.order, os_cache=run.os_cache)
-        results[engine] = r = measure_loader(engine, source, spec, steps=cfg.batches * cfg.passes,
-                                             warmup=cfg.warmup + 1, window=cfg.batches)
+                          seed=run.seed, order=run.order, os_cache=run.os_cache, text=text,
+                          text_mask_sampler=text_masks)
+        name = f"{engine}+text" if text else engine
+        results[name] = r = measure_loader(engine, source, spec, steps=cfg.batches * cfg.passes,
+                                           warmup=cfg.warmup + 1, window=cfg.batches)
         rate = r["images_per_s"]
-        print(f"{engine:>6}: {rate['median']:8.1f} images/s (min {rate['min']:.1f}, max {rate['max']:.1f}); "
-              f"first batch {r['first_call_s']:.1f} s; CPU {r['cpu_percent']:.0f}%")
+        print(f"{name:>10}: {rate['median']:8.1f} images/s (min {rate['min']:.1f}, max {rate['max']:.1f}); "
+              f"first batch {r['first_call_s']:.1f} s; CPU {r['cpu_percent']:.0f}%", flush=True)
     baseline = results.get("torch")
     ratios = {f"{e}_vs_torch": r["images_per_s"]["median"] / baseline["images_per_s"]["median"]
-              for e, r in results.items() if baseline and e != "torch"}
+              for e, r in results.items() if baseline and e != "torch" and "+" not in e}
+    ratios.update({f"{e}_text_vs_images": results[f"{e}+text"]["images_per_s"]["median"]
+                   / results[e]["images_per_s"]["median"] for e in items(cfg.engines) if f"{e}+text" in results})
     for name, ratio in ratios.items():
         print(f"{name}: {ratio:.2f}x", flush=True)
     return dict(device=device_name(device), commit=commit(),

@@ -4,7 +4,7 @@ from typing import Iterable, Iterator, NamedTuple, Optional
 
 import torch
 
-from supmae.pipelines.masking import Masking, MaskSampler
+from supmae.pipelines.masking import Masking, MaskSampler, TextMaskSampler
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -14,13 +14,16 @@ class Batch(NamedTuple):
     images: torch.Tensor  # (B, 3, H, W) normalised, in the compute dtype
     labels: torch.Tensor  # (B,) int64
     masking: Optional[Masking]
+    tokens: Optional[torch.Tensor] = None     # (B, 77) int64 caption token ids, when the loader reads text
+    text_mask: Optional[torch.Tensor] = None  # (B, 77) bool: the tokens a masked-text objective hides
 
 
-def to_device_batches(pixel_batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
-                      mask_sampler: Optional[MaskSampler], *, start: int = 0,
-                      dtype: torch.dtype = torch.float32) -> Iterator[Batch]:
-    """(uint8 (B, H, W, 3), labels) batches, on the host or already on `device` -> Batch; batch i gets mask i
-    (none without a sampler: evaluation). Floating-point images are taken as already normalised (B, 3, H, W).
+def to_device_batches(pixel_batches: Iterable[tuple[torch.Tensor, ...]], device: torch.device,
+                      mask_sampler: Optional[MaskSampler], *, start: int = 0, dtype: torch.dtype = torch.float32,
+                      text_mask_sampler: Optional[TextMaskSampler] = None) -> Iterator[Batch]:
+    """(uint8 (B, H, W, 3), labels[, tokens]) batches, on the host or already on `device` -> Batch; batch i gets
+    mask i (none without a sampler: evaluation), and text mask i when it has tokens and a text mask sampler.
+    Floating-point images are taken as already normalised (B, 3, H, W).
 
     Pixels cross to the device as uint8 (a quarter of float32's bytes) and are normalised there. On a GPU,
     a host batch's copy, normalisation and mask run on a side stream, so they overlap the step that is
@@ -32,7 +35,7 @@ def to_device_batches(pixel_batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
     side = torch.cuda.Stream(device) if device.type == "cuda" else None
     if side is not None:
         side.wait_stream(torch.cuda.current_stream(device))  # scale and shift are made on the main stream
-    for index, (images, labels) in enumerate(pixel_batches, start=start):
+    for index, (images, labels, *text) in enumerate(pixel_batches, start=start):
         stream = side if side is not None and images.device.type == "cpu" else None
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             if images.is_floating_point():
@@ -43,10 +46,13 @@ def to_device_batches(pixel_batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
                 images = images.to(torch.float32).mul_(scale).add_(shift).to(dtype)
             # Engines recycle their output buffers, so labels are copied even when already in place.
             masking = mask_sampler(images.shape[0], index) if mask_sampler is not None else None
-            batch = Batch(images, labels.to(device, non_blocking=True, copy=True), masking)
+            tokens = text[0].to(device, torch.int64, non_blocking=True, copy=True) if text else None
+            text_mask = text_mask_sampler(tokens, index) if tokens is not None and text_mask_sampler else None
+            batch = Batch(images, labels.to(device, non_blocking=True, copy=True), masking, tokens, text_mask)
         if stream is not None:
             main = torch.cuda.current_stream(device)
             main.wait_stream(stream)
-            for tensor in (batch.images, batch.labels, *(batch.masking or ())):
+            for tensor in (batch.images, batch.labels, *(batch.masking or ()),
+                           *(t for t in (batch.tokens, batch.text_mask) if t is not None)):
                 tensor.record_stream(main)  # made on the side stream, freed after the main stream's use
         yield batch

@@ -25,11 +25,13 @@ from supmae.config import ConvertConfig
 from supmae.errors import SupmaeError
 from supmae.lock import exclusive
 from supmae.pipelines.decode import UNREADABLE, load_rgb, probe
+from supmae.pipelines.samples import CaptionError, image_input, read_caption
 from supmae.pipelines.sources import IMAGE_EXTENSIONS, scan_images, sidecar_path
+from supmae.pipelines.text import CONTEXT, encode, identity, tokenizer
 from supmae.pipelines.torch_threads import keep_torch_threads
 
 with keep_torch_threads():
-    from ffcv.fields import IntField, RGBImageField
+    from ffcv.fields import BytesField, IntField, NDArrayField, RGBImageField
     from ffcv.writer import DatasetWriter
 
 logger = logging.getLogger(__name__)
@@ -115,11 +117,19 @@ def _unwinds_cleanly(frame) -> bool:
             or (code.co_name == "_write_common" and code.co_filename.endswith(os.path.join("ffcv", "writer.py"))))
 
 
-def _check(path: str):
+def _check(job) -> "tuple[tuple[int, int], bool] | str":
+    """((width, height), whether the caption was truncated) of a usable sample, or why it is not usable."""
+    location, caption = job
     try:
-        return probe(path)
+        size = probe(image_input(location))
     except UNREADABLE as error:
         return f"{type(error).__name__}: {error}"
+    if caption is None:
+        return size, False
+    try:
+        return size, encode(read_caption(caption)).truncated
+    except CaptionError as error:
+        return str(error)
 
 
 def _tsv(text: str) -> str:
@@ -136,26 +146,31 @@ def _stored_size(width: int, height: int, max_resolution: int) -> tuple[int, int
 
 
 class _Images:
-    """The indexable dataset FFCV's writer processes read: (upright RGB pixels, label).
+    """The indexable dataset FFCV's writer processes read: (upright RGB pixels, label), and for image-text data
+    also (caption tokens, caption text as UTF-8).
 
     A file that changed after the first pass cannot be dropped here (FFCV has already laid out one
     record per sample, and a worker that raised would hang the writer), so it is written as one black
     pixel and flagged; the conversion then fails."""
 
-    def __init__(self, samples: list[tuple[str, int]], failed):
-        self.samples, self.failed = samples, failed
+    def __init__(self, samples: list, captions: "list | None", failed):
+        self.samples, self.captions, self.failed = samples, captions, failed
 
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, index: int):
-        path, label = self.samples[index]
+        location, label = self.samples[index]
         np.random.seed(index)  # FFCV's proportion mode draws from numpy's global generator
         try:
-            return np.asarray(load_rgb(path)), label
-        except UNREADABLE:
+            pixels = np.asarray(load_rgb(image_input(location)))
+            text = read_caption(self.captions[index]) if self.captions is not None else None
+        except (*UNREADABLE, CaptionError):
             self.failed[index] = 1
-            return np.zeros((1, 1, 3), np.uint8), label
+            pixels, text = np.zeros((1, 1, 3), np.uint8), ""
+        if self.captions is None:
+            return pixels, label
+        return pixels, label, encode(text).tokens, np.frombuffer(text.encode("utf-8"), np.uint8)
 
 
 def _page_size(sizes: list[tuple[int, int]], max_resolution: int) -> int:
@@ -190,15 +205,22 @@ def _write(cfg: ConvertConfig) -> dict:
         logger.info(f"removed {path}, left by a conversion killed while writing it")
     _free_recorded_table(record)
     images = scan_images(src)
+    captions = images.captions
+    if captions is not None:
+        tokenizer()  # built before the workers fork, so each has it (and before the clock starts)
     workers = cfg.workers or os.cpu_count() or 1
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     started = time.perf_counter()
 
+    jobs = list(zip([p for p, _ in images.samples], captions or [None] * len(images.samples)))
     with multiprocessing.Pool(workers, initializer=_ignore_sigint) as pool:
-        checks = list(tqdm(pool.imap(_check, [p for p, _ in images.samples], chunksize=16),
-                           total=len(images.samples), desc="checking", unit="img", disable=not cfg.progress))
-    skipped = [(path, result) for (path, _), result in zip(images.samples, checks) if isinstance(result, str)]
-    kept = [(sample, result) for sample, result in zip(images.samples, checks) if not isinstance(result, str)]
+        checks = list(tqdm(pool.imap(_check, jobs, chunksize=16), total=len(jobs), desc="checking", unit="img",
+                           disable=not cfg.progress))
+    usable = [not isinstance(result, str) for result in checks]
+    skipped = [(str(location), result) for (location, _), result in zip(jobs, checks) if isinstance(result, str)]
+    skipped += list(images.problems)
+    kept = [(sample, result[0]) for sample, result, ok in zip(images.samples, checks, usable) if ok]
+    truncated = sum(result[1] for result, ok in zip(checks, usable) if ok)
     report = report_path(out)
     rows = "path\treason\n" + "".join(f"{_tsv(p)}\t{_tsv(why)}\n" for p, why in skipped) + \
         "".join(f"{_tsv(p)}\tnot an image file name ({', '.join(IMAGE_EXTENSIONS)})\n" for p in images.ignored)
@@ -210,11 +232,15 @@ def _write(cfg: ConvertConfig) -> dict:
         raise SupmaeError(f"none of the {len(images.samples)} files in {src} could be read; reasons in {report}")
 
     samples = [sample for sample, _ in kept]
+    if captions is not None:
+        captions = [caption for caption, ok in zip(captions, usable) if ok]
     failed = multiprocessing.Array("b", len(samples), lock=False)
     fields = {"image": RGBImageField(write_mode=options.write_mode, max_resolution=options.max_resolution or None,
                                      smart_threshold=options.smart_threshold, jpeg_quality=options.jpeg_quality,
                                      compress_probability=options.compress_probability),
               "label": IntField()}
+    if captions is not None:  # the tokens to train on, and the text for another tokenizer later
+        fields.update(tokens=NDArrayField(np.dtype("int32"), (CONTEXT,)), text=BytesField())
     already_running = set(multiprocessing.active_children())  # not this conversion's to stop
     interrupted = _Interrupts()
     writer = None
@@ -224,7 +250,7 @@ def _write(cfg: ConvertConfig) -> dict:
                              num_workers=workers, record=record)
             # FFCV draws its own progress bar on stderr; without --progress it is not shown.
             with contextlib.nullcontext() if cfg.progress else contextlib.redirect_stderr(io.StringIO()):
-                writer.from_indexed_dataset(_Images(samples, failed))
+                writer.from_indexed_dataset(_Images(samples, captions, failed))
             changed = [samples[i][0] for i in np.flatnonzero(np.frombuffer(failed, np.int8))]
             if changed:
                 raise SupmaeError(f"{len(changed)} file(s) could not be read on the second pass (changed during "
@@ -240,6 +266,8 @@ def _write(cfg: ConvertConfig) -> dict:
                 class_counts={name: int(n) for name, n in zip(images.classes, counts)},
                 options=dataclasses.asdict(options), report=os.path.basename(report),
                 seconds=round(seconds, 3), images_per_s=round(len(samples) / seconds, 1))
+            if captions is not None:
+                sidecar.update(tokenizer=identity(), captions=dict(count=len(captions), truncated=truncated))
             write_text(report, rows)
             write_text(sidecar_path(out), json.dumps(sidecar, indent=2) + "\n")
     except BaseException:
@@ -257,6 +285,7 @@ def _write(cfg: ConvertConfig) -> dict:
             os.remove(record)
     ignored = f", {len(images.ignored)} other files ignored" if images.ignored else ""
     listed = f" (listed in {report})" if skipped or images.ignored else ""
-    logger.info(f"{len(samples)} written, {len(skipped)} skipped{ignored}{listed}: {out} in {sidecar['seconds']:.1f} s, "
-                f"{sidecar['images_per_s']:.0f} images/s")
+    texts = f", {len(captions)} captions ({truncated} cut to {CONTEXT} tokens)" if captions is not None else ""
+    logger.info(f"{len(samples)} written{texts}, {len(skipped)} skipped{ignored}{listed}: {out} in "
+                f"{sidecar['seconds']:.1f} s, {sidecar['images_per_s']:.0f} images/s")
     return sidecar

@@ -39,12 +39,13 @@ def _upright_size(image: Image.Image) -> tuple[int, int]:
     return (height, width) if image.getexif().get(_ORIENTATION) in _TRANSPOSED else (width, height)
 
 
-def probe(path: str) -> tuple[int, int]:
+def probe(path_or_bytes) -> tuple[int, int]:
     """(width, height) of the upright image, after reading every byte so truncation shows; raises UNREADABLE.
 
     JPEGs decode at 1/8 scale: the entropy-coded data is still read in full, at a fraction of the cost.
     """
-    with Image.open(path) as image:
+    source = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, (bytes, bytearray, memoryview)) else path_or_bytes
+    with Image.open(source) as image:
         size = _upright_size(image)
         if image.format == "JPEG":
             image.draft(image.mode, (max(1, image.width // 8), max(1, image.height // 8)))

@@ -15,6 +15,7 @@ from supmae.pipelines.torch_threads import keep_torch_threads
 
 with keep_torch_threads():
     from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.ndarray import NDArrayDecoder
     from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
     from ffcv.loader import Loader
     from ffcv.traversal_order.base import TraversalOrder
@@ -89,14 +90,18 @@ class FFCVLoader:
         else:
             images = [CenterCropRGBImageDecoder(size, ratio=EVAL_CROP_FRACTION)]
         images, labels = images + [ToTensor()], [IntDecoder(), ToTensor(), Squeeze(1)]
+        tokens = [NDArrayDecoder(), ToTensor()]
         if device.type == "cuda":  # uint8 crosses on FFCV's own copy streams
-            images, labels = images + [ToDevice(device, non_blocking=True)], labels + [ToDevice(device, non_blocking=True)]
+            images, labels, tokens = ([*ops, ToDevice(device, non_blocking=True)] for ops in (images, labels, tokens))
+        pipelines = {"image": images, "label": labels}
+        if self.source.captioned:  # fields FFCV would otherwise decode too: the tokens when asked for, never the text
+            pipelines.update(tokens=tokens if spec.text else None, text=None)
         with keep_torch_threads():
             return Loader(self.source.path, batch_size=spec.batch_size, num_workers=max(1, spec.workers),
                           os_cache=spec.os_cache, seed=spec.seed, drop_last=True,
                           order=_Order(self.schedule, first_epoch=first_epoch, skip=skip,
                                                quasi_random=spec.order == "quasi_random"),
-                          pipelines={"image": images, "label": labels})
+                          pipelines=pipelines)
 
     def _pixels(self):
         epoch, skip = divmod(self.spec.start, self.schedule.batches_per_epoch)
@@ -112,7 +117,7 @@ class FFCVLoader:
     def __iter__(self) -> Iterator[Batch]:
         spec = self.spec
         return to_device_batches(self._pixels(), spec.device, spec.mask_sampler, start=spec.start,
-                                 dtype=spec.dtype)
+                                 dtype=spec.dtype, text_mask_sampler=spec.text_mask_sampler)
 
 
 def _one_epoch(loader: Loader):

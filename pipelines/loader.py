@@ -18,17 +18,19 @@ from PIL import Image
 from supmae.errors import SupmaeError
 from supmae.pipelines.batch import Batch
 from supmae.pipelines.engines import ENGINES, PACKAGES
-from supmae.pipelines.masking import MaskSampler
+from supmae.pipelines.masking import MaskSampler, TextMaskSampler
 from supmae.pipelines.order import Schedule
 
 PREFETCH_PER_WORKER = 4  # batches each torch worker prepares ahead; DALI (2) and FFCV (3) hold fewer
 
 
 class Source(Protocol):
-    """A labelled, indexable set of images (`sources.open_source`): a folder, a file list or a .beton."""
+    """A labelled, indexable set of images (`sources.open_source`): a folder, a file list or a .beton, with a
+    caption per image where `captioned`."""
     path: str
     classes: list[str]       # a label is an index into this list
     labels: np.ndarray       # (N,) int64
+    captioned: bool
 
     def __len__(self) -> int: ...
 
@@ -43,6 +45,12 @@ class Source(Protocol):
 
     def image(self, index: int) -> Image.Image:
         """Sample `index` decoded: upright RGB."""
+
+    def tokens(self, index: int) -> np.ndarray:
+        """Sample `index`'s caption as (77,) int32 token ids (`text.encode`; stored ones for a .beton)."""
+
+    def prepare_text(self) -> None:
+        """Made ready to give tokens, in the main process before any worker starts."""
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -61,6 +69,8 @@ class LoaderSpec:
     # random (shared by all engines) | quasi_random (ffcv, page-aware) | sequential (one pass in index order)
     order: str = "random"
     os_cache: bool = True       # ffcv: rely on the OS page cache (False: its own process cache)
+    text: bool = False          # deliver each sample's caption tokens (the source must have captions)
+    text_mask_sampler: Optional[TextMaskSampler] = None  # with text: a text mask per batch
 
     def schedule(self, num_samples: int) -> Schedule:
         schedule = Schedule(num_samples, self.batch_size, seed=self.seed, rank=self.rank, world_size=self.world_size,
@@ -78,6 +88,8 @@ class Engine(Protocol):
     with a `close()` has it called when the run leaves it (`open_batches`)."""
 
     def __init__(self, source: Source, spec: LoaderSpec) -> None: ...
+    # With `spec.text`, each batch also holds its samples' tokens (and the text mask `spec.text_mask_sampler`
+    # draws for batch i).
 
     def __iter__(self) -> Iterator[Batch]: ...
 
@@ -100,6 +112,11 @@ def choose_engine(engine: str, source) -> str:
 
 def create_loader(engine: str, source: Source, spec: LoaderSpec) -> Engine:
     engine = choose_engine(engine, source)
+    if spec.text and not source.captioned:
+        raise SupmaeError(f"{source.path} holds no captions; give image-text data (supmae convert reads shards, "
+                          "file lists with a caption column and folders with a .txt beside each image)")
+    if spec.text:
+        source.prepare_text()
     if spec.order == "quasi_random" and engine != "ffcv":
         raise SupmaeError(f"order {spec.order!r} is an ffcv loader option; the {engine} loader reads in random order")
     module, name = ENGINES[engine].split(":")

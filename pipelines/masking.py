@@ -31,6 +31,11 @@ def random_masking(noise: torch.Tensor, num_kept: int) -> Masking:
     return Masking(ids_shuffle[:, :num_kept].contiguous(), ids_restore, mask, ids_shuffle[:, num_kept:].contiguous())
 
 
+def _generator_seed(*entropy: int) -> int:
+    # Well-mixed 64 bits: the CPU generator only uses the low 32 bits of its seed.
+    return int(np.random.SeedSequence(list(entropy)).generate_state(1, np.uint64)[0])
+
+
 class MaskSampler:
     """Draws the masks of a run on the device, reproducibly.
 
@@ -49,8 +54,37 @@ class MaskSampler:
         self._generator = torch.Generator(device=self.device)
 
     def __call__(self, batch_size: int, index: int) -> Masking:
-        # Well-mixed 64 bits: the CPU generator only uses the low 32 bits of its seed.
-        self._generator.manual_seed(int(np.random.SeedSequence([self.seed, index]).generate_state(1, np.uint64)[0]))
+        self._generator.manual_seed(_generator_seed(self.seed, index))
         noise = torch.rand(batch_size * self.world_size, self.num_patches, generator=self._generator,
                            device=self.device)
         return random_masking(noise[self.rank::self.world_size], self.num_kept)
+
+
+class TextMaskSampler:
+    """Masks of caption tokens for masked-text objectives, drawn on the device as the patch masks are: from
+    (seed, batch index) over the global batch, rows r, r + W on rank r, so resumes and ranks stay exact.
+
+    A row's candidates are its caption's own tokens (not the start and end markers, not the padding); of
+    those, round(ratio x their number), and at least one, are masked: True in the (B, L) mask."""
+
+    def __init__(self, mask_ratio: float, *, special: tuple[int, ...], seed: int, device: torch.device,
+                 rank: int = 0, world_size: int = 1, pad: int = 0):
+        if not 0 < mask_ratio < 1:
+            raise ValueError(f"a text mask ratio is above 0 and below 1, not {mask_ratio}")
+        self.mask_ratio, self.special, self.pad = mask_ratio, tuple(special), pad
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.device = torch.device(device)
+        self._generator = torch.Generator(device=self.device)
+
+    def __call__(self, tokens: torch.Tensor, index: int) -> torch.Tensor:
+        self._generator.manual_seed(_generator_seed(self.seed, index, 1))  # not the patch mask's stream
+        batch, length = tokens.shape
+        noise = torch.rand(batch * self.world_size, length, generator=self._generator, device=self.device)
+        noise = noise[self.rank::self.world_size]
+        candidate = tokens != self.pad
+        for token in self.special:
+            candidate &= tokens != token
+        count = candidate.sum(1, keepdim=True)
+        masked = torch.where(count > 0, (count * self.mask_ratio).round().clamp(min=1), 0)
+        order = noise.masked_fill(~candidate, 2.0).argsort(1).argsort(1)  # candidates first, in noise order
+        return order < masked

@@ -17,6 +17,7 @@ from supmae.pipelines.batch import Batch, to_device_batches
 from supmae.pipelines.decode import UNREADABLE
 from supmae.pipelines.loader import PREFETCH_PER_WORKER
 from supmae.pipelines.order import Schedule
+from supmae.pipelines.samples import CaptionError
 
 
 class _Unreadable(NamedTuple):
@@ -25,8 +26,8 @@ class _Unreadable(NamedTuple):
 
 
 class _Views(Dataset):
-    def __init__(self, source, *, size: int, seed: int, train: bool):
-        self.source, self.size, self.seed, self.train = source, size, seed, train
+    def __init__(self, source, *, size: int, seed: int, train: bool, text: bool = False):
+        self.source, self.size, self.seed, self.train, self.text = source, size, seed, train, text
 
     def __len__(self):
         return len(self.source)
@@ -36,10 +37,17 @@ class _Views(Dataset):
         try:
             image = self.source.image(index)
         except UNREADABLE as error:
-            return _Unreadable(self.source.describe(index), str(error) or type(error).__name__)
+            return _Unreadable(f"image {self.source.describe(index)}", str(error) or type(error).__name__)
         box, flip = crop_and_flip(image.width, image.height, seed=self.seed, epoch=epoch, index=index,
                                   train=self.train)
-        return torch.from_numpy(np.array(crop_resize_flip(image, size=self.size, box=box, flip=flip))), int(self.source.labels[index])
+        view = torch.from_numpy(np.array(crop_resize_flip(image, size=self.size, box=box, flip=flip)))
+        if not self.text:
+            return view, int(self.source.labels[index])
+        try:
+            tokens = self.source.tokens(index)
+        except CaptionError as error:
+            return _Unreadable(f"the caption of {self.source.describe(index)}", str(error))
+        return view, int(self.source.labels[index]), torch.from_numpy(tokens)
 
 
 def _leave_stop_signals_to_the_run(worker_id: int) -> None:
@@ -55,6 +63,9 @@ def _collate(samples):
     for sample in samples:
         if isinstance(sample, _Unreadable):
             return sample
+    if len(samples[0]) == 3:
+        return (torch.stack([s[0] for s in samples]), torch.tensor([s[1] for s in samples]),
+                torch.stack([s[2] for s in samples]))
     return torch.stack([s[0] for s in samples]), torch.tensor([s[1] for s in samples])
 
 
@@ -80,7 +91,7 @@ class TorchLoader:
     def __iter__(self) -> Iterator[Batch]:
         spec = self.spec
         loader = DataLoader(
-            _Views(self.source, size=spec.img_size, seed=spec.seed, train=spec.train),
+            _Views(self.source, size=spec.img_size, seed=spec.seed, train=spec.train, text=spec.text),
             batch_sampler=_Keys(self.schedule, spec.start),
             num_workers=spec.workers,
             collate_fn=_collate,
@@ -89,11 +100,11 @@ class TorchLoader:
             prefetch_factor=PREFETCH_PER_WORKER if spec.workers else None,
         )
         return to_device_batches(_raise_unreadable(loader), spec.device, spec.mask_sampler, start=spec.start,
-                                 dtype=spec.dtype)
+                                 dtype=spec.dtype, text_mask_sampler=spec.text_mask_sampler)
 
 
 def _raise_unreadable(batches):
     for batch in batches:
         if isinstance(batch, _Unreadable):
-            raise SupmaeError(f"cannot read image {batch.name}: {batch.reason}")
+            raise SupmaeError(f"cannot read {batch.name}: {batch.reason}")
         yield batch
