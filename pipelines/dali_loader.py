@@ -27,9 +27,8 @@ class _Samples:
 
     Runs in DALI's Python worker processes, which is where the file reads and crop draws happen."""
 
-    def __init__(self, source, schedule: Schedule, *, start: int, seed: int, train: bool, text: bool):
+    def __init__(self, source, schedule: Schedule, *, start: int, seed: int, train: bool):
         self.source, self.schedule, self.start, self.seed, self.train = source, schedule, start, seed, train
-        self.text = text
 
     def __call__(self, info):
         epoch, indices = self.schedule.batch(self.start + info.iteration)
@@ -37,9 +36,8 @@ class _Samples:
         data, (width, height) = self.source.encoded(index)
         (left, top, w, h), flip = crop_and_flip(width, height, seed=self.seed, epoch=epoch, index=index,
                                                      train=self.train)
-        outputs = (data, np.array(self.source.labels[index], np.int64), np.array([left, top], np.float32),
-                   np.array([w, h], np.float32), np.array(flip, np.int32))
-        return (*outputs, self.source.tokens(index)) if self.text else outputs
+        return (data, np.array(self.source.labels[index], np.int64), np.array([left, top], np.float32),
+                np.array([w, h], np.float32), np.array(flip, np.int32))
 
 
 class _CallbackFile:
@@ -81,9 +79,9 @@ HW_DECODER_LOAD = 0.75
 
 @pipeline_def
 def _views(samples: _Samples, size: int, on_gpu: bool, parallel: bool, half: bool):
-    data, labels, anchor, shape, flip, *tokens = fn.external_source(
-        samples, num_outputs=6 if samples.text else 5, batch=False, parallel=parallel,
-        dtype=[types.UINT8, types.INT64, types.FLOAT, types.FLOAT, types.INT32] + ([types.INT32] if samples.text else []))
+    data, labels, anchor, shape, flip = fn.external_source(
+        samples, num_outputs=5, batch=False, parallel=parallel,
+        dtype=[types.UINT8, types.INT64, types.FLOAT, types.FLOAT, types.INT32])
     decoder = dict(device="mixed", hw_decoder_load=HW_DECODER_LOAD) if on_gpu else dict(device="cpu")
     images = fn.decoders.image_slice(data, anchor, shape, axis_names="WH", normalized_anchor=False,
                                      normalized_shape=False, output_type=types.RGB, **decoder)
@@ -92,7 +90,7 @@ def _views(samples: _Samples, size: int, on_gpu: bool, parallel: bool, half: boo
     images = fn.crop_mirror_normalize(images, mirror=flip, output_layout="CHW",
                                       dtype=types.FLOAT16 if half else types.FLOAT,
                                       mean=[m * 255 for m in IMAGENET_MEAN], std=[s * 255 for s in IMAGENET_STD])
-    return images, *((t.gpu() if on_gpu else t) for t in (labels, *tokens))
+    return images, labels.gpu() if on_gpu else labels
 
 
 class DALILoader:
@@ -103,8 +101,7 @@ class DALILoader:
     def _pixels(self):
         spec, device = self.spec, torch.device(self.spec.device)
         on_gpu = device.type == "cuda"
-        samples = _Samples(self.source, self.schedule, start=spec.start, seed=spec.seed, train=spec.train,
-                           text=spec.text)
+        samples = _Samples(self.source, self.schedule, start=spec.start, seed=spec.seed, train=spec.train)
         start = _start_method(on_gpu)
         callback_file = _CallbackFile() if start == "spawn" else None
         pipe = _views(samples, size=spec.img_size, on_gpu=on_gpu, parallel=spec.workers > 0,
@@ -118,11 +115,18 @@ class DALILoader:
             finally:
                 if callback_file is not None:
                     callback_file.remove()
-            names = ["images", "labels", "tokens"][:3 if spec.text else 2]
-            for (out,) in DALIGenericIterator([pipe], names, size=-1):
-                yield tuple(out[name] for name in names)
+            for index, (out,) in enumerate(DALIGenericIterator([pipe], ["images", "labels"], size=-1),
+                                           start=spec.start):
+                if spec.text:  # read here, a few hundred bytes a sample, rather than through DALI's workers
+                    yield out["images"], out["labels"], self._tokens(index)
+                else:
+                    yield out["images"], out["labels"]
         except RuntimeError as error:
             raise SupmaeError(f"the dali loader failed: {_first_line(error)}") from None
+
+    def _tokens(self, index: int) -> torch.Tensor:
+        _, indices = self.schedule.batch(index)
+        return torch.from_numpy(np.stack([self.source.tokens(int(i)) for i in indices]))
 
     def __iter__(self) -> Iterator[Batch]:
         spec = self.spec
