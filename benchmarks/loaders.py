@@ -7,9 +7,11 @@ same engine without them.
         --json loaders.json
 
 Each engine gets a warm-up (start-up and JIT compilation are reported apart), then several timed passes;
-the figure is the median pass, with min and max beside it, and the CPU utilisation during the passes.
+the figure is the median pass, with min and max beside it, and the CPU utilisation during the passes
+(with --rounds, the median of the rounds, which take the engines in turn).
 """
 import os
+import statistics
 import sys
 from typing import Optional
 
@@ -37,6 +39,8 @@ class LoaderBenchmark(Config):
     warmup: int = option(5, "untimed batches after the first", at_least=0)
     batches: int = option(20, "batches per timed pass", at_least=1)
     passes: int = option(5, "timed passes; the figure is their median", at_least=1)
+    rounds: int = option(1, "rounds over every engine and setting, in turn, so a slow spell of the machine falls on "
+                            "all of them; the figure is the median round", at_least=1)
     json: Optional[str] = option(None, "write the results here", metavar="FILE")
 
 
@@ -50,30 +54,36 @@ def benchmark_loaders(cfg: LoaderBenchmark) -> dict:
     patches = (run.img_size // 16) ** 2
     results = {}
     # Image-text data is read twice per engine, in turn: with its captions' tokens and without.
-    for engine, text in [(e, t) for e in items(cfg.engines) for t in ((False, True) if source.captioned else (False,))]:
+    settings = [(e, t) for e in items(cfg.engines) for t in ((False, True) if source.captioned else (False,))]
+    for engine, text in settings * cfg.rounds:
         text_masks = TextMaskSampler(0.75, special=special_tokens(), seed=run.seed, device=device) if text else None
         spec = LoaderSpec(batch_size=run.batch_size, img_size=run.img_size, device=device, workers=workers,
                           mask_sampler=MaskSampler(patches, run.mask_ratio, seed=run.seed, device=device),
                           seed=run.seed, order=run.order, os_cache=run.os_cache, text=text,
                           text_mask_sampler=text_masks)
         name = f"{engine}+text" if text else engine
-        results[name] = r = measure_loader(engine, source, spec, steps=cfg.batches * cfg.passes,
-                                           warmup=cfg.warmup + 1, window=cfg.batches)
+        r = measure_loader(engine, source, spec, steps=cfg.batches * cfg.passes, warmup=cfg.warmup + 1,
+                           window=cfg.batches)
+        results.setdefault(name, dict(rounds=[]))["rounds"].append(r)
         rate = r["images_per_s"]
         print(f"{name:>10}: {rate['median']:8.1f} images/s (min {rate['min']:.1f}, max {rate['max']:.1f}); "
               f"first batch {r['first_call_s']:.1f} s; CPU {r['cpu_percent']:.0f}%", flush=True)
+    for r in results.values():
+        r["images_per_s"] = statistics.median(run["images_per_s"]["median"] for run in r["rounds"])
     baseline = results.get("torch")
-    ratios = {f"{e}_vs_torch": r["images_per_s"]["median"] / baseline["images_per_s"]["median"]
+    ratios = {f"{e}_vs_torch": r["images_per_s"] / baseline["images_per_s"]
               for e, r in results.items() if baseline and e != "torch" and "+" not in e}
-    ratios.update({f"{e}_text_vs_images": results[f"{e}+text"]["images_per_s"]["median"]
-                   / results[e]["images_per_s"]["median"] for e in items(cfg.engines) if f"{e}+text" in results})
+    ratios.update({f"{e}_text_vs_images": results[f"{e}+text"]["images_per_s"] / results[e]["images_per_s"]
+                   for e in items(cfg.engines) if f"{e}+text" in results})
+    for name, r in results.items():
+        print(f"{name:>10}: {r['images_per_s']:8.1f} images/s, the median of {len(r['rounds'])} round(s)")
     for name, ratio in ratios.items():
         print(f"{name}: {ratio:.2f}x", flush=True)
     return dict(device=device_name(device), commit=commit(),
                 versions=versions("ffcv", "nvidia-dali-cuda130", "pillow", "numba"),
                 config=dict(data=os.path.abspath(data), num_samples=len(source), workers=workers,
                             batch_size=run.batch_size, img_size=run.img_size, warmup=cfg.warmup, batches=cfg.batches,
-                            passes=cfg.passes, cpu_count=os.cpu_count()),
+                            passes=cfg.passes, rounds=cfg.rounds, cpu_count=os.cpu_count()),
                 engines=results, ratios=ratios)
 
 
