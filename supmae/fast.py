@@ -40,32 +40,40 @@ def _ops(backend: str):
     return gather_patches_triton, unshuffle_triton, norm_pix_mse_triton
 
 
+class FastOps:
+    """The fast path's three steps (`model.TrunkOps`): the visible patches gathered straight from the pixels
+    and embedded by the patch projection as a matrix product, the unshuffle kernel, and the prediction layer
+    run on the removed patches only, into the fused norm-pix loss. `Output.pred` then holds the removed
+    patches' predictions, (B, R, p*p*3) in the order of `masking.ids_removed`."""
+
+    def __init__(self, backend: str):
+        self.backend = backend
+        self._gather, self._unshuffle, self._loss = _ops(backend)
+
+    def embed_visible(self, model, images, ids_keep):
+        proj = model.patch_embed.proj
+        patches = self._gather(images, ids_keep, model.patch_size).to(proj.weight.dtype)
+        return F.linear(patches, proj.weight.flatten(1), proj.bias) + model.pos_embed[0, 1:][ids_keep]
+
+    def unshuffle(self, tokens, mask_token, masking):
+        return self._unshuffle(tokens, mask_token, masking.ids_restore, masking.ids_keep)
+
+    def reconstruct(self, model, features, images, masking):
+        ids_removed = masking.ids_removed
+        removed = torch.gather(features, 1, ids_removed.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
+        pred = model.decoder_pred(removed)
+        return self._loss(pred, images, ids_removed, model.patch_size, model.norm_pix_loss), pred
+
+
 class KernelPath(nn.Module):
-    """`model` with the fast path's forward. Output.pred holds the removed patches' predictions only,
-    (B, R, p*p*3) in the order of `masking.ids_removed`."""
+    """`model` run with the fast path's steps: the model's own forward, with `FastOps`."""
 
     def __init__(self, model: MaskedAutoencoderViT, backend: str):
         super().__init__()
-        self.model, self.backend = model, backend
-        self._gather, self._unshuffle, self._loss = _ops(backend)
+        self.model, self.backend, self.ops = model, backend, FastOps(backend)
 
     def forward(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None, *, masking: Masking) -> Output:
-        m, p = self.model, self.model.patch_size
-        ids_keep, ids_restore = masking.ids_keep, masking.ids_restore
-        proj = m.patch_embed.proj
-        visible = F.linear(self._gather(images, ids_keep, p).to(proj.weight.dtype), proj.weight.flatten(1), proj.bias)
-        latent = m.encode(visible + m.pos_embed[0, 1:][ids_keep])
-
-        tokens = m.decoder_embed(latent)
-        tokens = torch.cat([tokens[:, :1], self._unshuffle(tokens[:, 1:], m.mask_token, ids_restore, ids_keep)], 1)
-        features = m.decode(tokens)
-        ids_removed = masking.ids_removed
-        removed = torch.gather(features, 1, ids_removed.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
-        pred = m.decoder_pred(removed)
-        rec_loss = self._loss(pred, images, ids_removed, p, m.norm_pix_loss)
-        logits, cls_loss = m.classify(latent, labels)
-        loss = rec_loss if cls_loss is None else rec_loss + cls_loss
-        return Output(loss, rec_loss, cls_loss, pred, masking.mask, logits)
+        return self.model(images, labels, masking=masking, ops=self.ops)
 
 
 def apply_kernels(model: MaskedAutoencoderViT, backend: Optional[str] = None) -> KernelPath:

@@ -4,7 +4,7 @@ Parameter names and shapes follow the official SupMAE/MAE checkpoints, so their 
 here strictly and ours load there. With `num_classes=0` the branch is absent and the model is MAE.
 """
 from functools import partial
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Protocol
 
 import torch
 import torch.nn as nn
@@ -111,11 +111,6 @@ class MaskedAutoencoderViT(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward_encoder(self, images: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
-        """Encode the kept patches; returns (B, 1 + num_kept, D) after the final norm, cls token first."""
-        x = self.patch_embed(images) + self.pos_embed[:, 1:]
-        return self.encode(torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1])))
-
     def encode(self, visible: torch.Tensor) -> torch.Tensor:
         """Embedded visible patches (B, num_kept, D), position included -> encoder output with cls token."""
         return self.norm(self.blocks_forward(visible))
@@ -133,12 +128,6 @@ class MaskedAutoencoderViT(nn.Module):
         normalises the patch tokens' mean (timm's fc_norm), `token` takes the normalised cls token."""
         x = self.blocks_forward(self.patch_embed(images) + self.pos_embed[:, 1:])
         return self.norm(x[:, 1:].mean(1)) if pool == "avg" else self.norm(x)[:, 0]
-
-    def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
-        """Predict the pixels of every patch: (B, L, p*p*3), original patch order."""
-        x = self.decoder_embed(latent)
-        x = torch.cat([x[:, :1], unshuffle(x[:, 1:], self.mask_token, ids_restore)], dim=1)
-        return self.decoder_pred(self.decode(x))
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, 1 + L, D') cls + every patch's token in patch order -> decoder features (B, L, D'), cls dropped."""
@@ -168,21 +157,60 @@ class MaskedAutoencoderViT(nn.Module):
         return visible.mean(dim=1)
 
     def forward(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None, *,
-                noise: Optional[torch.Tensor] = None, masking: Optional[Masking] = None) -> Output:
-        """`noise` (B, L) replaces the random draw; a loader's precomputed `masking` replaces both."""
+                noise: Optional[torch.Tensor] = None, masking: Optional[Masking] = None,
+                ops: "TrunkOps" = None) -> Output:
+        """`noise` (B, L) replaces the random draw; a loader's precomputed `masking` replaces both. `ops` are
+        how the three data-movement steps run: the official way by default, the fast path's (`fast.FastOps`)
+        under `fast.apply_kernels`; this forward is the one both run."""
+        ops = ops or REFERENCE
         if masking is None:
             if noise is None:
                 noise = torch.rand(images.shape[0], self.num_patches, device=images.device)
             masking = random_masking(noise, self.num_kept)
-        latent = self.forward_encoder(images, masking.ids_keep)
-        pred = self.forward_decoder(latent, masking.ids_restore)
-        target = patchify(images, self.patch_size)
-        if self.norm_pix_loss:
-            target = norm_pix(target)
-        rec_loss = reconstruction_loss(pred, target, masking.mask)
+        latent = self.encode(ops.embed_visible(self, images, masking.ids_keep))
+        x = self.decoder_embed(latent)
+        features = self.decode(torch.cat([x[:, :1], ops.unshuffle(x[:, 1:], self.mask_token, masking)], dim=1))
+        rec_loss, pred = ops.reconstruct(self, features, images, masking)
         logits, cls_loss = self.classify(latent, labels)
         loss = rec_loss if cls_loss is None else rec_loss + cls_loss
         return Output(loss, rec_loss, cls_loss, pred, masking.mask, logits)
+
+
+class TrunkOps(Protocol):
+    """The three steps of the forward where the fast path departs from the official computation, written
+    down so that one forward serves both (and every objective built on the same trunk)."""
+
+    def embed_visible(self, model: MaskedAutoencoderViT, images: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+        """(B, num_kept, D): the kept patches embedded, their positions added."""
+
+    def unshuffle(self, tokens: torch.Tensor, mask_token: torch.Tensor, masking: Masking) -> torch.Tensor:
+        """Visible tokens (B, K, D') and the mask token -> (B, L, D') in patch order."""
+
+    def reconstruct(self, model: MaskedAutoencoderViT, features: torch.Tensor, images: torch.Tensor,
+                    masking: Masking) -> tuple[torch.Tensor, torch.Tensor]:
+        """(reconstruction loss, predictions) from the decoder's (B, L, D') features."""
+
+
+class ReferenceOps:
+    """The official computation: embed every patch then keep some, predict every patch, weigh the loss by
+    the mask. `Output.pred` holds every patch's prediction (B, L, p*p*3)."""
+
+    def embed_visible(self, model, images, ids_keep):
+        x = model.patch_embed(images) + model.pos_embed[:, 1:]
+        return torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+    def unshuffle(self, tokens, mask_token, masking):
+        return unshuffle(tokens, mask_token, masking.ids_restore)
+
+    def reconstruct(self, model, features, images, masking):
+        pred = model.decoder_pred(features)
+        target = patchify(images, model.patch_size)
+        if model.norm_pix_loss:
+            target = norm_pix(target)
+        return reconstruction_loss(pred, target, masking.mask), pred
+
+
+REFERENCE = ReferenceOps()
 
 
 def unshuffle(tokens: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
