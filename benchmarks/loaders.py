@@ -54,8 +54,11 @@ def benchmark_loaders(cfg: LoaderBenchmark) -> dict:
     patches = (run.img_size // 16) ** 2
     results = {}
     # Image-text data is read twice per engine, in turn: with its captions' tokens and without.
-    settings = [(e, t) for e in items(cfg.engines) for t in ((False, True) if source.captioned else (False,))]
-    for engine, text in settings * cfg.rounds:
+    # Every other round takes each engine's two settings in the other order: the second of two loaders
+    # built back to back can run slower while the first one's workers wind down.
+    texts = (False, True) if source.captioned else (False,)
+    for engine, text in [(e, t) for r in range(cfg.rounds) for e in items(cfg.engines)
+                         for t in (texts if r % 2 == 0 else texts[::-1])]:
         text_masks = TextMaskSampler(0.75, special=special_tokens(), seed=run.seed, device=device) if text else None
         spec = LoaderSpec(batch_size=run.batch_size, img_size=run.img_size, device=device, workers=workers,
                           mask_sampler=MaskSampler(patches, run.mask_ratio, seed=run.seed, device=device),
