@@ -196,7 +196,8 @@ class Config:
         """Every option this configuration takes, with the section that holds it (None: its own)."""
         found = [(None, opt) for opt in cls.own_options()]
         for name, sub, only, defaults in cls.sections():
-            found += [(name, dataclasses.replace(opt, default=defaults.get(opt.name, opt.default)))
+            found += [(name, dataclasses.replace(opt, default=defaults[opt.name], shown=None)
+                       if opt.name in defaults else opt)
                       for _, opt in sub.options() if only is None or opt.group in only or opt.name in only]
         return found
 
