@@ -33,7 +33,8 @@ from supmae.profiler import measure_loader
 class LoaderBenchmark(Config):
     """Images/s each loader engine delivers to the device, with no model, on one dataset in one run."""
     run: PretrainConfig = section(PretrainConfig, ("data", "order", "os_cache", "workers", "seed", "device",
-                                                   "batch_size", "img_size", "mask_ratio"), batch_size=256)
+                                                   "batch_size", "img_size", "mask_ratio"), batch_size=256,
+                                  mask_ratio=0.75)
     engines: str = option(",".join(ENGINES), "the engines to measure, comma-separated", choices=tuple(ENGINES),
                           listed=True)
     warmup: int = option(5, "untimed batches after the first", at_least=0)
@@ -42,7 +43,6 @@ class LoaderBenchmark(Config):
     rounds: int = option(1, "rounds over every engine and setting, in turn, so a slow spell of the machine falls on "
                             "all of them; the figure is the median round", at_least=1)
     json: Optional[str] = option(None, "write the results here", metavar="FILE")
-
 
 
 def benchmark_loaders(cfg: LoaderBenchmark) -> dict:

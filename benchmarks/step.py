@@ -22,7 +22,7 @@ from supmae.optim import build_optimizer
 from supmae.options import Config, configuration, from_command_line, option, section
 from supmae.profiler import synthetic_batch
 from supmae.registry import build_model
-from supmae.train import train_step
+from supmae.train import text_inputs, train_step
 
 
 @configuration
@@ -92,8 +92,8 @@ def benchmark_step(cfg: StepBenchmark) -> dict:
     autocast = autocast_for(device, precision)
     forward = apply_kernels(model)  # the training loop's forward: Triton kernels on CUDA
     forward = apply_compile(forward, compile_mode) if compiled else forward
-    batch = synthetic_batch(batch_size=batch_size, img_size=img_size, num_patches=model.num_patches,
-                            mask_ratio=model.mask_ratio, num_classes=1000, device=device)
+    batch = synthetic_batch(model, batch_size=batch_size, num_classes=1000, device=device,
+                            text_mask_ratio=run.text_mask_ratio)
     micro_batches = [batch] * run.accum_iter
     images = batch_size * run.accum_iter
     timing = dict(device=device, steps=cfg.steps * cfg.windows, warmup=cfg.warmup, window=cfg.steps)
@@ -122,7 +122,7 @@ def benchmark_step(cfg: StepBenchmark) -> dict:
         def official_step():
             for micro in micro_batches:
                 with official_autocast:
-                    loss = model(micro.images, micro.labels, masking=micro.masking).loss
+                    loss = model(micro.images, micro.labels, masking=micro.masking, **text_inputs(micro)).loss
                 official_scaler.scale(loss / len(micro_batches)).backward()
             official_scaler.step(official_optimizer)
             official_scaler.update()

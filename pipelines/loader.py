@@ -128,18 +128,19 @@ def create_loader(engine: str, source: Source, spec: LoaderSpec) -> Engine:
     return cls(source, spec)
 
 
-def ordered_batches(engine: str, source: Source, *, img_size: int, batch_size: int, workers: int,
-                    device) -> Iterator[Batch]:
-    """Every sample once, in index order, centre-cropped, with no mask, through any engine: what evaluation,
-    fine-tuning's validation and visualisation read. The last batch holds what is left (the engines' padding
-    is cut off)."""
+def ordered_batches(engine: str, source: Source, *, img_size: int, batch_size: int, workers: int, device,
+                    text: bool = False) -> Iterator[Batch]:
+    """Every sample once, in index order, centre-cropped, with no mask (and with its caption's tokens where
+    `text`), through any engine: what evaluation, fine-tuning's validation and visualisation read. The last
+    batch holds what is left (the engines' padding is cut off)."""
     spec = LoaderSpec(batch_size=batch_size, img_size=img_size, mask_sampler=None, device=device, workers=workers,
-                      train=False, order="sequential")
+                      train=False, order="sequential", text=text)
     with open_batches(create_loader(engine, source, spec)) as batches:
         for first in range(0, len(source), batch_size):
             batch = next(batches)
             left = len(source) - first
-            yield batch if left >= batch_size else Batch(batch.images[:left], batch.labels[:left], None)
+            yield batch if left >= batch_size else Batch(batch.images[:left], batch.labels[:left], None,
+                                                         None if batch.tokens is None else batch.tokens[:left])
 
 
 @contextlib.contextmanager

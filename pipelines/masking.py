@@ -2,7 +2,7 @@
 
 Each sample draws noise ~ U(0, 1) over its L patches; the patches with the smallest noise are kept.
 """
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -65,13 +65,14 @@ class TextMaskSampler:
     (seed, batch index) over the global batch, rows r, r + W on rank r, so resumes and ranks stay exact.
 
     A row's candidates are its caption's own tokens (not the start and end markers, not the padding); of
-    those, round(ratio x their number), and at least one, are masked: True in the (B, L) mask."""
+    those, round(ratio x their number), at least one and at most `max_masked`, are masked: True in the
+    (B, L) mask."""
 
     def __init__(self, mask_ratio: float, *, special: tuple[int, ...], seed: int, device: torch.device,
-                 rank: int = 0, world_size: int = 1, pad: int = 0):
+                 rank: int = 0, world_size: int = 1, pad: int = 0, max_masked: Optional[int] = None):
         if not 0 < mask_ratio < 1:
             raise ValueError(f"a text mask ratio is above 0 and below 1, not {mask_ratio}")
-        self.mask_ratio, self.special, self.pad = mask_ratio, tuple(special), pad
+        self.mask_ratio, self.special, self.pad, self.max_masked = mask_ratio, tuple(special), pad, max_masked
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.device = torch.device(device)
         self._generator = torch.Generator(device=self.device)
@@ -85,6 +86,6 @@ class TextMaskSampler:
         for token in self.special:
             candidate &= tokens != token
         count = candidate.sum(1, keepdim=True)
-        masked = torch.where(count > 0, (count * self.mask_ratio).round().clamp(min=1), 0)
+        masked = torch.where(count > 0, (count * self.mask_ratio).round().clamp(min=1, max=self.max_masked), 0)
         order = noise.masked_fill(~candidate, 2.0).argsort(1).argsort(1)  # candidates first, in noise order
         return order < masked

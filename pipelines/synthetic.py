@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 SHAPES = ("circle", "triangle", "square", "pentagon", "hexagon", "star", "cross", "ring")
 TEXTURES = ("stripes", "checker", "dots", "gradient")
 MANIFEST = "synthetic.json"
+CLASS_NAMES = "class_names.txt"  # one description per class, for `supmae eval zeroshot --class-names`
 
 
 def class_names(num_classes: int) -> list[str]:
@@ -202,6 +203,13 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
     return re.sub(r"\ba (?=[aeiou])", "an ", pick(_TEMPLATES).format(**words))
 
 
+def class_descriptions(num_classes: int) -> list[str]:
+    """Each class in the words its captions use ("red circle on a striped background"): the names zero-shot
+    classification prompts with (`supmae synth` writes them to CLASS_NAMES)."""
+    return [f"{_hue_name((k * 0.618033988749895) % 1.0)} {_SHAPE_NAMES[SHAPES[k % len(SHAPES)]][0]} on a "
+            f"{_TEXTURE_NAMES[TEXTURES[(k // len(SHAPES)) % len(TEXTURES)]][0]} background" for k in range(num_classes)]
+
+
 def caption_of(label: int, index: int, seed: int = 0) -> str:
     """The caption of image `index` of class `label` (drawn again: use `draw` where the image is wanted too)."""
     return caption(draw(label, index, seed)[1], np.random.default_rng((seed, label, index, 2)))
@@ -255,6 +263,8 @@ def write_synthetic(out_dir: str, *, num_classes: int = 10, images_per_class: in
                     list(pool.map(_write_one, jobs, chunksize=16))
             else:
                 list(map(_write_one, jobs))
+            with open(os.path.join(tmp, CLASS_NAMES), "w") as f:
+                f.write("".join(f"{name}\n" for name in class_descriptions(num_classes)))
             with open(os.path.join(tmp, MANIFEST), "w") as f:
                 json.dump(dict(num_classes=num_classes, images_per_class=images_per_class, seed=seed, captions=True), f)
             if os.path.exists(out_dir) and not shared:

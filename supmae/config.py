@@ -22,7 +22,8 @@ WRITE_MODES = ("jpg", "raw", "proportion", "smart")
 ORDERS = ("random", "quasi_random")
 PROFILE_STAGES = ("loader", "step", "end_to_end")
 # What a resumed run may not change: the model, and what fixes the data order, crops and masks.
-RUN_DEFINING = ("model", "img_size", "mask_ratio", "pool", "batch_size", "accum_iter", "seed")
+RUN_DEFINING = ("model", "img_size", "mask_ratio", "pool", "decoder_depth", "decoder_width", "text_reconstruction",
+                "batch_size", "accum_iter", "seed")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 SEED_MAX = 2**32 - 1  # every generator the seed reaches (torch, numpy, DALI, FFCV) takes it whole
 
@@ -143,14 +144,32 @@ class PretrainConfig(Config):
     batch_size: int = option(64, "images per device per micro-batch", at_least=1, group="model and objective")
     accum_iter: int = option(1, "micro-batches per optimizer step", at_least=1, group="model and objective")
     img_size: int = option(224, "image side in pixels", at_least=1, group="model and objective")
-    mask_ratio: float = option(0.75, "share of patches removed", above=0, below=1, group="model and objective")
-    pool: str = option("avg", "feature pooling for the classification branch", choices=POOLS,
-                       group="model and objective")
+    mask_ratio: Optional[float] = option(None, "share of patches removed (above 0 on a CLIP model: FLIP)",
+                                         at_least=0, below=1, group="model and objective",
+                                         shown="the model's: 0.75, 0 for CLIP")
+    pool: Optional[str] = option(None, "how the encoder's tokens are pooled for the classification branch or "
+                                       "the image embedding", choices=POOLS, group="model and objective",
+                                 shown="the model's: avg, token for CLIP")
+    decoder_depth: Optional[int] = option(None, "decoder blocks (MAE-CLIP's cross-modal decoder included)",
+                                          at_least=1, group="model and objective", shown="the model's")
+    decoder_width: Optional[int] = option(None, "decoder width", at_least=8, group="model and objective",
+                                          shown="the model's")
     norm_pix_loss: bool = option(True, "reconstruct each patch's normalised pixels", group="model and objective")
     cls_loss_ratio: float = option(0.01, "weight of the classification loss", at_least=0,
                                    group="model and objective")
     temperature: float = option(10.0, "temperature of the classification logits", above=0,
                                 group="model and objective")
+    # The MAE-CLIP paper does not publish its loss weights; these are M3AE's (arXiv 2205.14204).
+    clip_weight: float = option(1.0, "CLIP and MAE-CLIP: weight of the contrastive loss", at_least=0,
+                                group="model and objective")
+    image_weight: float = option(1.0, "MAE-CLIP: weight of the pixel reconstruction loss (M3AE's)", at_least=0,
+                                 group="model and objective")
+    text_weight: float = option(0.5, "MAE-CLIP: weight of the masked-token loss (M3AE's)", at_least=0,
+                                group="model and objective")
+    text_mask_ratio: float = option(0.75, "MAE-CLIP: share of each caption's tokens masked (M3AE's)", above=0,
+                                    below=1, group="model and objective")
+    text_reconstruction: bool = option(True, "MAE-CLIP: reconstruct the masked caption tokens too (off: images "
+                                             "only)", group="model and objective")
     # optimisation
     blr: float = option(1.5e-4, "base lr: lr = blr * effective batch / 256", above=0, group="optimisation")
     lr: Optional[float] = option(None, "absolute lr (overrides --blr)", above=0, group="optimisation")
@@ -210,17 +229,46 @@ class ExportConfig(Config):
 
 
 @configuration
-class SplitsConfig(Config):
-    """A pretrained encoder and the labelled splits it is scored on."""
+class CheckpointConfig(Config):
+    """A pretrained model, and how the data it is scored on is read."""
     checkpoint: str = option(help="a pretraining checkpoint", exists=True)
-    train: str = option(help="image folder, file list or .beton with the labelled train split", exists=True)
-    val: str = option(help="the validation split, with the same classes", exists=True)
     loader: str = loader_option()
     workers: int = option(2, "decoding processes", at_least=0)
     device: str = device_option()
 
     def check(self) -> None:
         _check_device(self)
+
+
+@configuration
+class SplitsConfig(CheckpointConfig):
+    """A pretrained encoder and the labelled splits it is scored on."""
+    train: str = option(help="image folder, file list or .beton with the labelled train split", exists=True)
+    val: str = option(help="the validation split, with the same classes", exists=True)
+
+
+@configuration
+class ZeroshotConfig(CheckpointConfig):
+    """Zero-shot classification (top-1 and top-5) by a CLIP-family model: each class is the mean text embedding
+    of its name in prompt templates, and each image takes the class its embedding is closest to. Class names
+    are ImageNet's (open_clip's list) for a 1000-class set named by WordNet ids, a file's, or the class
+    folders' names."""
+    data: str = option(help="image folder, file list or .beton with labels", exists=True)
+    class_names: Optional[str] = option(None, "a file with one class name per line, in label order",
+                                        metavar="FILE", exists=True, shown="the data's")
+    templates: str = option("simple", "prompt templates: open_clip's 7 simple ones or OpenAI's 80",
+                            choices=("simple", "openai"))
+    batch_size: int = option(64, "images per forward pass", at_least=1)
+    json: Optional[str] = option(None, "also write the result here", metavar="FILE")
+
+
+@configuration
+class RetrievalConfig(CheckpointConfig):
+    """Image-to-text and text-to-image retrieval (recall at 1, 5 and 10) by a CLIP-family model over a
+    captioned set: each image's own caption is the one to find, and each caption's own image."""
+    data: str = option(help="image-text data: a captioned folder, file list, shards or .beton", exists=True)
+    batch_size: int = option(64, "pairs per forward pass", at_least=1)
+    json: Optional[str] = option(None, "also write the result here", metavar="FILE")
 
 
 @configuration

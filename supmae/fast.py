@@ -72,8 +72,10 @@ class KernelPath(nn.Module):
         super().__init__()
         self.model, self.backend, self.ops = model, backend, FastOps(backend)
 
-    def forward(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None, *, masking: Masking) -> Output:
-        return self.model(images, labels, masking=masking, ops=self.ops)
+    def forward(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None, *, masking: Optional[Masking],
+                **text) -> Output:
+        """`text`: a text model's caption tokens and text mask."""
+        return self.model(images, labels, masking=masking, ops=self.ops, **text)
 
 
 def apply_kernels(model: MaskedAutoencoderViT, backend: Optional[str] = None) -> KernelPath:

@@ -18,19 +18,29 @@ from supmae.hardware import autocast_for
 from supmae.measure import commit, device_name, measure, versions, write_json
 from supmae.pipelines.batch import Batch
 from supmae.pipelines.loader import LoaderSpec, buffered_batches, create_loader, open_batches
-from supmae.pipelines.masking import MaskSampler
-from supmae.train import Run, train_step
+from supmae.pipelines.text import CONTEXT, special_tokens
+from supmae.train import Run, samplers, train_step
 
 logger = logging.getLogger(__name__)
 LABELS = dict(loader="loader alone", step="step alone", end_to_end="end to end")
 
 
-def synthetic_batch(*, batch_size: int, img_size: int, num_patches: int, mask_ratio: float, num_classes: int,
-                    device: torch.device) -> Batch:
-    """A normalised random batch with labels and a mask, made on the device: the step with no loader."""
+def synthetic_batch(model, *, batch_size: int, num_classes: int, device: torch.device, text_mask_ratio: float = 0.75,
+                    caption_tokens: int = 20) -> Batch:
+    """A normalised random batch with what `model` trains on (labels, a patch mask, captions of
+    `caption_tokens` random tokens and their text mask), made on the device: the step with no loader."""
+    img_size = model.patch_embed.img_size[0]
+    masks, text_masks = samplers(model, text_mask_ratio=text_mask_ratio, seed=0, device=device)
+    tokens = None
+    if getattr(model, "uses_text", False):
+        start, end = special_tokens()
+        tokens = torch.zeros(batch_size, CONTEXT, dtype=torch.long, device=device)
+        tokens[:, 0], tokens[:, caption_tokens + 1] = start, end
+        tokens[:, 1:caption_tokens + 1] = torch.randint(1, start, (batch_size, caption_tokens), device=device)
     return Batch(torch.randn(batch_size, 3, img_size, img_size, device=device),
                  torch.randint(0, max(1, num_classes), (batch_size,), device=device),
-                 MaskSampler(num_patches, mask_ratio, seed=0, device=device)(batch_size, 0))
+                 masks(batch_size, 0) if masks else None, tokens,
+                 text_masks(tokens, 0) if text_masks is not None else None)
 
 
 def measure_loader(engine: str, source, spec: LoaderSpec, *, steps: int, warmup: int, window: int) -> dict:
@@ -51,8 +61,8 @@ def _stage(run: Run, stage: str, options: ProfileConfig) -> dict:
     autocast = autocast_for(run.device, run.precision)
     timing = dict(device=run.device, steps=options.steps, warmup=options.warmup, window=options.window)
     if stage == "step":
-        batch = synthetic_batch(batch_size=cfg.batch_size, img_size=cfg.img_size, num_patches=run.model.num_patches,
-                                mask_ratio=cfg.mask_ratio, num_classes=len(run.source.classes), device=run.device)
+        batch = synthetic_batch(run.model, batch_size=cfg.batch_size, num_classes=len(run.source.classes),
+                                device=run.device, text_mask_ratio=cfg.text_mask_ratio)
 
         def synthetic_step() -> None:
             train_step(run.forward, [batch] * cfg.accum_iter, run.optimizer, run.scaler, autocast)

@@ -30,10 +30,11 @@ from supmae.lock import exclusive
 from supmae.metrics import Metrics
 from supmae.optim import build_optimizer, lr_at
 from supmae.pipelines.loader import LoaderSpec, choose_engine, create_loader, open_batches
-from supmae.pipelines.masking import MaskSampler
+from supmae.pipelines.masking import MaskSampler, TextMaskSampler
 from supmae.pipelines.sources import open_source
 from supmae.pipelines.synthetic import default_dataset
-from supmae.registry import build_model
+from supmae.pipelines.text import special_tokens
+from supmae.registry import build_model, effective
 from supmae.stop import StopRequests
 
 logger = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ class Run:
         self.dataset = dict(num_samples=len(self.source), fingerprint=self.source.fingerprint())
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank and in every run of this seed
         self.model = build_model(cfg, len(self.source.classes))
-        self.supervised = self.model.cls_head is not None
+        self.supervised = getattr(self.model, "cls_head", None) is not None
         if self.supervised and cfg.batch_size < 2 and not (cfg.sync_bn and self.world.distributed):
             raise SupmaeError("the classification head's BatchNorm needs at least 2 images per batch: use "
                               "--batch-size 2 or more (or --sync-bn on several ranks)")
@@ -116,9 +117,9 @@ class Run:
         path, state = found
         saved = saved_config(state)
         for key in RUN_DEFINING:
-            if getattr(saved, key) != getattr(cfg, key):
-                raise SupmaeError(f"checkpoint {path} was made with {key}={getattr(saved, key)!r}, not "
-                                  f"{getattr(cfg, key)!r}")
+            if effective(saved, key) != effective(cfg, key):
+                raise SupmaeError(f"checkpoint {path} was made with {key}={effective(saved, key)!r}, not "
+                                  f"{effective(cfg, key)!r}")
         if state.get("world_size", 1) != self.world.world_size:
             raise SupmaeError(f"checkpoint {path} was made on {state.get('world_size', 1)} rank(s), not "
                               f"{self.world.world_size}: the data order and batch would change")
@@ -161,26 +162,44 @@ class Run:
     def loader_spec(self) -> LoaderSpec:
         cfg = self.cfg
         rank, world_size = self.world.rank, self.world.world_size
-        masks = MaskSampler(self.model.num_patches, cfg.mask_ratio, seed=cfg.seed, device=self.device, rank=rank,
-                            world_size=world_size)
+        masks, text_masks = samplers(self.model, text_mask_ratio=cfg.text_mask_ratio, seed=cfg.seed,
+                                     device=self.device, rank=rank, world_size=world_size)
         return LoaderSpec(batch_size=cfg.batch_size, img_size=cfg.img_size, mask_sampler=masks, device=self.device,
                           workers=self.workers, seed=cfg.seed, start=self.step * cfg.accum_iter, order=cfg.order,
-                          os_cache=cfg.os_cache, rank=rank, world_size=world_size)
+                          os_cache=cfg.os_cache, rank=rank, world_size=world_size,
+                          text=getattr(self.model, "uses_text", False), text_mask_sampler=text_masks)
 
     def loader(self):
         return create_loader(self.engine, self.source, self.loader_spec())
 
 
+def samplers(model, *, text_mask_ratio: float, seed: int, device, rank: int = 0, world_size: int = 1):
+    """(patch mask sampler, text mask sampler) for the batches `model` trains on; each None where the model
+    has no use for it (CLIP sees every patch; only MAE-CLIP masks captions)."""
+    masks = MaskSampler(model.num_patches, model.mask_ratio, seed=seed, device=device, rank=rank,
+                        world_size=world_size) if model.mask_ratio > 0 else None
+    text_masks = None
+    if getattr(model, "text_reconstruction", False):
+        text_masks = TextMaskSampler(text_mask_ratio, special=special_tokens(), seed=seed, device=device, rank=rank,
+                                     world_size=world_size, max_masked=model.text_masked_max)
+    return masks, text_masks
+
+
+def text_inputs(batch) -> dict:
+    """The caption tokens and text mask a text model's forward takes from a batch (none for the others)."""
+    return {} if batch.tokens is None else dict(tokens=batch.tokens, text_mask=batch.text_mask)
+
+
 def train_step(forward, micro_batches, optimizer, scaler, autocast) -> torch.Tensor:
-    """One optimizer step over the micro-batches; returns their mean (loss, rec_loss, cls_loss), on the device."""
+    """One optimizer step over the micro-batches; returns their mean loss and its parts (the order of the
+    model's `loss_names`), on the device."""
     losses = []
     no_sync = getattr(forward, "no_sync", None)  # DDP: reduce gradients once, after the last micro-batch
     for i, batch in enumerate(micro_batches):
         with autocast, (no_sync() if no_sync and i < len(micro_batches) - 1 else contextlib.nullcontext()):
-            out = forward(batch.images, batch.labels, masking=batch.masking)
+            out = forward(batch.images, batch.labels, masking=batch.masking, **text_inputs(batch))
         # Copied out first: under CUDA graphs the outputs' memory belongs to the graph's next replay.
-        cls_loss = torch.zeros_like(out.rec_loss) if out.cls_loss is None else out.cls_loss
-        losses.append(torch.stack([t.detach().float() for t in (out.loss, out.rec_loss, cls_loss)]))
+        losses.append(torch.stack([t.detach().float() for t in out.losses().values()]))
         scaler.scale(out.loss / len(micro_batches)).backward()
     scaler.step(optimizer)
     scaler.update()
@@ -235,7 +254,7 @@ def _pretrain(run: Run) -> dict:
 def _loop(run: Run, metrics: Metrics, stop: StopRequests) -> dict:
     cfg, optimizer = run.cfg, run.optimizer
     autocast = autocast_for(run.device, run.precision)
-    loss_sums = torch.zeros(3, device=run.device)  # total, reconstruction, classification
+    loss_sums = torch.zeros(len(run.model.loss_names), device=run.device)  # the loss and its parts
     # The first step whose loss was not finite, found on the device: no host sync per step.
     first_bad = torch.full((), -1, dtype=torch.long, device=run.device)
     run.model.train()
@@ -257,13 +276,12 @@ def _loop(run: Run, metrics: Metrics, stop: StopRequests) -> dict:
             done = step + 1
             stopping = any_rank(stop.requested(), run.world)
             if done % cfg.log_every == 0 or done == run.total_steps or stopping:
-                loss, rec_loss, cls_loss = mean_over_ranks(loss_sums / window_steps, run.world).tolist()  # the one sync
+                means = mean_over_ranks(loss_sums / window_steps, run.world).tolist()  # the one sync
+                loss = means[0]
                 now = time.perf_counter()
                 windows.append((window_steps * run.effective_batch, now - window_start))
-                record = dict(step=done, epoch=round(done / run.steps_per_epoch, 4), lr=lr, loss=loss,
-                              rec_loss=rec_loss, images_per_s=windows[-1][0] / windows[-1][1])
-                if run.supervised:
-                    record["cls_loss"] = cls_loss
+                record = dict(step=done, epoch=round(done / run.steps_per_epoch, 4), lr=lr,
+                              **dict(zip(run.model.loss_names, means)), images_per_s=windows[-1][0] / windows[-1][1])
                 metrics.write(record)
                 if not math.isfinite(loss):
                     _stop_if_diverged(first_bad, run.world)

@@ -12,6 +12,7 @@ from PIL import Image
 
 from supmae.atomic import replaced
 from supmae.config import VisualizeConfig
+from supmae.errors import SupmaeError
 from supmae.evaluate import load_pretrained
 from supmae.hardware import resolve_device
 from supmae.objective import patchify
@@ -32,10 +33,12 @@ def unpatchify(patches: torch.Tensor, patch_size: int, channels: int = 3) -> tor
 
 
 @torch.no_grad()
-def reconstruct(model, images: torch.Tensor, seed: int = 0):
-    """(original, masked, reconstruction, pasted) image batches in normalised pixel space."""
+def reconstruct(model, images: torch.Tensor, seed: int = 0, tokens=None):
+    """(original, masked, reconstruction, pasted) image batches in normalised pixel space. A MAE-CLIP model
+    also takes the images' caption `tokens`, none of them masked."""
     masking = MaskSampler(model.num_patches, model.mask_ratio, seed=seed, device=images.device)(images.shape[0], 0)
-    pred = model(images, masking=masking).pred.float()
+    text = {} if tokens is None else dict(tokens=tokens, text_mask=torch.zeros_like(tokens, dtype=torch.bool))
+    pred = model(images, masking=masking, **text).pred.float()
     target = patchify(images, model.patch_size).float()
     if model.norm_pix_loss:
         pred = pred * (target.var(-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(-1, keepdim=True)
@@ -54,10 +57,13 @@ def to_pixels(images: torch.Tensor) -> np.ndarray:
 def visualize(cfg: VisualizeConfig) -> str:
     device = resolve_device(cfg.device)
     model, trained = load_pretrained(cfg.checkpoint, device)
+    if not hasattr(model, "decoder_pred"):
+        raise SupmaeError(f"{trained.model} has no pixel decoder, so there is no reconstruction to show")
     source = open_source(cfg.data)
+    text = getattr(model, "uses_text", False)
     batch = next(ordered_batches(cfg.loader, source, img_size=trained.img_size,
-                                 batch_size=min(cfg.images, len(source)), workers=0, device=device))
-    columns = [to_pixels(x) for x in reconstruct(model, batch.images, cfg.seed)]
+                                 batch_size=min(cfg.images, len(source)), workers=0, device=device, text=text))
+    columns = [to_pixels(x) for x in reconstruct(model, batch.images, cfg.seed, batch.tokens)]
     gap = 4
     rows = [np.concatenate([np.pad(c[i], ((gap, gap), (gap, gap), (0, 0)), constant_values=255) for c in columns], 1)
             for i in range(len(batch.images))]

@@ -5,7 +5,7 @@ import pytest
 
 from supmae.cli import main
 from supmae.metrics import Metrics
-from supmae.pipelines.synthetic import MANIFEST, write_synthetic
+from supmae.pipelines.synthetic import CLASS_NAMES, MANIFEST, write_synthetic
 
 from test_cli import error_of
 
@@ -71,7 +71,7 @@ def test_a_shared_dataset_published_first_is_kept_and_used(tmp_path):
     (tmp_path / "synthetic" / "in use").write_text("")  # stands for a reader of the first copy
     assert write_synthetic(path, num_classes=2, images_per_class=2, workers=1, shared=True) == path  # a writer that finishes second
     assert sorted(os.listdir(tmp_path)) == ["synthetic"]  # its own copy is gone
-    assert sorted(os.listdir(path)) == ["0000_circle_stripes", "0001_triangle_stripes", "in use", MANIFEST]
+    assert sorted(os.listdir(path)) == ["0000_circle_stripes", "0001_triangle_stripes", CLASS_NAMES, "in use", MANIFEST]
     with pytest.raises(OSError):  # a target that is not a finished dataset is neither replaced nor taken
         write_synthetic(str(tmp_path / "synthetic" / "0000_circle_stripes"), num_classes=2, images_per_class=2, workers=1,
                         shared=True)
@@ -103,7 +103,7 @@ def test_synth_replaces_only_its_own_output(capsys, tmp_path, monkeypatch):
     assert (data / MANIFEST).exists()
     monkeypatch.chdir(tmp_path)
     assert main(["synth", str(data), "--classes", "3", "--images-per-class", "1", "--workers", "1", "--force"]) == 0
-    assert len([p for p in os.listdir(data) if p != MANIFEST]) == 3
+    assert len([p for p in os.listdir(data) if os.path.isdir(data / p)]) == 3
 
 
 def test_export_onto_a_folder_names_a_file_instead(capsys, checkpoint, tmp_path):

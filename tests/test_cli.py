@@ -54,7 +54,7 @@ def test_unreadable_image_is_a_one_line_error(capsys, folder_with_a_bad_image, t
     (["--mask-ratio", "1.5"], "--mask-ratio"),
     (["--steps", "-3"], "--steps"),
     (["--epochs", "2", "--steps", "3"], "give --epochs or --steps, not both"),
-    (["--model", "vit_giant"], "--model: 'vit_giant' is not one of mae_vit_base_patch16"),
+    (["--model", "vit_giant"], "--model: 'vit_giant' is not one of clip_vit_base_patch16"),
     (["--pool", "median"], "--pool"),
     (["--precision", "fp8"], "--precision"),
     (["--compile-mode", "fastest"], "--compile-mode"),

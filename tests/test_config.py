@@ -53,7 +53,7 @@ def test_an_option_is_one_field():
 
 BAD = [
     ("batch_size", 0, "--batch-size: must be at least 1, got 0"),
-    ("mask_ratio", 1.5, "--mask-ratio: must be above 0 and below 1, got 1.5"),
+    ("mask_ratio", 1.5, "--mask-ratio: must be at least 0 and below 1, got 1.5"),
     ("pool", "median", "--pool: 'median' is not one of avg, token, max, map"),
     ("lr", 0.0, "--lr: must be above 0, got 0"),
     ("seed", -1, "--seed: must be at least 0 and at most 4294967295, got -1"),

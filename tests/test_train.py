@@ -78,6 +78,10 @@ def test_fresh_run_never_overwrites_an_earlier_one(synth_folder, tmp_path, caplo
     assert "already at step 3" in caplog.messages[-1] and len(metrics(tmp_path)) == 3
     with pytest.raises(SupmaeError, match="made with model"):
         pretrain(config(synth_folder, tmp_path, steps=6, model="mae_vit_tiny_patch16", resume="auto"))
+    # An option left to the model is compared as the model's value: giving that value is no change.
+    assert pretrain(config(synth_folder, tmp_path, steps=3, resume="auto", mask_ratio=0.75))["checkpoint"] is None
+    with pytest.raises(SupmaeError, match="made with decoder_depth=1, not 2"):
+        pretrain(config(synth_folder, tmp_path, steps=6, resume="auto", decoder_depth=2))
 
 
 def test_gradient_accumulation_matches_the_full_batch():
