@@ -251,11 +251,11 @@ class SplitsConfig(CheckpointConfig):
 class ZeroshotConfig(CheckpointConfig):
     """Zero-shot classification (top-1 and top-5) by a CLIP-family model: each class is the mean text embedding
     of its name in prompt templates, and each image takes the class its embedding is closest to. Class names
-    are ImageNet's (open_clip's list) for a 1000-class set named by WordNet ids, a file's, or the class
-    folders' names."""
+    are a file's (--class-names, or class_names.txt in the data folder, as the embedded dataset has),
+    ImageNet's (open_clip's list) for a 1000-class set named by WordNet ids, or the class folders' names."""
     data: str = option(help="image folder, file list or .beton with labels", exists=True)
     class_names: Optional[str] = option(None, "a file with one class name per line, in label order",
-                                        metavar="FILE", exists=True, shown="the data's")
+                                        metavar="FILE", exists=True, shown="DATA/class_names.txt if there is one")
     templates: str = option("simple", "prompt templates: open_clip's 7 simple ones or OpenAI's 80",
                             choices=("simple", "openai"))
     batch_size: int = option(64, "images per forward pass", at_least=1)

@@ -5,6 +5,7 @@ templates), renormalised, and an image takes the class nearest its own embedding
 set, how often an image's own caption is among the k captions nearest it, and the other way round.
 """
 import logging
+import os
 import re
 
 import torch
@@ -16,15 +17,19 @@ from supmae.hardware import loader_workers, resolve_device
 from supmae.measure import write_json
 from supmae.pipelines.loader import ordered_batches
 from supmae.pipelines.sources import open_source
+from supmae.pipelines.synthetic import CLASS_NAMES
 from supmae.pipelines.text import encode
 
 logger = logging.getLogger(__name__)
 _WORDNET = re.compile(r"^n\d{8}$")
 
 
-def class_names(classes: list[str], path=None) -> list[str]:
-    """The words for each class: a file's lines, ImageNet's names for its 1000 WordNet ids, or the folder
-    names made readable ("0003_red_fox" -> "red fox")."""
+def class_names(classes: list[str], path=None, data=None) -> list[str]:
+    """The words for each class: a file's lines (`path`, or CLASS_NAMES inside the `data` folder, as the
+    embedded dataset has it), ImageNet's names for its 1000 WordNet ids, or the folder names made readable
+    ("0003_red_fox" -> "red fox")."""
+    if not path and data and os.path.isfile(os.path.join(data, CLASS_NAMES)):
+        path = os.path.join(data, CLASS_NAMES)
     if path:
         with open(path, encoding="utf-8") as f:
             names = [line.strip() for line in f if line.strip()]
@@ -64,7 +69,7 @@ def eval_zeroshot(cfg: ZeroshotConfig) -> dict:
     device = resolve_device(cfg.device)
     model, trained = _text_model(cfg.checkpoint, device)
     source = open_source(cfg.data)
-    names = class_names(source.classes, cfg.class_names)
+    names = class_names(source.classes, cfg.class_names, cfg.data)
     classes = class_embeddings(model, names, templates(cfg.templates), device)
     correct1 = correct5 = total = 0
     with torch.no_grad():

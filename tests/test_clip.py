@@ -12,13 +12,14 @@ from supmae import create_model
 from supmae.cli import main
 from supmae.clip import LOGIT_SCALE_MAX, contrastive_loss
 from supmae.distributed import apply_ddp, init_world
+from supmae.errors import SupmaeError
 from supmae.fast import apply_kernels
 from supmae.pipelines.loader import LoaderSpec, create_loader, open_batches, ordered_batches
 from supmae.pipelines.masking import MaskSampler, TextMaskSampler
 from supmae.pipelines.sources import open_source
 from supmae.pipelines.synthetic import CLASS_NAMES, class_descriptions, write_synthetic
 from supmae.pipelines.text import encode, special_tokens
-from supmae.zeroshot import class_embeddings, recall_at, templates
+from supmae.zeroshot import class_embeddings, class_names, recall_at, templates
 
 from test_cli import error_of
 from test_distributed import WORLD, free_port
@@ -186,6 +187,16 @@ def test_a_short_run_on_the_embedded_data_classifies_zero_shot(tmp_path):
     assert correct / len(source) >= 0.25 + 0.25  # chance is 25%
 
 
+def test_class_names_come_from_a_file_the_data_folder_or_the_folder_names(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    assert class_names(["0000_red_fox", "0001_grey-wolf"], data=str(folder)) == ["red fox", "grey-wolf"]
+    (folder / CLASS_NAMES).write_text("a fox\na wolf\n")
+    assert class_names(["0000_red_fox", "0001_grey-wolf"], data=str(folder)) == ["a fox", "a wolf"]
+    with pytest.raises(SupmaeError, match="names 2 classes; the data has 3"):
+        class_names(["a", "b", "c"], str(folder / CLASS_NAMES))
+
+
 def test_zeroshot_retrieval_and_export_from_the_cli(tmp_path, capsys):
     data = write_synthetic(str(tmp_path / "data"), num_classes=2, images_per_class=8, workers=1)
     out = tmp_path / "run"
@@ -194,8 +205,8 @@ def test_zeroshot_retrieval_and_export_from_the_cli(tmp_path, capsys):
                  "--output", str(out)]) == 0
     checkpoint = str(out / "checkpoint-00000002.pt")
     capsys.readouterr()
-    assert main(["eval", "zeroshot", "--checkpoint", checkpoint, "--data", data, "--class-names",
-                 os.path.join(data, CLASS_NAMES), "--workers", "0", "--json", str(tmp_path / "zs.json")]) == 0
+    assert main(["eval", "zeroshot", "--checkpoint", checkpoint, "--data", data, "--workers", "0",
+                 "--json", str(tmp_path / "zs.json")]) == 0
     with open(tmp_path / "zs.json") as f:
         result = json.load(f)
     assert result["images"] == 16 and result["num_classes"] == 2 and 0 <= result["top1"] <= result["top5"] == 1
