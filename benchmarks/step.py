@@ -7,17 +7,14 @@ a host sync per step), giving the speed-up as a ratio.
 
     python -m benchmarks.step --model supmae_vit_base_patch16 --batch-size 256 --json step.json
 """
-import statistics
-import time
 from typing import Optional
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from supmae.config import PretrainConfig
 from supmae.fast import apply_kernels
 from supmae.hardware import DTYPES, apply_compile, autocast_for, compile_mode_for, resolve_device, speed_defaults
-from supmae.measure import commit, device_name, measure, sync, versions, write_json
+from supmae.measure import commit, device_name, flops_of, matmul_rate, measure, sync, versions, write_json
 from supmae.optim import build_optimizer
 from supmae.options import Config, configuration, from_command_line, option, section
 from supmae.profiler import synthetic_batch
@@ -35,21 +32,6 @@ class StepBenchmark(Config):
     official: bool = option(True, "also time the official code's style of step, for the ratio")
     breakdown: bool = option(False, "on a GPU, GPU time per step by kernel (profiler)")
     json: Optional[str] = option(None, "write the results here", metavar="FILE")
-
-
-def matmul_rate(device, dtype, n) -> float:
-    """Measured FLOP/s of an n x n x n product: the ceiling MFU is taken against."""
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    sync(device)
-    times = []
-    for _ in range(10):
-        start = time.perf_counter()
-        a @ b
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return 2 * n**3 / statistics.median(times)
 
 
 # Where a GPU step's time goes, by kernel name: (category, substrings of the kernel names it holds).
@@ -102,9 +84,8 @@ def benchmark_step(cfg: StepBenchmark) -> dict:
         train_step(forward, micro_batches, optimizer, scaler, autocast)
 
     # Counted on the eager twins of the same path: the kernels add data movement, not arithmetic.
-    with FlopCounterMode(display=False) as counter:
-        train_step(apply_kernels(model, "eager"), micro_batches, optimizer, scaler, autocast)
-    flops_per_step = counter.get_total_flops()
+    flops_per_step = flops_of(lambda: train_step(apply_kernels(model, "eager"), micro_batches, optimizer, scaler,
+                                                 autocast))
     fast = measure(step, images, **timing)
     images_per_s = fast["images_per_s"]["median"]
     peak = matmul_rate(device, DTYPES[precision] or torch.float32, 8192 if on_gpu else 1024)

@@ -100,6 +100,29 @@ class Usage:
         return figures
 
 
+def flops_of(call: Callable[[], object]) -> int:
+    """The FLOPs `call` performs, as PyTorch's FLOP counter counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        call()
+    return counter.get_total_flops()
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, n: int) -> float:
+    """Measured FLOP/s of an n x n x n product in `dtype`: the ceiling MFU is taken against."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    times = []
+    for _ in range(10):
+        start = time.perf_counter()
+        a @ b
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times)
+
+
 def measure(call: Callable[[], Optional[float]], images_per_call: int, *, device: torch.device, steps: int,
             warmup: int, window: int) -> dict:
     """Time `call` over `steps` calls in windows of `window` calls, after `warmup` untimed ones

@@ -14,8 +14,9 @@ import time
 import torch
 
 from supmae.config import ProfileConfig
-from supmae.hardware import autocast_for
-from supmae.measure import commit, device_name, measure, versions, write_json
+from supmae.fast import apply_kernels
+from supmae.hardware import DTYPES, autocast_for
+from supmae.measure import commit, device_name, flops_of, matmul_rate, measure, versions, write_json
 from supmae.pipelines.batch import Batch
 from supmae.pipelines.loader import LoaderSpec, buffered_batches, create_loader, open_batches
 from supmae.pipelines.text import CONTEXT, special_tokens
@@ -64,9 +65,15 @@ def _stage(run: Run, stage: str, options: ProfileConfig) -> dict:
         batch = synthetic_batch(run.model, batch_size=cfg.batch_size, num_classes=len(run.source.classes),
                                 device=run.device, text_mask_ratio=cfg.text_mask_ratio)
 
-        def synthetic_step() -> None:
-            train_step(run.forward, [batch] * cfg.accum_iter, run.optimizer, run.scaler, autocast)
-        return measure(synthetic_step, run.effective_batch, **timing)
+        def synthetic_step(forward=run.forward) -> None:
+            train_step(forward, [batch] * cfg.accum_iter, run.optimizer, run.scaler, autocast)
+        # Counted on the eager twins of the same path: the kernels add data movement, not arithmetic.
+        flops = flops_of(lambda: synthetic_step(apply_kernels(run.model, "eager"))) / run.effective_batch
+        figures = measure(synthetic_step, run.effective_batch, **timing)
+        peak = matmul_rate(run.device, DTYPES[run.precision] or torch.float32,
+                           8192 if run.device.type == "cuda" else 1024)
+        return dict(figures, gflops_per_image=flops / 1e9, matmul_tflops=peak / 1e12,
+                    mfu=figures["images_per_s"]["median"] * flops / peak)
     with open_batches(run.loader()) as batches:
         def step() -> float:
             start = time.perf_counter()
@@ -177,6 +184,10 @@ def table(report: dict) -> str:
             util = f["gpu_utilization_percent"]
             line += f"{'-' if util is None else f'{util:.0f}%':>6}{f['gpu_memory_peak_gib']:>6.1f} GiB"
         lines.append(line)
+    if "step" in report["stages"]:
+        step = report["stages"]["step"]
+        lines.append(f"step: {step['gflops_per_image']:.1f} GFLOP/image counted, MFU {step['mfu']:.1%} of a measured "
+                     f"matrix product ({step['matmul_tflops']:.2f} TFLOP/s)")
     if "verdict" in report:
         lines.append(report["verdict"]["text"])
     return "\n".join(lines)

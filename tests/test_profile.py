@@ -93,6 +93,19 @@ def test_report_figures_hang_together(synth_folder, tmp_path, monkeypatch, caplo
         assert sorted(w["images_per_s"] for w in figures["windows"])[1] == pytest.approx(rates["median"])
         assert figures["first_call_s"] <= figures["warmup_s"] and figures["rss_gib"] > 0
         assert len(figures["cpu_percent_per_core"]) == os.cpu_count()
+    step = report["stages"]["step"]
+    assert step["gflops_per_image"] > 0 and 0 < step["mfu"] == pytest.approx(
+        step["images_per_s"]["median"] * step["gflops_per_image"] / step["matmul_tflops"] / 1e3)
+
+
+@pytest.mark.parametrize("model", ["clip_vit_tiny_patch16", "maeclip_vit_tiny_patch16"])
+def test_the_step_of_a_text_model_is_profiled_with_its_flops(synth_folder, tmp_path, caplog, model):
+    cfg = PretrainConfig(data=synth_folder, model=model, img_size=32, batch_size=4, workers=0, progress=False)
+    with caplog.at_level(logging.INFO, logger="supmae"):
+        report = profile(ProfileConfig(run=cfg, stages="step", steps=1, warmup=1, window=1,
+                                       out=str(tmp_path / "profile")))
+    assert report["stages"]["step"]["gflops_per_image"] > 0
+    assert any(m.startswith("step: ") and "GFLOP/image counted, MFU" in m for m in "\n".join(caplog.messages).split("\n"))
 
 
 def test_profile_cli_on_the_embedded_dataset(tmp_path):
