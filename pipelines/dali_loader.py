@@ -19,6 +19,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 from supmae.errors import SupmaeError
 from supmae.pipelines.augment import crop_and_flip
 from supmae.pipelines.batch import IMAGENET_MEAN, IMAGENET_STD, Batch, to_device_batches
+from supmae.pipelines.decode import without_png_profile
 from supmae.pipelines.order import Schedule
 
 
@@ -34,6 +35,7 @@ class _Samples:
         epoch, indices = self.schedule.batch(self.start + info.iteration)
         index = int(indices[info.idx_in_batch])
         data, (width, height) = self.source.encoded(index)
+        data = without_png_profile(data)
         (left, top, w, h), flip = crop_and_flip(width, height, seed=self.seed, epoch=epoch, index=index,
                                                      train=self.train)
         return (data, np.array(self.source.labels[index], np.int64), np.array([left, top], np.float32),

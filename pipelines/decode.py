@@ -57,3 +57,26 @@ def upright_size(data) -> tuple[int, int]:
     """(width, height) of encoded bytes after EXIF rotation, from the header alone."""
     with Image.open(io.BytesIO(data)) as image:
         return _upright_size(image)
+
+
+_PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def without_png_profile(data: np.ndarray) -> np.ndarray:
+    """PNG bytes without their iCCP chunk (an embedded colour profile); any other bytes as they are. No
+    decoder here applies the profile, so the pixels do not change, but DALI's libpng prints a warning
+    to stderr for every image whose profile it finds malformed, which is common in scraped data."""
+    if data[:8].tobytes() != _PNG:
+        return data
+    kept, at, dropped = [data[:8]], 8, False
+    while at + 8 <= len(data):
+        length, kind = int.from_bytes(data[at:at + 4].tobytes(), "big"), data[at + 4:at + 8].tobytes()
+        if kind == b"IDAT":  # a profile comes before the image data
+            break
+        end = at + 12 + length  # length, type, data, CRC
+        if kind == b"iCCP":
+            dropped = True
+        else:
+            kept.append(data[at:end])
+        at = end
+    return np.concatenate([*kept, data[at:]]) if dropped else data

@@ -3,6 +3,7 @@
 Crops are measured, not trusted: the images are coordinate maps (red = x, green = y), so the pixels of
 an output view say which box of the source it shows and whether it was flipped.
 """
+import io
 import os
 
 import numpy as np
@@ -15,6 +16,7 @@ from supmae.pipelines.augment import sample_crop
 from supmae.config import ConvertConfig, ConvertOptions, PretrainConfig
 from supmae.pipelines.batch import IMAGENET_MEAN, IMAGENET_STD
 from supmae.pipelines.convert import convert
+from supmae.pipelines.decode import without_png_profile
 from supmae.pipelines.loader import LoaderSpec, create_loader, ordered_batches
 from supmae.pipelines.masking import MaskSampler
 from supmae.pipelines.sources import open_source
@@ -285,3 +287,22 @@ def test_dali_spawned_workers_get_a_large_source_through_a_file(coordinate_folde
     assert written == ["supmae-dali-"]
     assert torch.equal(spawned.labels, forked.labels) and torch.equal(spawned.images, forked.images)
     assert not glob.glob(str(tmp_path / "supmae-dali-*"))
+
+
+def test_dali_decodes_pngs_with_a_malformed_colour_profile_silently(coordinate_folder, tmp_path, capfd):
+    """libpng, inside DALI, prints a warning per image whose embedded profile it finds malformed; the profile
+    is dropped before decoding (no decoder here applies it), so the pixels are those of the same PNGs without
+    one and nothing is printed."""
+    profiled = tmp_path / "profiled"
+    for label in range(4):
+        (profiled / f"c{label}").mkdir(parents=True)
+        for i in range(8):
+            coordinate_image(label).save(profiled / f"c{label}" / f"{i}.png", icc_profile=b"\0" * 200)
+    data = np.fromfile(profiled / "c0" / "0.png", np.uint8)
+    stripped = without_png_profile(data)
+    assert b"iCCP" in data.tobytes() and b"iCCP" not in stripped.tobytes()
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(stripped.tobytes()))), np.asarray(coordinate_image(0)))
+    capfd.readouterr()
+    batch = take("dali", str(profiled), 1)[0]
+    assert "libpng" not in capfd.readouterr().err
+    assert torch.equal(batch.images, take("dali", coordinate_folder, 1)[0].images)
