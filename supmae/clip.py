@@ -101,7 +101,7 @@ class CLIPViT(MaskedViT):
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, E) unit embeddings of whole images (every patch seen), as zero-shot and retrieval read them."""
-        return self._image_embedding(self.encode(self.patch_embed(images) + self.pos_embed[:, 1:]))
+        return self._image_embedding(self.encode(self.embed(images)))
 
     def text_features(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, E) unit embeddings of (B, 77) captions."""
@@ -121,7 +121,7 @@ class CLIPViT(MaskedViT):
             latent = self.encode(ops.embed_visible(self, images, masking.ids_keep))
         else:
             masking = None
-            latent = self.encode(self.patch_embed(images) + self.pos_embed[:, 1:])
+            latent = self.encode(self.embed(images))
         image, text, scale = self._image_embedding(latent), self.text_features(tokens), self.scale()
         clip_loss = contrastive_loss(image, text, scale)
         loss, rec_loss, text_loss, pred = self.weights["clip"] * clip_loss, None, None, None

@@ -94,6 +94,10 @@ class MaskedViT(nn.Module):
             noise = torch.rand(images.shape[0], self.num_patches, device=images.device)
         return random_masking(noise, self.num_kept)
 
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, L, D): every patch embedded, its position added."""
+        return self.patch_embed(images) + self.pos_embed[:, 1:]
+
     def encode(self, visible: torch.Tensor) -> torch.Tensor:
         """Embedded visible patches (B, num_kept, D), position included -> encoder output with cls token."""
         return self.norm(self.blocks_forward(visible))
@@ -109,7 +113,7 @@ class MaskedViT(nn.Module):
     def features(self, images: torch.Tensor, pool: str = "avg") -> torch.Tensor:
         """The frozen encoder's image features, every patch visible, pooled as timm's ViT pools: `avg`
         normalises the patch tokens' mean (timm's fc_norm), `token` takes the normalised cls token."""
-        x = self.blocks_forward(self.patch_embed(images) + self.pos_embed[:, 1:])
+        x = self.blocks_forward(self.embed(images))
         return self.norm(x[:, 1:].mean(1)) if pool == "avg" else self.norm(x)[:, 0]
 
     def decode(self, tokens: torch.Tensor, extra: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -230,7 +234,7 @@ class ReferenceOps:
     the mask. `Output.pred` holds every patch's prediction (B, L, p*p*3)."""
 
     def embed_visible(self, model, images, ids_keep):
-        x = model.patch_embed(images) + model.pos_embed[:, 1:]
+        x = model.embed(images)
         return torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
     def unshuffle(self, tokens, mask_token, masking):
