@@ -17,6 +17,7 @@ from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as functional_collectives
 import torch.nn as nn
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
@@ -47,10 +48,30 @@ class ClipOutput(NamedTuple):
         return {name: value for name, value in parts.items() if value is not None}
 
 
+# Gathers with the gradient (its backward reduce-scatters); named all_gather_tensor_autograd before torch 2.12.
+_all_gather = getattr(functional_collectives, "all_gather_single_autograd", None) or \
+    functional_collectives.all_gather_tensor_autograd
+
+
+class _GlobalClipLoss(ClipLoss):
+    """open_clip's ClipLoss as it runs on several ranks with `local_loss` and `gather_with_grad` (each rank
+    scores its own rows against the global batch), the features gathered by a functional collective:
+    torch.compile traces that, where it refuses the torch.distributed.nn all_gather ClipLoss calls."""
+
+    def get_logits(self, image_features, text_features, logit_scale, logit_bias=None):
+        all_image, all_text = (_all_gather(f, 0, dist.group.WORLD) for f in (image_features, text_features))
+        logits_per_image = logit_scale * image_features @ all_text.T
+        logits_per_text = logit_scale * text_features @ all_image.T
+        if logit_bias is not None:
+            logits_per_image, logits_per_text = logits_per_image + logit_bias, logits_per_text + logit_bias
+        return logits_per_image, logits_per_text
+
+
 def contrastive_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Symmetric InfoNCE of matching rows, over the global batch when several ranks train."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        loss = ClipLoss(local_loss=True, gather_with_grad=True, rank=dist.get_rank(), world_size=dist.get_world_size())
+        loss = _GlobalClipLoss(local_loss=True, gather_with_grad=True, rank=dist.get_rank(),
+                               world_size=dist.get_world_size())
     else:
         loss = ClipLoss()
     return loss(image, text, scale)

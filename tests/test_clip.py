@@ -156,6 +156,28 @@ def test_two_ranks_train_on_the_global_batch(tmp_path):
                                    msg=f"{name} (worst relative difference {worst:.1e})")
 
 
+def _compiled_loss_rank(rank, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      LOCAL_RANK=str(rank))
+    init_world(torch.device("cpu"))
+    generator = torch.Generator().manual_seed(rank)
+    features = [F.normalize(torch.randn(4, 8, generator=generator), dim=-1).requires_grad_() for _ in range(2)]
+    scale = torch.tensor(3.0, requires_grad=True)
+    results = []
+    for loss_fn in (contrastive_loss, torch.compile(contrastive_loss, fullgraph=True)):
+        loss = loss_fn(*features, scale)
+        results.append((loss, *torch.autograd.grad(loss, [*features, scale])))
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager)
+    torch.distributed.destroy_process_group()
+
+
+def test_the_global_contrastive_loss_compiles_as_one_graph():
+    """On several ranks (NCCL on GPUs, gloo here) torch.compile(fullgraph=True) traces the feature gather
+    with its gradient, and the compiled loss and gradients are eager's."""
+    mp.spawn(_compiled_loss_rank, args=(free_port(),), nprocs=WORLD)
+
+
 def _global_masks(model, images, tokens):
     """The masks each rank drew for its rows, rank after rank."""
     per_rank = [inputs(model, images[r::WORLD], tokens[r::WORLD], r, WORLD) for r in range(WORLD)]
