@@ -52,8 +52,9 @@ def benchmark_kernels(cfg: KernelBenchmark) -> dict:
     n = (s // ps) ** 2
     masking = random_masking(torch.rand(b, n, device=device), num_kept(n, 0.75))
     ids_keep, ids_restore, ids_removed = masking.ids_keep, masking.ids_restore, masking.ids_removed
-    # The dtypes a bf16 training step passes: fp32 images from the loader, bf16 activations, the fp32 mask
-    # token parameter (so the unshuffled sequence and its gradient are fp32, as torch.cat promotes).
+    # The dtypes a bf16 training step passes: fp32 images from the loader, gathered into bf16 rows, bf16
+    # activations, the fp32 mask token parameter (so the unshuffled sequence and its gradient are fp32, as
+    # torch.cat promotes).
     bf16 = torch.bfloat16
     images = torch.randn(b, 3, s, s, device=device)
     tokens = torch.randn(b, ids_keep.shape[1], decoder_dim, device=device, dtype=bf16)
@@ -64,8 +65,9 @@ def benchmark_kernels(cfg: KernelBenchmark) -> dict:
     kept, removed = b * ids_keep.shape[1], pred.numel()
     cases = {
         # name: (kernel, twin, bytes it must move: inputs read once, outputs written once)
-        "patch_gather": (lambda: gather_patches_triton(images, ids_keep, ps), lambda: gather_patches(images, ids_keep, ps),
-                         kept * 3 * ps * ps * (4 + 4)),
+        # the kept patches read (fp32) and written once in the compute dtype
+        "patch_gather": (lambda: gather_patches_triton(images, ids_keep, ps, bf16),
+                         lambda: gather_patches(images, ids_keep, ps, bf16), kept * 3 * ps * ps * (4 + 2)),
         "unshuffle": (lambda: unshuffle_triton(tokens, mask_token, ids_restore, ids_keep),
                       lambda: unshuffle(tokens, mask_token, ids_restore),
                       kept * decoder_dim * 2 + b * n * decoder_dim * 4),

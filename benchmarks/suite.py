@@ -98,10 +98,10 @@ def row_kernels_match(args, summary) -> str:
         b, s, p, dim = args.run.batch_size, args.run.img_size, 16, 512
         n = (s // p) ** 2
         masking = random_masking(torch.rand(b, n, device="cuda"), num_kept(n, 0.75))
-        images = torch.randn(b, 3, s, s, device="cuda", dtype=torch.bfloat16)
+        images = torch.randn(b, 3, s, s, device="cuda")  # fp32, as the loader gives them
         errors = {}
-        errors["patch_gather"] = _relative(gather_patches_triton(images, masking.ids_keep, p),
-                                           gather_patches(images, masking.ids_keep, p))
+        errors["patch_gather"] = _relative(gather_patches_triton(images, masking.ids_keep, p, torch.bfloat16),
+                                           gather_patches(images, masking.ids_keep, p, torch.bfloat16))
         tokens = torch.randn(b, masking.ids_keep.shape[1], dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         mask_token = torch.randn(1, 1, dim, device="cuda", requires_grad=True)  # fp32, as the parameter is
         outs, grads = [], []

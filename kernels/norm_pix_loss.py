@@ -1,7 +1,10 @@
 """Fused norm-pix masked MSE: predictions for the removed patches + the images -> the reconstruction loss.
 
-Each program builds one removed patch's target from the image on the fly, in the (p, q, c) order of
-the prediction layer: normalised by its own mean and unbiased variance (eps 1e-6) when norm-pix is on.
+Each program builds one removed patch's target from the image on the fly, normalised by its own mean and
+unbiased variance (eps 1e-6) when norm-pix is on. It reads the patch in (c, i, j) order, a row of p
+neighbouring pixels of one colour plane at a time, so the loads are wide and coalesced; the prediction
+rows come in the same order (the fast path permutes the prediction layer's rows once per step, a small
+weight, rather than the large prediction or the image).
 It reduces the squared error to that patch's mean, and the mean over all removed patches follows.
 Backward rebuilds the target and writes d(pred) directly. No target tensor is ever materialised.
 The twin: `supmae.objective.removed_patch_loss`.
@@ -15,14 +18,14 @@ from supmae.kernels import output
 
 @triton.jit
 def _target(images, ids, row, R, GRID_W, s_b, s_c, s_h, s_w, E,
-            P: tl.constexpr, C: tl.constexpr, NORM: tl.constexpr, BLOCK: tl.constexpr):
+            P: tl.constexpr, NORM: tl.constexpr, BLOCK: tl.constexpr):
     """(target, valid, offsets) of removed patch `row` = b * R + r, in float32."""
     b = (row // R).to(tl.int64)
     patch = tl.load(ids + row)
     top, left = (patch // GRID_W) * P, (patch % GRID_W) * P
     e = tl.arange(0, BLOCK)
     valid = e < E
-    i, j, c = e // (P * C), (e // C) % P, e % C
+    c, i, j = e // (P * P), (e // P) % P, e % P
     x = tl.load(images + b * s_b + c * s_c + (top + i) * s_h + (left + j) * s_w, mask=valid, other=0.0)
     x = x.to(tl.float32)
     if NORM:
@@ -35,9 +38,9 @@ def _target(images, ids, row, R, GRID_W, s_b, s_c, s_h, s_w, E,
 
 @triton.jit
 def _forward_kernel(pred, images, ids, losses, R, GRID_W, s_b, s_c, s_h, s_w, E,
-                    P: tl.constexpr, C: tl.constexpr, NORM: tl.constexpr, BLOCK: tl.constexpr):
+                    P: tl.constexpr, NORM: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
-    target, valid, e = _target(images, ids, row, R, GRID_W, s_b, s_c, s_h, s_w, E, P, C, NORM, BLOCK)
+    target, valid, e = _target(images, ids, row, R, GRID_W, s_b, s_c, s_h, s_w, E, P, NORM, BLOCK)
     p = tl.load(pred + row.to(tl.int64) * E + e, mask=valid, other=0.0).to(tl.float32)
     diff = tl.where(valid, p - target, 0.0)
     tl.store(losses + row, tl.sum(diff * diff, axis=0) / E)
@@ -45,9 +48,9 @@ def _forward_kernel(pred, images, ids, losses, R, GRID_W, s_b, s_c, s_h, s_w, E,
 
 @triton.jit
 def _backward_kernel(grad, pred, images, ids, dpred, R, GRID_W, s_b, s_c, s_h, s_w, E, scale,
-                     P: tl.constexpr, C: tl.constexpr, NORM: tl.constexpr, BLOCK: tl.constexpr):
+                     P: tl.constexpr, NORM: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
-    target, valid, e = _target(images, ids, row, R, GRID_W, s_b, s_c, s_h, s_w, E, P, C, NORM, BLOCK)
+    target, valid, e = _target(images, ids, row, R, GRID_W, s_b, s_c, s_h, s_w, E, P, NORM, BLOCK)
     offsets = row.to(tl.int64) * E + e
     p = tl.load(pred + offsets, mask=valid, other=0.0).to(tl.float32)
     g = tl.load(grad).to(tl.float32)
@@ -62,7 +65,7 @@ def _launch_args(pred, images, ids_removed, patch_size):
     if e > 16384:  # one program holds a whole patch in registers
         raise ValueError(f"patches of {e} values are too large for the fused loss (at most 16384)")
     return (r, images.shape[3] // patch_size, *images.stride(), e), dict(
-        P=patch_size, C=c, BLOCK=triton.next_power_of_2(e))
+        P=patch_size, BLOCK=triton.next_power_of_2(e))
 
 
 @torch.library.custom_op("supmae::norm_pix_mse", mutates_args=())

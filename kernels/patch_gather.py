@@ -2,8 +2,12 @@
 
 Each kept patch is copied straight out of the image into the (c, i, j) order of the patch-embedding
 convolution's flattened weight (the twin: `supmae.objective.gather_patches`), so the embedding runs as
-one matmul over the visible quarter and no (B, L, D) embedding of all patches is ever made. Images carry no gradient, so there is no backward.
+one matmul over the visible quarter and no (B, L, D) embedding of all patches is ever made. The rows are
+written in the step's compute dtype, so no cast pass follows. Images carry no gradient, so there is no
+backward.
 """
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -22,14 +26,15 @@ def _gather_kernel(images, ids_keep, out, K, E, GRID_W, s_b, s_c, s_h, s_w,
     valid = e < E
     c, i, j = e // (P * P), (e // P) % P, e % P
     pixels = tl.load(images + b * s_b + c * s_c + (top + i) * s_h + (left + j) * s_w, mask=valid)
-    tl.store(out + row.to(tl.int64) * E + e, pixels, mask=valid)
+    tl.store(out + row.to(tl.int64) * E + e, pixels.to(out.dtype.element_ty), mask=valid)
 
 
 @torch.library.custom_op("supmae::gather_patches", mutates_args=())
-def gather_patches_triton(images: torch.Tensor, ids_keep: torch.Tensor, patch_size: int) -> torch.Tensor:
+def gather_patches_triton(images: torch.Tensor, ids_keep: torch.Tensor, patch_size: int,
+                          dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     b, c, h, w = images.shape
     k, e = ids_keep.shape[1], c * patch_size * patch_size
-    out = output((b, k, e), images.device, images.dtype)
+    out = output((b, k, e), images.device, dtype or images.dtype)
     grid, block = row_grid(b * k, e)
     _gather_kernel[grid](images, ids_keep.contiguous(), out, k, e, w // patch_size, *images.stride(),
                          P=patch_size, BLOCK=block)
@@ -37,7 +42,7 @@ def gather_patches_triton(images: torch.Tensor, ids_keep: torch.Tensor, patch_si
 
 
 @gather_patches_triton.register_fake
-def _(images, ids_keep, patch_size):
+def _(images, ids_keep, patch_size, dtype=None):
     b, c = images.shape[:2]
-    return images.new_empty(b, ids_keep.shape[1], c * patch_size * patch_size)
+    return images.new_empty(b, ids_keep.shape[1], c * patch_size * patch_size, dtype=dtype or images.dtype)
 

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from supmae.model import MaskedAutoencoderViT, Output, unshuffle
-from supmae.objective import gather_patches, removed_patch_loss
+from supmae.objective import channel_major, gather_patches, removed_patch_loss
 from supmae.pipelines.masking import Masking
 
 BACKENDS = ("triton", "eager")
@@ -44,7 +44,8 @@ class FastOps:
     """The fast path's three steps (`model.TrunkOps`): the visible patches gathered straight from the pixels
     and embedded by the patch projection as a matrix product, the unshuffle kernel, and the prediction layer
     run on the removed patches only, into the fused norm-pix loss. `Output.pred` then holds the removed
-    patches' predictions, (B, R, p*p*3) in the order of `masking.ids_removed`."""
+    patches' predictions, (B, R, 3*p*p) in the order of `masking.ids_removed`, each row in the (c, i, j)
+    order the loss reads the image in (`objective.channel_major` of the official prediction)."""
 
     def __init__(self, backend: str):
         self.backend = backend
@@ -52,7 +53,7 @@ class FastOps:
 
     def embed_visible(self, model, images, ids_keep):
         proj = model.patch_embed.proj
-        patches = self._gather(images, ids_keep, model.patch_size).to(proj.weight.dtype)
+        patches = self._gather(images, ids_keep, model.patch_size, _compute_dtype(images.device, proj.weight))
         return F.linear(patches, proj.weight.flatten(1), proj.bias) + model.pos_embed[0, 1:][ids_keep]
 
     def unshuffle(self, tokens, mask_token, masking):
@@ -61,8 +62,14 @@ class FastOps:
     def reconstruct(self, model, features, images, masking):
         ids_removed = masking.ids_removed
         removed = torch.gather(features, 1, ids_removed.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
-        pred = model.decoder_pred(removed)
-        return self._loss(pred, images, ids_removed, model.patch_size, model.norm_pix_loss), pred
+        linear, p = model.decoder_pred, model.patch_size
+        pred = F.linear(removed, channel_major(linear.weight, p, dim=0), channel_major(linear.bias, p))
+        return self._loss(pred, images, ids_removed, p, model.norm_pix_loss), pred
+
+
+def _compute_dtype(device: torch.device, weight: torch.Tensor) -> torch.dtype:
+    """The dtype the matrix product with `weight` runs in: autocast's, when it is on."""
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else weight.dtype
 
 
 class KernelPath(nn.Module):

@@ -6,6 +6,7 @@ spills to local memory (or needs a stack) would run several times slower than th
 """
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -22,17 +23,18 @@ from supmae.kernels.norm_pix_loss import _backward_kernel, _forward_kernel
 from supmae.kernels.patch_gather import _gather_kernel
 from supmae.kernels.unshuffle import _gather_rows_kernel, _unshuffle_kernel
 
-# ViT-B/16 at 224: 196 patches of 768 values; 49 kept, 147 removed; decoder 512 wide.
+# ViT-B/16 at 224 and batch 256: 196 patches of 768 values; 49 kept, 147 removed; decoder 512 wide. The
+# integer arguments as a launch passes them, so the kernels are specialised as a launch specialises them.
 E, D = 3 * 16 * 16, 512
-INTS = dict(K="i32", E="i32", L="i32", D="i32", R="i32", GRID_W="i32", s_b="i32", s_c="i32", s_h="i32", s_w="i32",
-            g_b="i32", g_l="i32", g_d="i32")
-PATCH = dict(P=16, C=3, NORM=True)
-# kernel, pointer dtypes as a bf16 step passes them (fp32 images from the loader, the fp32 mask token
-# and the fp32 sequence it promotes to), constexprs
+INTS = dict(K=49, E=E, L=196, D=D, R=147, GRID_W=14, s_b=3 * 224 * 224, s_c=224 * 224, s_h=224, s_w=1,
+            g_b=196 * D, g_l=D, g_d=1)
+PATCH = dict(P=16, NORM=True)
+# kernel, pointer dtypes as a bf16 step passes them (fp32 images from the loader, gathered into bf16 rows;
+# the fp32 mask token and the fp32 sequence it promotes to), constexprs
 KERNELS = {
-    "patch_gather": (_gather_kernel, dict(images="*fp32", ids_keep="*i64", out="*fp32"),
+    "patch_gather": (_gather_kernel, dict(images="*fp32", ids_keep="*i64", out="*bf16"),
                      dict(P=16, BLOCK=triton.next_power_of_2(E))),
-    "patch_gather_bf16": (_gather_kernel, dict(images="*bf16", ids_keep="*i64", out="*bf16"),
+    "patch_gather_fp32": (_gather_kernel, dict(images="*fp32", ids_keep="*i64", out="*fp32"),
                           dict(P=16, BLOCK=triton.next_power_of_2(E))),
     "unshuffle": (_unshuffle_kernel, dict(tokens="*bf16", mask_token="*fp32", ids_restore="*i64", out="*fp32"),
                   dict(BLOCK=D)),
@@ -62,19 +64,39 @@ def resources(cubin: bytes, folder: str) -> dict:
             if value.isdigit()}
 
 
+def specialised(kernel, pointers: dict, constexprs: dict) -> ASTSource:
+    """`kernel` specialised as a launch with INTS specialises it: an integer equal to 1 becomes a constant,
+    one divisible by 16 is marked so, and so are the pointers (PyTorch's allocations are 16-byte aligned)."""
+    signature, constants, attrs = {}, dict(constexprs), {}
+    for index, arg in enumerate(kernel.arg_names):
+        value = INTS.get(arg)
+        if arg in pointers:
+            signature[arg], attrs[(index,)] = pointers[arg], [["tt.divisibility", 16]]
+        elif value == 1:
+            signature[arg], constants[arg] = "constexpr", 1
+        elif value is not None:
+            signature[arg] = "i32"
+            if value % 16 == 0:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+        else:
+            signature[arg] = "fp32" if arg == "scale" else "constexpr"
+    assert set(constants) == {arg for arg, kind in signature.items() if kind == "constexpr"}, signature
+    return ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)
+
+
 def compile_all(folder: str) -> dict:
-    """"name-sm_XX" -> resources, for every kernel (and the spilling probe) on every architecture."""
+    """"name-sm_XX" -> resources and the PTX's global memory and conversion instructions, for every kernel
+    (and the spilling probe) on every architecture."""
     cases = dict(KERNELS, probe_that_spills=(_hoard, dict(x="*fp32", out="*fp32"), dict(BLOCK=1 << 14)))
     found = {}
     for name, (kernel, pointers, constexprs) in cases.items():
-        signature = {arg: pointers.get(arg) or INTS.get(arg) or "constexpr" for arg in kernel.arg_names}
-        assert set(constexprs) == {arg for arg, kind in signature.items() if kind == "constexpr"}, signature
-        # Launches pass 16-byte-aligned buffers (PyTorch's allocations), which Triton specialises on.
-        aligned = {(i,): [["tt.divisibility", 16]] for i, kind in enumerate(signature.values()) if kind.startswith("*")}
         for arch in ARCHS:
-            compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=aligned),
-                                      target=GPUTarget("cuda", arch, 32))
-            found[f"{name}-sm_{arch}"] = resources(compiled.asm["cubin"], folder)
+            compiled = triton.compile(specialised(kernel, pointers, constexprs), target=GPUTarget("cuda", arch, 32))
+            ptx = compiled.asm["ptx"]
+            found[f"{name}-sm_{arch}"] = dict(resources(compiled.asm["cubin"], folder),
+                                              loads=re.findall(r"ld\.global[.\w]*", ptx),
+                                              stores=re.findall(r"st\.global[.\w]*", ptx),
+                                              conversions=sorted(set(re.findall(r"cvt\.\w+\.bf16\w*\.f32", ptx))))
     return found
 
 
@@ -99,6 +121,26 @@ def test_kernel_compiles_for_the_gpu_without_spilling(usage, name, arch):
     used = usage[f"{name}-sm_{arch}"]
     assert used["LOCAL"] == 0 and used["STACK"] == 0, f"{name} spills on sm_{arch}: {used}"
     assert used["REG"] <= 255, used
+
+
+@needs_cuobjdump
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("name", ["patch_gather", "patch_gather_fp32", "norm_pix_loss", "norm_pix_loss_backward"])
+def test_image_patches_are_read_with_vector_loads(usage, name, arch):
+    """Rows of p neighbouring pixels of one colour plane are read 16 bytes at a time: the loads that set
+    these kernels' share of the memory bandwidth. (Reading a patch in (i, j, c) order, as patchify lays it
+    out, gives one scalar load per value, neighbouring lanes in different planes.)"""
+    loads = usage[f"{name}-sm_{arch}"]["loads"]
+    scalars = 1 if name == "norm_pix_loss_backward" else 0  # the loss's incoming gradient, one value
+    assert "ld.global.v4.b32" in loads and loads.count("ld.global.b32") == scalars, loads
+
+
+@needs_cuobjdump
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_gather_rounds_to_the_nearest_bf16(usage, arch):
+    """The GPU rounds as PyTorch's cast does (Triton's interpreter truncates, which the twin test allows)."""
+    assert usage[f"patch_gather-sm_{arch}"]["conversions"] == ["cvt.rn.bf16x2.f32"]
+    assert usage[f"patch_gather-sm_{arch}"]["stores"] == ["st.global.v4.b32"]
 
 
 @needs_cuobjdump
