@@ -61,9 +61,24 @@ def write_json(path: str, report: dict) -> None:
     write_text(path, json.dumps(report, indent=2) + "\n")
 
 
+def _cpu_seconds(process: psutil.Process) -> float:
+    """CPU seconds spent by `process`, its live descendants and the children it has reaped. A worker that
+    exits inside a window is counted through its reaped parent's `children_*` times, so nothing is counted
+    twice and nothing is lost."""
+    seconds = 0.0
+    for member in [process, *process.children(recursive=True)]:
+        try:
+            times = member.cpu_times()
+        except psutil.Error:  # a worker that has just exited: its parent counts it once reaped
+            continue
+        seconds += times.user + times.system + times.children_user + times.children_system
+    return seconds
+
+
 class Usage:
-    """CPU per core, resident memory of this process and its loader workers, and the GPU's utilisation
-    and peak memory, over one measured interval."""
+    """CPU used by this process and its loader workers and by the whole machine, their resident memory, and
+    the GPU's utilisation and peak memory, over one measured interval. The run's own CPU share is what says
+    whether its workers are starved; the machine's says whether other processes are taking the cores."""
 
     def __init__(self, device: torch.device):
         self.device = torch.device(device)
@@ -72,7 +87,8 @@ class Usage:
         self.gpu_utilization = []
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        psutil.cpu_percent(percpu=True)  # opens the CPU window
+        psutil.cpu_percent(percpu=True)  # opens the machine's CPU window
+        self.began, self.cpu_seconds = time.perf_counter(), _cpu_seconds(self.process)
 
     def sample(self) -> None:
         rss = 0
@@ -90,8 +106,10 @@ class Usage:
 
     def finish(self) -> dict:
         per_core = psutil.cpu_percent(percpu=True)
-        figures = dict(cpu_percent=sum(per_core) / len(per_core), cpu_percent_per_core=per_core,
-                       rss_gib=self.rss_peak / 2**30)
+        seconds = time.perf_counter() - self.began
+        own = (_cpu_seconds(self.process) - self.cpu_seconds) / (seconds * len(per_core))
+        figures = dict(cpu_percent=100 * own, machine_cpu_percent=sum(per_core) / len(per_core),
+                       cpu_percent_per_core=per_core, rss_gib=self.rss_peak / 2**30)
         if self.device.type == "cuda":
             figures.update(
                 gpu_utilization_percent=statistics.median(self.gpu_utilization) if self.gpu_utilization else None,

@@ -104,9 +104,11 @@ def verdict(stages: dict, run: Run) -> dict:
         levers = {"torch": ["convert to a .beton for --loader ffcv"], "ffcv": ["try --loader dali"],
                   "dali": ["use --loader ffcv"]}.get(run.engine, [])
         levers.append("store the data at a lower resolution (supmae convert --max-res)")
-        cpu = stages["loader"]["cpu_percent"]
-        levers.append(f"add workers (--workers, now {run.workers})" if cpu < 85 else
-                      f"give it more CPU cores (its {_workers(run.workers)} keep them {cpu:.0f}% busy)")
+        own, machine = stages["loader"]["cpu_percent"], stages["loader"]["machine_cpu_percent"]
+        levers.append(f"add workers (--workers, now {run.workers})" if own < 85 else
+                      f"give it more CPU cores (its {_workers(run.workers)} keep them {own:.0f}% busy)")
+        if machine - own > 25:  # the loader shares the cores: its figures are lower than they would be alone
+            levers.append(f"free the cores other processes use (they keep {machine - own:.0f}% of the CPU busy)")
         bound, text = "loader", (f"loader-bound: the step could do {_rate(step)} img/s, the loader gives "
                                  f"{_rate(loader)} ({loader / step:.0%} of it) — {_either(levers)}")
     else:

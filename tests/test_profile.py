@@ -1,9 +1,11 @@
 import json
 import logging
+import multiprocessing
 import os
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import torch
@@ -11,7 +13,8 @@ import torch
 from supmae.pipelines.batch import to_device_batches
 from supmae.pipelines.loader import ENGINES
 from supmae.config import PretrainConfig, ProfileConfig
-from supmae.profiler import profile
+from supmae.measure import Usage
+from supmae.profiler import profile, verdict
 
 from test_cli import REPO, error_of, run_cli
 
@@ -66,6 +69,36 @@ def test_a_slowed_loader_is_named_as_the_bound(synth_folder, tmp_path, monkeypat
     assert verdict["bound"] == "loader" and verdict["text"].startswith("loader-bound")
     assert verdict["loader_vs_step"] == pytest.approx(median(report, "loader") / median(report, "step"))
     assert verdict["text"] in printed and "--workers" in verdict["text"]
+
+
+def spin(seconds):
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+
+
+def test_usage_counts_the_runs_own_cpu_with_workers_that_exit_inside_the_window():
+    began = time.perf_counter()
+    usage = Usage(torch.device("cpu"))
+    worker = multiprocessing.get_context("fork").Process(target=spin, args=(0.4,))
+    worker.start()
+    spin(0.4)
+    worker.join()  # reaped inside the window: only its parent's children times still hold its CPU
+    figures = usage.finish()
+    cpu_seconds = figures["cpu_percent"] / 100 * os.cpu_count() * (time.perf_counter() - began)
+    assert 0.6 <= cpu_seconds <= 1.05  # 0.8 s spun by the two processes
+    assert 0 <= figures["machine_cpu_percent"] <= 100 and len(figures["cpu_percent_per_core"]) == os.cpu_count()
+
+
+@pytest.mark.parametrize("own, machine, levers", [
+    (20, 30, ["--workers"]), (95, 97, ["more CPU cores"]), (20, 95, ["--workers", "other processes"])])
+def test_the_loader_lever_follows_the_runs_own_cpu_and_names_a_shared_machine(own, machine, levers):
+    stages = dict(loader=dict(images_per_s=dict(median=10.0), cpu_percent=own, machine_cpu_percent=machine),
+                  step=dict(images_per_s=dict(median=100.0)))
+    run = types.SimpleNamespace(device=torch.device("cpu"), engine="torch", workers=3)
+    text = verdict(stages, run)["text"]
+    assert all(lever in text for lever in levers)
+    assert ("other processes" in text) == ("other processes" in levers)
 
 
 def test_a_fast_loader_leaves_the_step_as_the_bound(synth_folder, tmp_path, monkeypatch, caplog):
