@@ -5,9 +5,10 @@
 Rows: the tests that need CUDA; each Triton kernel against its eager twin at the shapes training
 passes (ViT-B/16 at batch 256, bf16); each kernel's bandwidth against a device copy; the compiled bf16
 step with kernels (fullgraph) and its MFU and ratio to the official-style step; the step under CUDA
-graphs; and each installed loader engine, alone and end to end, on the embedded dataset. Beside the
-rows, the goals a GPU run is held to, measured against their targets. On a machine without CUDA the
-GPU rows are skipped and the rest runs, so nothing here first runs on a GPU.
+graphs; each installed loader engine, alone and end to end, on the embedded dataset; and the CLIP
+family's steps (FLIP against CLIP, MAE-CLIP) at the same model size. Beside the rows, the goals a GPU
+run is held to, measured against their targets. On a machine without CUDA the GPU rows are skipped and
+the rest runs, so nothing here first runs on a GPU.
 
 Writes benchmarks/results/<device>-<date>.json (device, versions, commit, every row and figure).
 Exit status 1 when a row failed; a missed goal is reported, not a failure.
@@ -17,6 +18,7 @@ import datetime
 import importlib.util
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,12 +28,14 @@ from typing import Optional
 
 import torch
 
+from benchmarks.flip import FlipBenchmark, benchmark_flip
 from benchmarks.kernels import KernelBenchmark, benchmark_kernels
 from benchmarks.step import StepBenchmark, benchmark_step, describe
 from supmae.config import ConvertConfig, ConvertOptions, PretrainConfig, ProfileConfig
 from supmae.measure import commit, device_name, versions, write_json
 from supmae.options import Config, configuration, from_command_line, items, option, section
 from supmae.pipelines.engines import ENGINES
+from supmae.registry import list_models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,6 +47,7 @@ GOALS = [
     ("kernel_min_fraction_of_copy", 0.80, "slowest kernel's bandwidth against a device-to-device copy"),
     ("dali_loader_images_per_s", 15000, "DALI loader alone, images/s delivered"),
     ("dali_end_to_end_fraction_of_step", 0.90, "DALI end to end against the step alone"),
+    ("flip_vs_clip", 1.6, "FLIP (mask ratio 0.5) against CLIP, images/s of the same step"),
 ]
 
 
@@ -185,9 +190,26 @@ def _step_summary(summary, result) -> None:
 
 def _step_options(args, *, compile_mode: str, **options) -> StepBenchmark:
     run = args.run
-    return StepBenchmark.build(dict(model=run.model, batch_size=run.batch_size, img_size=run.img_size,
-                                    device=run.device, compile_mode=compile_mode, warmup=args.warmup, steps=args.window,
-                                    windows=max(1, args.steps // args.window), **options))
+    return StepBenchmark.build(dict(dict(model=run.model, batch_size=run.batch_size, img_size=run.img_size,
+                                         device=run.device, compile_mode=compile_mode, warmup=args.warmup,
+                                         steps=args.window, windows=max(1, args.steps // args.window)), **options))
+
+
+def row_clip_family(args, summary) -> str:
+    """CLIP against FLIP (the step of each, in alternating rounds) and MAE-CLIP's step, at the size of the
+    run's model, through the path training takes on this device."""
+    size = args.run.model.split("_", 1)[1]  # supmae_vit_base_patch16 -> vit_base_patch16
+    clip, maeclip = f"clip_{size}", f"maeclip_{size}"
+    if clip not in list_models():
+        raise Skip(f"no {clip} in the registry")
+    run = dict(batch_size=args.run.batch_size, img_size=args.run.img_size, device=args.run.device)
+    flip = benchmark_flip(FlipBenchmark.build(dict(run, model=clip, warmup=args.warmup, steps=args.window,
+                                                   windows=max(1, args.steps // args.window), rounds=2)))
+    step = benchmark_step(_step_options(args, compile_mode="auto", official=False, model=maeclip))
+    summary.update(flip=flip, maeclip_step=step, flip_vs_clip=flip["flip_vs_clip"])
+    clip_rate, flip_rate = (statistics.median(flip[f"{k}_images_per_s"]) for k in ("clip", "flip"))
+    return (f"{clip} {clip_rate:.0f} img/s, FLIP {flip_rate:.0f} ({flip['flip_vs_clip']:.2f}x); "
+            f"{maeclip} {step['images_per_s']:.0f} img/s, MFU {step['mfu']:.1%}")
 
 
 def row_engine(engine):
@@ -237,6 +259,7 @@ ROWS = {
     "torch loader, alone and end to end": row_engine("torch"),
     "dali loader, alone and end to end": row_engine("dali"),
     "ffcv loader, alone and end to end": row_engine("ffcv"),
+    "CLIP, FLIP and MAE-CLIP steps": row_clip_family,
 }
 
 

@@ -2,6 +2,7 @@ import json
 import logging
 import multiprocessing
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -173,7 +174,7 @@ def test_benchmark_suite_writes_a_consistent_summary(synth_folder, tmp_path):
     done = subprocess.run([sys.executable, "-m", "benchmarks.suite", "--data", synth_folder, "--engines", "torch",
                            "--model", "supmae_vit_tiny_patch16", "--img-size", "64", "--batch-size", "8",
                            "--steps", "4", "--window", "2", "--warmup", "1", "--workers", "1", "--out", str(out),
-                           "--rows", "2,3,4,5,6,7,8"],  # not row 1, the CUDA tests: this is one of the suite's tests
+                           "--rows", "2,3,4,5,6,7,8,9"],  # not row 1, the CUDA tests: this is one of the suite's tests
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     with open(out) as f:
@@ -181,7 +182,7 @@ def test_benchmark_suite_writes_a_consistent_summary(synth_folder, tmp_path):
     assert {"device", "commit", "versions", "rows", "goals", "summary"} <= set(report)
     status = {row["row"]: row["status"] for row in report["rows"]}
     on_gpu = torch.cuda.is_available()
-    assert list(status.values()).count("pass") == (5 if on_gpu else 2)  # dali and ffcv were not asked for
+    assert list(status.values()).count("pass") == (6 if on_gpu else 3)  # dali and ffcv were not asked for
     assert status["step under CUDA graphs"] == ("pass" if on_gpu else "skip")
     s = report["summary"]
     step = s["cuda_graphs_step" if on_gpu else "step_without_graphs"]
@@ -196,4 +197,9 @@ def test_benchmark_suite_writes_a_consistent_summary(synth_folder, tmp_path):
     assert goals["step_vs_official"]["measured"] == s["step_vs_official"]
     assert goals["dali_loader_images_per_s"]["met"] is None  # not measured: neither met nor missed
     assert ("kernels" in s) == on_gpu
+    flip = s["flip"]
+    assert flip["config"]["model"] == "clip_vit_tiny_patch16" and len(flip["round_ratios"]) == 2
+    assert s["flip_vs_clip"] == goals["flip_vs_clip"]["measured"] == statistics.median(flip["round_ratios"])
+    assert flip["gflops_per_image"]["flip"] < flip["gflops_per_image"]["clip"]
+    assert s["maeclip_step"]["config"]["model"] == "maeclip_vit_tiny_patch16" and s["maeclip_step"]["mfu"] > 0
     assert "goal" in done.stdout and "step under CUDA graphs" in done.stdout  # the table
