@@ -54,6 +54,7 @@ def _runs(cfg: PoolingStudy) -> list[tuple[str, str, Optional[str]]]:
 
 
 def run_study(cfg: PoolingStudy) -> dict:
+    code = commit()  # now: the study runs for hours, and the checkout may move on meanwhile
     out = cfg.out or f"runs/pooling-study-{datetime.date.today()}"
     os.makedirs(out, exist_ok=True)
     train = cfg.data or default_dataset()
@@ -77,7 +78,7 @@ def run_study(cfg: PoolingStudy) -> dict:
         rows.append(row)
         print(f"{label}: " + ", ".join(f"{k} {row[k]:.1%}" for k in ("zeroshot_top1", "knn_top1", "linear_top1")
                                        if k in row), flush=True)
-    report = dict(device=device_name("cpu"), commit=commit(), versions=versions("timm", "open-clip-torch"),
+    report = dict(device=device_name("cpu"), commit=code, versions=versions("timm", "open-clip-torch"),
                   config=dict(data=train, val=val, size=cfg.size, img_size=cfg.img_size, batch_size=cfg.batch_size,
                               steps=cfg.steps, lr=cfg.lr), rows=rows,
                   maeclip_minus_clip={pool: _gap(rows, pool) for pool in items(cfg.pools)})
