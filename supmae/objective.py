@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 
 def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B, L, p*p*C), patches in row-major order, each flattened as (p, q, c)."""
+    """(B, C, H, W) -> (B, L, p*p*C), patches in row-major order, each flattened as (i, j, c): row, column,
+    channel, the order of the official prediction layer."""
     b, c, h, w = images.shape
     p = patch_size
     x = images.reshape(b, c, h // p, p, w // p, p)
