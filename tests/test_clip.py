@@ -134,12 +134,27 @@ def _rank_gradients(rank, port, out):
     forward(images[mine], **inputs(model, images[mine], tokens[mine], rank, WORLD)).loss.backward()
     torch.save({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
                os.path.join(out, f"rank{rank}.pt"))
+    _compiled_loss_is_eager(rank)
     torch.distributed.destroy_process_group()
+
+
+def _compiled_loss_is_eager(rank):
+    """torch.compile(fullgraph=True) traces the feature gather with its gradient (NCCL on GPUs, gloo here),
+    and the compiled global loss and its gradients are eager's."""
+    generator = torch.Generator().manual_seed(rank)
+    features = [F.normalize(torch.randn(4, 8, generator=generator), dim=-1).requires_grad_() for _ in range(2)]
+    scale = torch.tensor(3.0, requires_grad=True)
+    results = []
+    for loss_fn in (contrastive_loss, torch.compile(contrastive_loss, fullgraph=True)):
+        loss = loss_fn(*features, scale)
+        results.append((loss, *torch.autograd.grad(loss, [*features, scale])))
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager)
 
 
 def test_two_ranks_train_on_the_global_batch(tmp_path):
     """The contrastive loss over both ranks' features (gathered with their gradients), each rank scoring its
-    rows: the gradients of one process on the global batch."""
+    rows: the gradients of one process on the global batch; compiled, the same loss (`_compiled_loss_is_eager`)."""
     mp.spawn(_rank_gradients, args=(free_port(), str(tmp_path)), nprocs=WORLD)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     model = _clip_model()
@@ -154,28 +169,6 @@ def test_two_ranks_train_on_the_global_batch(tmp_path):
         torch.testing.assert_close(ranks[0][name], ranks[1][name], msg=name)
         torch.testing.assert_close(ranks[0][name], grad, rtol=0, atol=1e-5 * grad.abs().max().item() + 1e-8,
                                    msg=f"{name} (worst relative difference {worst:.1e})")
-
-
-def _compiled_loss_rank(rank, port):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
-                      LOCAL_RANK=str(rank))
-    init_world(torch.device("cpu"))
-    generator = torch.Generator().manual_seed(rank)
-    features = [F.normalize(torch.randn(4, 8, generator=generator), dim=-1).requires_grad_() for _ in range(2)]
-    scale = torch.tensor(3.0, requires_grad=True)
-    results = []
-    for loss_fn in (contrastive_loss, torch.compile(contrastive_loss, fullgraph=True)):
-        loss = loss_fn(*features, scale)
-        results.append((loss, *torch.autograd.grad(loss, [*features, scale])))
-    for eager, compiled in zip(*results):
-        torch.testing.assert_close(compiled, eager)
-    torch.distributed.destroy_process_group()
-
-
-def test_the_global_contrastive_loss_compiles_as_one_graph():
-    """On several ranks (NCCL on GPUs, gloo here) torch.compile(fullgraph=True) traces the feature gather
-    with its gradient, and the compiled loss and gradients are eager's."""
-    mp.spawn(_compiled_loss_rank, args=(free_port(),), nprocs=WORLD)
 
 
 def _global_masks(model, images, tokens):

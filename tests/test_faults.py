@@ -70,7 +70,7 @@ def test_sigterm_to_the_whole_process_group_still_checkpoints(synth_folder, tmp_
 
 
 def test_a_killed_run_resumes_onto_the_uninterrupted_curve(synth_folder, tmp_path):
-    steps = 150
+    steps = 60  # the kill comes at the second checkpoint (step 20), with 40 steps still to go
     straight = start(*arguments(synth_folder, tmp_path / "straight", steps, "--checkpoint-every", "10"))
     assert straight.wait(timeout=600) == 0, straight.communicate()
     killed = tmp_path / "killed"
