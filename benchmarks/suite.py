@@ -188,11 +188,15 @@ def _step_summary(summary, result) -> None:
         summary["step_vs_official"] = result["images_per_s"] / result["official"]["images_per_s"]["median"]
 
 
+def _timing(args) -> dict:
+    """The suite's --warmup, --steps and --window as a step benchmark's warm-up, window and windows."""
+    return dict(warmup=args.warmup, steps=args.window, windows=max(1, args.steps // args.window))
+
+
 def _step_options(args, *, compile_mode: str, **options) -> StepBenchmark:
     run = args.run
-    return StepBenchmark.build(dict(dict(model=run.model, batch_size=run.batch_size, img_size=run.img_size,
-                                         device=run.device, compile_mode=compile_mode, warmup=args.warmup,
-                                         steps=args.window, windows=max(1, args.steps // args.window)), **options))
+    return StepBenchmark.build({**dict(model=run.model, batch_size=run.batch_size, img_size=run.img_size,
+                                       device=run.device, compile_mode=compile_mode), **_timing(args), **options})
 
 
 def row_clip_family(args, summary) -> str:
@@ -202,9 +206,9 @@ def row_clip_family(args, summary) -> str:
     clip, maeclip = f"clip_{size}", f"maeclip_{size}"
     if clip not in list_models():
         raise Skip(f"no {clip} in the registry")
-    run = dict(batch_size=args.run.batch_size, img_size=args.run.img_size, device=args.run.device)
-    flip = benchmark_flip(FlipBenchmark.build(dict(run, model=clip, warmup=args.warmup, steps=args.window,
-                                                   windows=max(1, args.steps // args.window), rounds=2)))
+    run = args.run
+    flip = benchmark_flip(FlipBenchmark.build(dict(model=clip, batch_size=run.batch_size, img_size=run.img_size,
+                                                   device=run.device, rounds=2, **_timing(args))))
     step = benchmark_step(_step_options(args, compile_mode="auto", official=False, model=maeclip))
     summary.update(flip=flip, maeclip_step=step, flip_vs_clip=flip["flip_vs_clip"])
     clip_rate, flip_rate = (statistics.median(flip[f"{k}_images_per_s"]) for k in ("clip", "flip"))
