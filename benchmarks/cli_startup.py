@@ -10,10 +10,10 @@ import resource
 import statistics
 import subprocess
 import sys
-from typing import Optional
 
-from supmae.measure import commit, device_name, versions, write_json
-from supmae.options import Config, configuration, from_command_line, option
+from supmae.core.atomic import write_json
+from supmae.core.options import Config, configuration, from_command_line, option
+from supmae.profiling.measure import commit, device_name, versions
 
 COMMANDS = {
     "import torch": ["-c", "import torch"],
@@ -26,7 +26,7 @@ COMMANDS = {
 class StartupBenchmark(Config):
     """CPU time of the CLI's quick answers against importing torch."""
     repeats: int = option(5, "runs of each command; the figure is their median", at_least=1)
-    json: Optional[str] = option(None, "write the results here", metavar="FILE")
+    json: str | None = option(None, "write the results here", metavar="FILE")
 
 
 def cpu_seconds(arguments: list[str]) -> float:

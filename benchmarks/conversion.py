@@ -10,22 +10,22 @@ import os
 import statistics
 import tarfile
 import tempfile
-from typing import Optional
 
-from supmae.config import ConvertConfig, ConvertOptions
-from supmae.measure import commit, device_name, versions, write_json
-from supmae.options import Config, configuration, from_command_line, option
+from supmae.core.atomic import write_json
+from supmae.core.options import Config, configuration, from_command_line, option
+from supmae.pipelines.config import ConvertConfig, ConvertOptions
 from supmae.pipelines.convert import convert
 from supmae.pipelines.synthetic import default_dataset
+from supmae.profiling.measure import commit, device_name, versions
 
 
 @configuration
 class ConversionBenchmark(Config):
     """Images/s converting captioned images from a folder and from tar shards of the same files."""
     images_per_class: int = option(100, "images per class of the embedded dataset (10 classes)", at_least=1)
-    workers: Optional[int] = option(None, "conversion processes", at_least=1, shown="all cores")
+    workers: int | None = option(None, "conversion processes", at_least=1, shown="all cores")
     repeats: int = option(3, "conversions of each source; the figure is their median", at_least=1)
-    json: Optional[str] = option(None, "write the results here", metavar="FILE")
+    json: str | None = option(None, "write the results here", metavar="FILE")
 
 
 def write_shards(folder: str, out: str, per_shard: int = 1000) -> str:

@@ -7,12 +7,11 @@ Each round times both in turn (the order alternating round by round); the figure
 rounds' ratios. FLOPs are counted as the step benchmark counts them.
 """
 import statistics
-from typing import Optional
 
 from benchmarks.step import StepBenchmark, benchmark_step
-from supmae.config import PretrainConfig
-from supmae.measure import write_json
-from supmae.options import Config, configuration, from_command_line, option, section
+from supmae.core.atomic import write_json
+from supmae.core.options import Config, configuration, from_command_line, option, section
+from supmae.training.config import PretrainConfig
 
 
 @configuration
@@ -25,7 +24,7 @@ class FlipBenchmark(Config):
     steps: int = option(2, "steps per timed window", at_least=1)
     windows: int = option(3, "timed windows per measurement", at_least=1)
     rounds: int = option(3, "rounds of both, in alternating order", at_least=1)
-    json: Optional[str] = option(None, "write the results here", metavar="FILE")
+    json: str | None = option(None, "write the results here", metavar="FILE")
 
 
 def benchmark_flip(cfg: FlipBenchmark) -> dict:
@@ -34,7 +33,7 @@ def benchmark_flip(cfg: FlipBenchmark) -> dict:
     for r in range(cfg.rounds):
         for kind in ("clip", "flip") if r % 2 == 0 else ("flip", "clip"):
             step = StepBenchmark.build(dict(
-                model=run.model, batch_size=run.batch_size, img_size=run.img_size, device=run.device,
+                model=run.model, batch_size=run.batch_size, img_size=run.trunk.img_size, device=run.device,
                 precision=run.precision, compile=run.compile, compile_mode=run.compile_mode,
                 mask_ratio=cfg.mask_ratio if kind == "flip" else 0.0, warmup=cfg.warmup, steps=cfg.steps,
                 windows=cfg.windows, official=False))
@@ -44,7 +43,7 @@ def benchmark_flip(cfg: FlipBenchmark) -> dict:
     ratios = [f["images_per_s"] / c["images_per_s"] for c, f in zip(measured["clip"], measured["flip"])]
     first = measured["clip"][0]
     return dict(device=first["device"], commit=first["commit"], versions=first["versions"],
-                config=dict(model=run.model, batch_size=run.batch_size, img_size=run.img_size,
+                config=dict(model=run.model, batch_size=run.batch_size, img_size=run.trunk.img_size,
                             mask_ratio=cfg.mask_ratio, rounds=cfg.rounds),
                 clip_images_per_s=[m["images_per_s"] for m in measured["clip"]],
                 flip_images_per_s=[m["images_per_s"] for m in measured["flip"]],

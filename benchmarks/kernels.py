@@ -7,20 +7,21 @@ host's launch and dispatch overhead, which a compiled step under CUDA graphs doe
 the kernel's time. Achieved GB/s counts the bytes a kernel must move (inputs read once, outputs written
 once) against a device-to-device copy timed the same way in the same run.
 """
+
 import sys
-from typing import Optional
 
 import torch
 import triton.testing
 
+from supmae.core.atomic import write_json
+from supmae.core.options import Config, configuration, from_command_line, option
 from supmae.kernels.norm_pix_loss import norm_pix_mse_backward, norm_pix_mse_triton
 from supmae.kernels.patch_gather import gather_patches_triton
 from supmae.kernels.unshuffle import unshuffle_backward, unshuffle_triton
-from supmae.measure import commit, device_name, versions, write_json
-from supmae.model import unshuffle
-from supmae.objective import gather_patches, removed_patch_loss
-from supmae.options import Config, configuration, from_command_line, option
+from supmae.models.objective import gather_patches, removed_patch_loss
+from supmae.models.trunk import unshuffle
 from supmae.pipelines.masking import num_kept, random_masking
+from supmae.profiling.measure import commit, device_name, versions
 
 
 @configuration
@@ -30,14 +31,14 @@ class KernelBenchmark(Config):
     img_size: int = option(224, "image side", at_least=1)
     patch_size: int = option(16, "patch side", at_least=1)
     decoder_dim: int = option(512, "the decoder's width", at_least=1)
-    json: Optional[str] = option(None, "write the results here", metavar="FILE")
+    json: str | None = option(None, "write the results here", metavar="FILE")
 
 
 def timed(fn) -> float:
     """Median seconds per call, over CUDA-graph replays."""
     fn()  # compiles and autotunes outside the capture
     torch.cuda.synchronize()
-    return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median") / 1e3
+    return float(triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")) / 1e3  # pyright: ignore[reportArgumentType]
 
 
 def _loss_grad(pred, images, ids_removed, patch_size):
@@ -73,7 +74,8 @@ def benchmark_kernels(cfg: KernelBenchmark) -> dict:
                       kept * decoder_dim * 2 + b * n * decoder_dim * 4),
         # each visible token's gradient read from its one position (fp32) and written once (bf16)
         "unshuffle_backward": (lambda: unshuffle_backward(grad_out, ids_keep, bf16),
-                               lambda: torch.gather(grad_out, 1, ids_keep.unsqueeze(-1).expand(-1, -1, decoder_dim)).to(bf16),
+                               lambda: torch.gather(grad_out, 1, ids_keep.unsqueeze(-1).expand(-1, -1, decoder_dim))
+                               .to(bf16),
                                kept * decoder_dim * (4 + 2)),
         "norm_pix_loss": (lambda: norm_pix_mse_triton(pred, images, ids_removed, ps, True),
                           lambda: removed_patch_loss(pred, images, ids_removed, ps, True), removed * (2 + 4)),

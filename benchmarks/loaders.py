@@ -13,20 +13,20 @@ the figure is the median pass, with min and max beside it, and the CPU utilisati
 import os
 import statistics
 import sys
-from typing import Optional
 
-from supmae.config import PretrainConfig
-from supmae.errors import SupmaeError
-from supmae.hardware import loader_workers, resolve_device
-from supmae.measure import commit, device_name, versions, write_json
-from supmae.options import Config, configuration, from_command_line, items, option, section
+from supmae.core.atomic import write_json
+from supmae.core.errors import SupmaeError
+from supmae.core.options import Config, configuration, from_command_line, items, option, section
 from supmae.pipelines.engines import ENGINES
 from supmae.pipelines.loader import LoaderSpec
 from supmae.pipelines.masking import MaskSampler, TextMaskSampler
 from supmae.pipelines.sources import open_source
 from supmae.pipelines.synthetic import default_dataset
 from supmae.pipelines.text import special_tokens
-from supmae.profiler import measure_loader
+from supmae.profiling.measure import commit, device_name, versions
+from supmae.profiling.profiler import measure_loader
+from supmae.runtime.hardware import loader_workers, resolve_device
+from supmae.training.config import PretrainConfig
 
 
 @configuration
@@ -42,7 +42,7 @@ class LoaderBenchmark(Config):
     passes: int = option(5, "timed passes; the figure is their median", at_least=1)
     rounds: int = option(1, "rounds over every engine and setting, in turn, so a slow spell of the machine falls on "
                             "all of them; the figure is the median round", at_least=1)
-    json: Optional[str] = option(None, "write the results here", metavar="FILE")
+    json: str | None = option(None, "write the results here", metavar="FILE")
 
 
 def benchmark_loaders(cfg: LoaderBenchmark) -> dict:
@@ -51,7 +51,7 @@ def benchmark_loaders(cfg: LoaderBenchmark) -> dict:
     data = run.data or default_dataset()
     source = open_source(data)
     workers = loader_workers(run.workers)
-    patches = (run.img_size // 16) ** 2
+    patches = (run.trunk.img_size // 16) ** 2
     results = {}
     # Image-text data is read twice per engine, in turn: with its captions' tokens and without.
     # Every other round takes each engine's two settings in the other order: the second of two loaders
@@ -59,9 +59,10 @@ def benchmark_loaders(cfg: LoaderBenchmark) -> dict:
     texts = (False, True) if source.captioned else (False,)
     for engine, text in [(e, t) for r in range(cfg.rounds) for e in items(cfg.engines)
                          for t in (texts if r % 2 == 0 else texts[::-1])]:
-        text_masks = TextMaskSampler(0.75, special=special_tokens(), seed=run.seed, device=device) if text else None
-        spec = LoaderSpec(batch_size=run.batch_size, img_size=run.img_size, device=device, workers=workers,
-                          mask_sampler=MaskSampler(patches, run.mask_ratio, seed=run.seed, device=device),
+        text_masks = TextMaskSampler(run.clip.text_mask_ratio, special=special_tokens(), seed=run.seed,
+                                     device=device) if text else None
+        spec = LoaderSpec(batch_size=run.batch_size, img_size=run.trunk.img_size, device=device, workers=workers,
+                          mask_sampler=MaskSampler(patches, run.effective("mask_ratio"), seed=run.seed, device=device),
                           seed=run.seed, order=run.order, os_cache=run.os_cache, text=text,
                           text_mask_sampler=text_masks)
         name = f"{engine}+text" if text else engine
@@ -88,7 +89,8 @@ def benchmark_loaders(cfg: LoaderBenchmark) -> dict:
     return dict(device=device_name(device), commit=commit(),
                 versions=versions("ffcv", "nvidia-dali-cuda130", "pillow", "numba"),
                 config=dict(data=os.path.abspath(data), num_samples=len(source), workers=workers,
-                            batch_size=run.batch_size, img_size=run.img_size, warmup=cfg.warmup, batches=cfg.batches,
+                            batch_size=run.batch_size, img_size=run.trunk.img_size, warmup=cfg.warmup,
+                            batches=cfg.batches,
                             passes=cfg.passes, rounds=cfg.rounds, cpu_count=os.cpu_count()),
                 engines=results, ratios=ratios)
 

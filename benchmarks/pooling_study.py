@@ -11,17 +11,18 @@ pooling, and not ahead at 1.4B pairs; this measures the same comparison at the s
 """
 import datetime
 import os
-from typing import Optional
 
-from supmae.config import KnnConfig, LinearConfig, PretrainConfig, ZeroshotConfig
-from supmae.evaluate import eval_knn
-from supmae.finetune import linear_probe
-from supmae.measure import commit, device_name, versions, write_json
-from supmae.options import Config, configuration, from_command_line, items, option
-from supmae.registry import is_text_model
+from supmae.core.atomic import write_json
+from supmae.core.options import Config, configuration, from_command_line, items, option
+from supmae.evaluation.config import KnnConfig, LinearConfig, ZeroshotConfig
+from supmae.evaluation.knn import eval_knn
+from supmae.evaluation.linear import linear_probe
+from supmae.evaluation.zeroshot import eval_zeroshot
+from supmae.models.families import family_of
 from supmae.pipelines.synthetic import default_dataset, write_synthetic
-from supmae.train import pretrain
-from supmae.zeroshot import eval_zeroshot
+from supmae.profiling.measure import commit, device_name, versions
+from supmae.training.config import PretrainConfig
+from supmae.training.loop import pretrain
 
 POOLS = ("token", "avg", "max", "map")
 
@@ -29,28 +30,29 @@ POOLS = ("token", "avg", "max", "map")
 @configuration
 class PoolingStudy(Config):
     """CLIP and MAE-CLIP by pooling, and SupMAE against MAE, at equal steps on equal data."""
-    data: Optional[str] = option(None, "image-text training data", exists=True,
+    data: str | None = option(None, "image-text training data", exists=True,
                                  shown="the captioned embedded dataset")
-    val: Optional[str] = option(None, "held-out data with the same classes", exists=True,
+    val: str | None = option(None, "held-out data with the same classes", exists=True,
                                 shown="the embedded dataset drawn with another seed")
-    class_names: Optional[str] = option(None, "zero-shot class names, one per line", exists=True,
+    class_names: str | None = option(None, "zero-shot class names, one per line", exists=True,
                                         shown="as eval zeroshot finds them")
     size: str = option("tiny", "model size", choices=("tiny", "small", "base"))
     img_size: int = option(64, "image side", at_least=16)
     batch_size: int = option(32, "images per step", at_least=2)
     steps: int = option(300, "optimizer steps per model", at_least=1)
     lr: float = option(1e-3, "peak learning rate", above=0)
-    workers: Optional[int] = option(None, "loader processes", at_least=0, shown="cores - 1")
+    workers: int | None = option(None, "loader processes", at_least=0, shown="cores - 1")
     pools: str = option(",".join(POOLS), "the poolings studied", choices=POOLS, listed=True)
-    out: Optional[str] = option(None, "folder for the runs, study.json, table.md and study.png",
+    out: str | None = option(None, "folder for the runs, study.json, table.md and study.png",
                                 shown="runs/pooling-study-<date>")
 
 
-def _runs(cfg: PoolingStudy) -> list[tuple[str, str, Optional[str]]]:
+def _runs(cfg: PoolingStudy) -> list[tuple[str, str, str | None]]:
     """(label, model, pooling) of every run."""
-    runs = [(f"{family} {pool}", f"{family}_vit_{cfg.size}_patch16", pool)
-            for family in ("clip", "maeclip") for pool in items(cfg.pools)]
-    return runs + [("supmae avg", f"supmae_vit_{cfg.size}_patch16", "avg"), ("mae", f"mae_vit_{cfg.size}_patch16", None)]
+    runs: list[tuple[str, str, str | None]] = [(f"{family} {pool}", f"{family}_vit_{cfg.size}_patch16", pool)
+                                               for family in ("clip", "maeclip") for pool in items(cfg.pools)]
+    return runs + [("supmae avg", f"supmae_vit_{cfg.size}_patch16", "avg"),
+                   ("mae", f"mae_vit_{cfg.size}_patch16", None)]
 
 
 def run_study(cfg: PoolingStudy) -> dict:
@@ -63,16 +65,16 @@ def run_study(cfg: PoolingStudy) -> dict:
     rows = []
     for label, model, pool in _runs(cfg):
         folder = os.path.join(out, label.replace(" ", "-"))
-        summary = pretrain(PretrainConfig(
+        summary = pretrain(PretrainConfig.of(
             data=train, model=model, pool=pool, img_size=cfg.img_size, batch_size=cfg.batch_size, steps=cfg.steps,
             lr=cfg.lr, warmup_steps=max(1, cfg.steps // 10), workers=cfg.workers, output=folder,
             resume="auto", log_every=max(1, cfg.steps // 5), progress=False, tensorboard=False))
         checkpoint = summary["checkpoint"] or os.path.join(folder, f"checkpoint-{cfg.steps:08d}.pt")
         row = dict(run=label, model=model, pool=pool, images_per_s=summary["images_per_s"])
-        splits = dict(checkpoint=checkpoint, train=train, val=val, workers=0)
-        row["knn_top1"] = eval_knn(KnnConfig(**splits, k=10))["top1"]
-        row["linear_top1"] = linear_probe(LinearConfig(**splits, epochs=30))["top1"]
-        if is_text_model(model):
+        row["knn_top1"] = eval_knn(KnnConfig(checkpoint=checkpoint, train=train, val=val, workers=0, k=10))["top1"]
+        row["linear_top1"] = linear_probe(LinearConfig(checkpoint=checkpoint, train=train, val=val, workers=0,
+                                                       epochs=30))["top1"]
+        if family_of(model).uses_text:
             row["zeroshot_top1"] = eval_zeroshot(ZeroshotConfig(checkpoint=checkpoint, data=val,
                                                                 class_names=cfg.class_names, workers=0))["top1"]
         rows.append(row)
@@ -90,7 +92,7 @@ def run_study(cfg: PoolingStudy) -> dict:
     return report
 
 
-def _gap(rows: list[dict], pool: str) -> Optional[float]:
+def _gap(rows: list[dict], pool: str) -> float | None:
     by = {(r["model"].split("_")[0], r["pool"]): r for r in rows}
     clip, maeclip = by.get(("clip", pool)), by.get(("maeclip", pool))
     return maeclip["zeroshot_top1"] - clip["zeroshot_top1"] if clip and maeclip else None

@@ -7,19 +7,27 @@ a host sync per step), giving the speed-up as a ratio.
 
     python -m benchmarks.step --model supmae_vit_base_patch16 --batch-size 256 --json step.json
 """
-from typing import Optional
+import functools
 
 import torch
 
-from supmae.config import PretrainConfig
-from supmae.fast import apply_kernels
-from supmae.hardware import DTYPES, apply_compile, autocast_for, compile_mode_for, resolve_device, speed_defaults
-from supmae.measure import commit, device_name, flops_of, matmul_rate, measure, sync, versions, write_json
-from supmae.optim import build_optimizer
-from supmae.options import Config, configuration, from_command_line, option, section
-from supmae.profiler import synthetic_batch
-from supmae.registry import build_model
-from supmae.train import text_inputs, train_step
+from supmae.core.atomic import write_json
+from supmae.core.options import Config, configuration, from_command_line, option, section
+from supmae.models.fast import apply_kernels
+from supmae.models.registry import build_model
+from supmae.profiling.measure import commit, device_name, flops_of, matmul_rate, measure, sync, versions
+from supmae.profiling.profiler import synthetic_batch
+from supmae.runtime.hardware import (
+    DTYPES,
+    apply_compile,
+    autocast_for,
+    compile_mode_for,
+    resolve_device,
+    speed_defaults,
+)
+from supmae.training.config import PretrainConfig
+from supmae.training.optim import build_optimizer
+from supmae.training.step import text_inputs, train_step
 
 
 @configuration
@@ -31,7 +39,7 @@ class StepBenchmark(Config):
     windows: int = option(5, "timed windows; the figure is their median", at_least=1)
     official: bool = option(True, "also time the official code's style of step, for the ratio")
     breakdown: bool = option(False, "on a GPU, GPU time per step by kernel (profiler)")
-    json: Optional[str] = option(None, "write the results here", metavar="FILE")
+    json: str | None = option(None, "write the results here", metavar="FILE")
 
 
 # Where a GPU step's time goes, by kernel name: (category, substrings of the kernel names it holds).
@@ -50,7 +58,8 @@ def kernel_breakdown(step, device: torch.device, *, steps: int = 3, top: int = 1
         for _ in range(steps):
             step()
         sync(device)
-    kernels = [(e.key, e.self_device_time_total / steps / 1e3) for e in prof.key_averages() if e.self_device_time_total > 0]
+    kernels = [(e.key, e.self_device_time_total / steps / 1e3) for e in prof.key_averages()
+               if e.self_device_time_total > 0]
     total = sum(ms for _, ms in kernels)
     kinds = {}
     for name, ms in kernels:
@@ -58,7 +67,8 @@ def kernel_breakdown(step, device: torch.device, *, steps: int = 3, top: int = 1
         kinds[kind] = kinds.get(kind, 0.0) + ms
     return dict(gpu_ms_per_step=total, by_kind={k: dict(ms=ms, share=ms / total) for k, ms in
                                                  sorted(kinds.items(), key=lambda kv: -kv[1])},
-                top=[dict(kernel=name[:120], ms=ms, share=ms / total) for name, ms in sorted(kernels, key=lambda r: -r[1])[:top]])
+                top=[dict(kernel=name[:120], ms=ms, share=ms / total)
+                     for name, ms in sorted(kernels, key=lambda r: -r[1])[:top]])
 
 
 def benchmark_step(cfg: StepBenchmark) -> dict:
@@ -67,18 +77,18 @@ def benchmark_step(cfg: StepBenchmark) -> dict:
     on_gpu = device.type == "cuda"
     precision, compiled = speed_defaults(device, run.precision, run.compile)
     compile_mode = compile_mode_for(run.compile_mode, device, accum_iter=run.accum_iter)
-    batch_size, img_size = run.batch_size, run.img_size
-    model = build_model(run, num_classes=1000).to(device).train()
+    batch_size, img_size = run.batch_size, run.trunk.img_size
+    model = build_model(run.model, run, num_classes=1000).to(device).train()
     optimizer = build_optimizer(model, 1e-4, 0.05)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     autocast = autocast_for(device, precision)
     forward = apply_kernels(model)  # the training loop's forward: Triton kernels on CUDA
     forward = apply_compile(forward, compile_mode) if compiled else forward
-    batch = synthetic_batch(model, batch_size=batch_size, num_classes=1000, device=device,
-                            text_mask_ratio=run.text_mask_ratio)
+    batch = synthetic_batch(model, batch_size=batch_size, num_classes=1000, device=device)
     micro_batches = [batch] * run.accum_iter
     images = batch_size * run.accum_iter
-    timing = dict(device=device, steps=cfg.steps * cfg.windows, warmup=cfg.warmup, window=cfg.steps)
+    timed = functools.partial(measure, device=device, steps=cfg.steps * cfg.windows, warmup=cfg.warmup,
+                              window=cfg.steps)
 
     def step():
         train_step(forward, micro_batches, optimizer, scaler, autocast)
@@ -86,12 +96,12 @@ def benchmark_step(cfg: StepBenchmark) -> dict:
     # Counted on the eager twins of the same path: the kernels add data movement, not arithmetic.
     flops_per_step = flops_of(lambda: train_step(apply_kernels(model, "eager"), micro_batches, optimizer, scaler,
                                                  autocast))
-    fast = measure(step, images, **timing)
+    fast = timed(step, images)
     images_per_s = fast["images_per_s"]["median"]
     peak = matmul_rate(device, DTYPES[precision] or torch.float32, 8192 if on_gpu else 1024)
     kernels = kernel_breakdown(step, device) if cfg.breakdown and on_gpu else None
 
-    reference = None
+    reference = official = None
     if cfg.official:
         # The official code's step: the reference forward, eager, fp16 autocast with a GradScaler on GPU
         # (fp32 on CPU, where fp16 matmuls are not a real option), unfused AdamW, and a host sync per step.
@@ -111,7 +121,8 @@ def benchmark_step(cfg: StepBenchmark) -> dict:
             loss.item()
             sync(device)
 
-        reference = dict(precision=official_precision, **measure(official_step, images, **timing))
+        official = timed(official_step, images)
+        reference = dict(precision=official_precision, **official)
 
     return dict(
         device=device_name(device), commit=commit(), versions=versions("timm", "triton"),
@@ -121,7 +132,8 @@ def benchmark_step(cfg: StepBenchmark) -> dict:
         images_per_s=images_per_s, step=fast,
         gflops_per_image=flops_per_step / images / 1e9, matmul_tflops=peak / 1e12,
         mfu=images_per_s * flops_per_step / images / peak,
-        official=reference, step_vs_official=reference and images_per_s / reference["images_per_s"]["median"],
+        official=reference,
+        step_vs_official=None if official is None else images_per_s / official["images_per_s"]["median"],
         kernel_breakdown=kernels)
 
 

@@ -24,18 +24,20 @@ import sys
 import tempfile
 import time
 import traceback
-from typing import Optional
 
 import torch
 
 from benchmarks.flip import FlipBenchmark, benchmark_flip
 from benchmarks.kernels import KernelBenchmark, benchmark_kernels
 from benchmarks.step import StepBenchmark, benchmark_step, describe
-from supmae.config import ConvertConfig, ConvertOptions, PretrainConfig, ProfileConfig
-from supmae.measure import commit, device_name, versions, write_json
-from supmae.options import Config, configuration, from_command_line, items, option, section
+from supmae.core.atomic import write_json
+from supmae.core.options import Config, configuration, from_command_line, items, option, section
+from supmae.models.families import list_models
+from supmae.pipelines.config import ConvertConfig, ConvertOptions
 from supmae.pipelines.engines import ENGINES
-from supmae.registry import list_models
+from supmae.profiling.config import ProfileConfig
+from supmae.profiling.measure import commit, device_name, versions
+from supmae.training.config import PretrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,8 +66,8 @@ class Suite(Config):
     images_per_class: int = option(1000, "size of the embedded dataset the loaders read (10 classes; 1000: 39 "
                                          "batches of 256 an epoch)", at_least=1)
     quick: bool = option(False, "a small model and batch (supmae_vit_tiny_patch16, batch 16, 4 steps): for a CPU")
-    rows: Optional[str] = option(None, "comma-separated row numbers to run", shown="all")
-    out: Optional[str] = option(None, "the JSON to write", shown="benchmarks/results/<device>-<date>.json")
+    rows: str | None = option(None, "comma-separated row numbers to run", shown="all")
+    out: str | None = option(None, "the JSON to write", shown="benchmarks/results/<device>-<date>.json")
 
 
 
@@ -94,13 +96,13 @@ def row_kernels_match(args, summary) -> str:
     from supmae.kernels.norm_pix_loss import norm_pix_mse_triton
     from supmae.kernels.patch_gather import gather_patches_triton
     from supmae.kernels.unshuffle import unshuffle_triton
-    from supmae.model import unshuffle
-    from supmae.objective import gather_patches, removed_patch_loss
+    from supmae.models.objective import gather_patches, removed_patch_loss
+    from supmae.models.trunk import unshuffle
     from supmae.pipelines.masking import num_kept, random_masking
 
     os.environ["SUPMAE_POISON_OUTPUTS"] = "1"  # an element a kernel fails to write is NaN
     try:
-        b, s, p, dim = args.run.batch_size, args.run.img_size, 16, 512
+        b, s, p, dim = args.run.batch_size, args.run.trunk.img_size, 16, 512
         n = (s // p) ** 2
         masking = random_masking(torch.rand(b, n, device="cuda"), num_kept(n, 0.75))
         images = torch.randn(b, 3, s, s, device="cuda")  # fp32, as the loader gives them
@@ -115,6 +117,7 @@ def row_kernels_match(args, summary) -> str:
             out = fn()
             out.backward(torch.ones_like(out))
             outs.append(out)
+            assert tokens.grad is not None and mask_token.grad is not None
             grads.append((tokens.grad.clone(), mask_token.grad.clone()))
             tokens.grad = mask_token.grad = None
         errors["unshuffle"] = _relative(*outs)
@@ -146,7 +149,7 @@ def _relative(out: torch.Tensor, ref: torch.Tensor) -> float:
 def row_kernel_bandwidth(args, summary) -> str:
     if not torch.cuda.is_available():
         raise Skip("no CUDA GPU")
-    report = benchmark_kernels(KernelBenchmark(batch_size=args.run.batch_size, img_size=args.run.img_size))
+    report = benchmark_kernels(KernelBenchmark(batch_size=args.run.batch_size, img_size=args.run.trunk.img_size))
     summary["kernels"] = report
     fractions = {name: k["fraction_of_copy_bandwidth"] for name, k in report["kernels"].items()}
     summary["kernel_min_fraction_of_copy"] = min(fractions.values())
@@ -195,7 +198,7 @@ def _timing(args) -> dict:
 
 def _step_options(args, *, compile_mode: str, **options) -> StepBenchmark:
     run = args.run
-    return StepBenchmark.build({**dict(model=run.model, batch_size=run.batch_size, img_size=run.img_size,
+    return StepBenchmark.build({**dict(model=run.model, batch_size=run.batch_size, img_size=run.trunk.img_size,
                                        device=run.device, compile_mode=compile_mode), **_timing(args), **options})
 
 
@@ -207,7 +210,7 @@ def row_clip_family(args, summary) -> str:
     if clip not in list_models():
         raise Skip(f"no {clip} in the registry")
     run = args.run
-    flip = benchmark_flip(FlipBenchmark.build(dict(model=clip, batch_size=run.batch_size, img_size=run.img_size,
+    flip = benchmark_flip(FlipBenchmark.build(dict(model=clip, batch_size=run.batch_size, img_size=run.trunk.img_size,
                                                    device=run.device, rounds=2, **_timing(args))))
     step = benchmark_step(_step_options(args, compile_mode="auto", official=False, model=maeclip))
     summary.update(flip=flip, maeclip_step=step, flip_vs_clip=flip["flip_vs_clip"])
@@ -223,7 +226,7 @@ def row_engine(engine):
         if importlib.util.find_spec(ENGINE_PACKAGES[engine].split(".")[0]) is None or (
                 engine == "dali" and importlib.util.find_spec("nvidia.dali") is None):
             raise Skip(f"{engine} is not installed")
-        from supmae.profiler import profile
+        from supmae.profiling.profiler import profile
         data = args.run.data or _embedded_data(engine, args.images_per_class)
         run = dataclasses.replace(args.run, data=data, loader=engine, progress=False, tensorboard=False)
         with tempfile.TemporaryDirectory() as out:  # the suite's JSON holds the figures
@@ -298,12 +301,12 @@ def main():
         print(f"   {status}: {detail}", flush=True)
 
     name = device_name(device)
-    out = args.out or os.path.join(ROOT, "benchmarks", "results",
-                                   f"{re.sub(r'[^a-z0-9]+', '-', name.lower()).strip('-')}-{datetime.date.today()}.json")
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    out = args.out or os.path.join(ROOT, "benchmarks", "results", f"{slug}-{datetime.date.today()}.json")
     measured_goals = goals(summary)
     write_json(out, dict(device=name, commit=commit(), date=datetime.datetime.now().isoformat(timespec="seconds"),
                          versions=versions("timm", "triton", "ffcv", "nvidia-dali-cuda130", "numpy"),
-                         cuda=torch.version.cuda, config=dataclasses.asdict(args), rows=results, goals=measured_goals,
+                         cuda=torch.version.cuda, config=args.values(), rows=results, goals=measured_goals,
                          summary=summary))
     width = max(len(r["row"]) for r in results)
     print(f"\n{'row':<{width}}  {'result':<6} {'s':>6}  detail")

@@ -1,7 +1,7 @@
 """Fast paths (Triton kernels) for the SupMAE step, installed as `supmae.kernels`.
 
 Each kernel is a custom op (torch.library) with a fake implementation, so torch.compile traces it
-without a graph break, and each has an eager twin in `supmae.objective` that the tests compare it
+without a graph break, and each has an eager twin in `supmae.models.objective` that the tests compare it
 with. They are applied to a plain model by small functions, never woven through it.
 """
 import os

@@ -7,8 +7,11 @@ rows come in the same order (the fast path permutes the prediction layer's rows 
 weight, rather than the large prediction or the image).
 It reduces the squared error to that patch's mean, and the mean over all removed patches follows.
 Backward rebuilds the target and writes d(pred) directly. No target tensor is ever materialised.
-The twin: `supmae.objective.removed_patch_loss`.
+The twin: `supmae.models.objective.removed_patch_loss`.
 """
+# pyright: reportArgumentType=false, reportCallIssue=false
+# (Triton types a launch as a call of the kernel's Python signature, whose tl.constexpr annotations no int
+# matches.)
 import torch
 import triton
 import triton.language as tl

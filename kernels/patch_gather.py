@@ -1,12 +1,14 @@
 """Visible-patch gather from pixels: images (B, C, H, W) + ids_keep (B, K) -> (B, K, C*p*p).
 
 Each kept patch is copied straight out of the image into the (c, i, j) order of the patch-embedding
-convolution's flattened weight (the twin: `supmae.objective.gather_patches`), so the embedding runs as
+convolution's flattened weight (the twin: `supmae.models.objective.gather_patches`), so the embedding runs as
 one matmul over the visible quarter and no (B, L, D) embedding of all patches is ever made. The rows are
 written in the step's compute dtype, so no cast pass follows. Images carry no gradient, so there is no
 backward.
 """
-from typing import Optional
+# pyright: reportArgumentType=false, reportCallIssue=false
+# (Triton types a launch as a call of the kernel's Python signature, whose tl.constexpr annotations no int
+# matches.)
 
 import torch
 import triton
@@ -31,7 +33,7 @@ def _gather_kernel(images, ids_keep, out, K, E, GRID_W, s_b, s_c, s_h, s_w,
 
 @torch.library.custom_op("supmae::gather_patches", mutates_args=())
 def gather_patches_triton(images: torch.Tensor, ids_keep: torch.Tensor, patch_size: int,
-                          dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+                          dtype: torch.dtype | None = None) -> torch.Tensor:
     b, c, h, w = images.shape
     k, e = ids_keep.shape[1], c * patch_size * patch_size
     out = output((b, k, e), images.device, dtype or images.dtype)

@@ -2,8 +2,11 @@
 
 Position l takes visible token ids_restore[l] when that is below K, else the mask token. Backward
 gathers each visible token's gradient from the one position it went to (ids_keep), so no atomics are
-needed, and sums the mask token's over the removed positions. The twin: `supmae.model.unshuffle`.
+needed, and sums the mask token's over the removed positions. The twin: `supmae.models.trunk.unshuffle`.
 """
+# pyright: reportArgumentType=false, reportCallIssue=false
+# (Triton types a launch as a call of the kernel's Python signature, whose tl.constexpr annotations no int
+# matches.)
 import torch
 import triton
 import triton.language as tl

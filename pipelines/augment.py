@@ -55,5 +55,5 @@ def crop_and_flip(width: int, height: int, *, seed: int, epoch: int, index: int,
 
 def crop_resize_flip(image: Image.Image, size: int, box: tuple[int, int, int, int], flip: bool) -> Image.Image:
     left, top, w, h = box
-    image = image.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h))
-    return image.transpose(Image.FLIP_LEFT_RIGHT) if flip else image
+    image = image.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
+    return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else image

@@ -1,6 +1,7 @@
 """The batch every loader yields: on the training device, normalised, with its patch mask drawn there."""
 import contextlib
-from typing import Iterable, Iterator, NamedTuple, Optional
+from collections.abc import Iterable, Iterator
+from typing import NamedTuple
 
 import torch
 
@@ -13,14 +14,14 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class Batch(NamedTuple):
     images: torch.Tensor  # (B, 3, H, W) normalised, in the compute dtype
     labels: torch.Tensor  # (B,) int64
-    masking: Optional[Masking]
-    tokens: Optional[torch.Tensor] = None     # (B, 77) int64 caption token ids, when the loader reads text
-    text_mask: Optional[torch.Tensor] = None  # (B, 77) bool: the tokens a masked-text objective hides
+    masking: Masking | None
+    tokens: torch.Tensor | None = None     # (B, 77) int64 caption token ids, when the loader reads text
+    text_mask: torch.Tensor | None = None  # (B, 77) bool: the tokens a masked-text objective hides
 
 
 def to_device_batches(pixel_batches: Iterable[tuple[torch.Tensor, ...]], device: torch.device,
-                      mask_sampler: Optional[MaskSampler], *, start: int = 0, dtype: torch.dtype = torch.float32,
-                      text_mask_sampler: Optional[TextMaskSampler] = None) -> Iterator[Batch]:
+                      mask_sampler: MaskSampler | None, *, start: int = 0, dtype: torch.dtype = torch.float32,
+                      text_mask_sampler: TextMaskSampler | None = None) -> Iterator[Batch]:
     """(uint8 (B, H, W, 3), labels[, tokens]) batches, on the host or already on `device` -> Batch; batch i gets
     mask i (none without a sampler: evaluation), and text mask i when it has tokens and a text mask sampler.
     Floating-point images are taken as already normalised (B, 3, H, W).

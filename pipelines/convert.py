@@ -20,10 +20,10 @@ from multiprocessing import shared_memory
 import numpy as np
 from tqdm import tqdm
 
-from supmae.atomic import leftovers, replaced, write_text
-from supmae.config import ConvertConfig
-from supmae.errors import SupmaeError
-from supmae.lock import exclusive
+from supmae.core.atomic import leftovers, replaced, write_text
+from supmae.core.errors import SupmaeError
+from supmae.core.lock import exclusive
+from supmae.pipelines.config import ConvertConfig
 from supmae.pipelines.decode import UNREADABLE, load_rgb, probe
 from supmae.pipelines.samples import CaptionError, image_input, read_caption
 from supmae.pipelines.sources import IMAGE_EXTENSIONS, scan_images, sidecar_path
@@ -48,7 +48,7 @@ class _Writer(DatasetWriter):
 
     def prepare(self):
         super().prepare()
-        write_text(self.record, self.metadata_sm.name)
+        write_text(self.record, self.metadata_sm.name)  # pyright: ignore[reportAttributeAccessIssue]  (set by prepare)
 
 
 def _free_recorded_table(record: str) -> None:
@@ -164,7 +164,7 @@ class _Images:
         np.random.seed(index)  # FFCV's proportion mode draws from numpy's global generator
         try:
             pixels = np.asarray(load_rgb(image_input(location)))
-            text = read_caption(self.captions[index]) if self.captions is not None else None
+            text = read_caption(self.captions[index]) if self.captions is not None else ""
         except (*UNREADABLE, CaptionError):
             self.failed[index] = 1
             pixels, text = np.zeros((1, 1, 3), np.uint8), ""

@@ -5,18 +5,20 @@ and normalises into (B, 3, H, W) in one pass, handing batches over on the device
 Crop boxes and flips are drawn in Python by the same function as the torch engine's, from
 (seed, epoch, index), so the two engines produce the same views; only decoder and resampler differ.
 """
+# pyright: reportAttributeAccessIssue=false, reportCallIssue=false, reportArgumentType=false
+# (DALI makes its operators and types at import time, so its stubs do not describe them.)
 import os
 import pickle
 import signal
 import tempfile
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from supmae.errors import SupmaeError
+from supmae.core.errors import SupmaeError
 from supmae.pipelines.augment import crop_and_flip
 from supmae.pipelines.batch import IMAGENET_MEAN, IMAGENET_STD, Batch, to_device_batches
 from supmae.pipelines.decode import without_png_profile
@@ -49,7 +51,7 @@ class _CallbackFile:
     Python and import the main module, so the workers start one after another (a first batch after
     171 s with 15 workers and 10,000 images on an H100 host)."""
 
-    path: Optional[str] = None
+    path: str | None = None
 
     def dumps(self, callback) -> str:
         fd, self.path = tempfile.mkstemp(prefix="supmae-dali-", suffix=".pickle")
@@ -107,7 +109,8 @@ class DALILoader:
         start = _start_method(on_gpu)
         callback_file = _CallbackFile() if start == "spawn" else None
         pipe = _views(samples, size=spec.img_size, on_gpu=on_gpu, parallel=spec.workers > 0,
-                      half=spec.dtype.itemsize == 2, batch_size=spec.batch_size, num_threads=max(1, spec.workers), seed=spec.seed,
+                      half=spec.dtype.itemsize == 2, batch_size=spec.batch_size, num_threads=max(1, spec.workers),
+                      seed=spec.seed,
                       device_id=(device.index if device.index is not None else torch.cuda.current_device())
                       if on_gpu else None,
                       py_num_workers=max(1, spec.workers), py_start_method=start, py_callback_pickler=callback_file)

@@ -7,7 +7,7 @@ the other engines, but not reproducible from the seed.
 """
 import sys
 import traceback
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -18,11 +18,11 @@ with keep_torch_threads():
     from ffcv.fields.ndarray import NDArrayDecoder
     from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
     from ffcv.loader import Loader
+    from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor
     from ffcv.traversal_order.base import TraversalOrder
     from ffcv.traversal_order.quasi_random import QuasiRandom
-    from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor
 
-from supmae.errors import SupmaeError
+from supmae.core.errors import SupmaeError
 from supmae.pipelines.augment import CROP_RATIO, CROP_SCALE, EVAL_CROP_FRACTION, FLIP_PROBABILITY
 from supmae.pipelines.batch import Batch, to_device_batches
 from supmae.pipelines.order import Schedule

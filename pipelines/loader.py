@@ -9,13 +9,14 @@ import dataclasses
 import gc
 import importlib
 import importlib.util
-from typing import Iterator, Optional, Protocol
+from collections.abc import Iterator
+from typing import Protocol
 
 import numpy as np
 import torch
 from PIL import Image
 
-from supmae.errors import SupmaeError
+from supmae.core.errors import SupmaeError
 from supmae.pipelines.batch import Batch
 from supmae.pipelines.engines import ENGINES, PACKAGES
 from supmae.pipelines.masking import MaskSampler, TextMaskSampler
@@ -36,28 +37,34 @@ class Source(Protocol):
 
     def fingerprint(self) -> str:
         """A digest of what the samples are, so a resumed run can tell it reads the data it began with."""
+        ...
 
     def describe(self, index: int) -> str:
         """How an error names sample `index`: its file, or the .beton and position."""
+        ...
 
     def encoded(self, index: int) -> tuple[np.ndarray, tuple[int, int]]:
         """Sample `index` as encoded bytes (for engines that decode themselves) and its upright (width, height)."""
+        ...
 
     def image(self, index: int) -> Image.Image:
         """Sample `index` decoded: upright RGB."""
+        ...
 
     def tokens(self, index: int) -> np.ndarray:
         """Sample `index`'s caption as (77,) int32 token ids (`text.encode`; stored ones for a .beton)."""
+        ...
 
     def prepare_text(self) -> None:
         """Made ready to give tokens, in the main process before any worker starts."""
+        ...
 
 
 @dataclasses.dataclass(kw_only=True)
 class LoaderSpec:
     batch_size: int
     img_size: int
-    mask_sampler: Optional[MaskSampler]   # None: batches without masks (evaluation, fine-tuning)
+    mask_sampler: MaskSampler | None   # None: batches without masks (evaluation, fine-tuning)
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32
     workers: int = 4            # decoding processes or threads
@@ -70,7 +77,7 @@ class LoaderSpec:
     order: str = "random"
     os_cache: bool = True       # ffcv: rely on the OS page cache (False: its own process cache)
     text: bool = False          # deliver each sample's caption tokens (the source must have captions)
-    text_mask_sampler: Optional[TextMaskSampler] = None  # with text: a text mask per batch
+    text_mask_sampler: TextMaskSampler | None = None  # with text: a text mask per batch
 
     def schedule(self, num_samples: int) -> Schedule:
         schedule = Schedule(num_samples, self.batch_size, seed=self.seed, rank=self.rank, world_size=self.world_size,

@@ -2,7 +2,7 @@
 
 Each sample draws noise ~ U(0, 1) over its L patches; the patches with the smallest noise are kept.
 """
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -45,7 +45,7 @@ class MaskSampler:
     `order.shard` gives that rank, so every sample gets the mask a one-process run would give it.
     """
 
-    def __init__(self, num_patches: int, mask_ratio: float, *, seed: int, device: torch.device, rank: int = 0,
+    def __init__(self, num_patches: int, mask_ratio: float, *, seed: int, device: torch.device | str, rank: int = 0,
                  world_size: int = 1):
         self.num_patches = num_patches
         self.num_kept = num_kept(num_patches, mask_ratio)
@@ -68,8 +68,8 @@ class TextMaskSampler:
     those, round(ratio x their number), at least one and at most `max_masked`, are masked: True in the
     (B, L) mask."""
 
-    def __init__(self, mask_ratio: float, *, special: tuple[int, ...], seed: int, device: torch.device,
-                 rank: int = 0, world_size: int = 1, pad: int = 0, max_masked: Optional[int] = None):
+    def __init__(self, mask_ratio: float, *, special: tuple[int, ...], seed: int, device: torch.device | str,
+                 rank: int = 0, world_size: int = 1, pad: int = 0, max_masked: int | None = None):
         if not 0 < mask_ratio < 1:
             raise ValueError(f"a text mask ratio is above 0 and below 1, not {mask_ratio}")
         self.mask_ratio, self.special, self.pad, self.max_masked = mask_ratio, tuple(special), pad, max_masked

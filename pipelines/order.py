@@ -34,7 +34,7 @@ class Schedule:
         self.batches_per_epoch = (-(-num_samples // batch_size) if sequential
                                   else num_samples // world_size // batch_size)
         self.total_batches = self.batches_per_epoch if sequential else None  # None: endless
-        self._cached = (None, None)
+        self._cached: tuple[int | None, np.ndarray] = (None, np.empty(0, np.int64))
 
     def epoch(self, epoch: int) -> np.ndarray:
         """This rank's samples for `epoch`, in order, a whole number of batches long."""

@@ -3,7 +3,8 @@
 An image is a file path or a member of a tar shard (read in place, at its offset: nothing is extracted); a
 caption is literal text (a file list's column), a `.txt` file beside its image, or a shard member.
 """
-from typing import NamedTuple, Optional, Union
+from collections.abc import Sequence
+from typing import NamedTuple
 
 
 class Member(NamedTuple):
@@ -30,8 +31,8 @@ class TextFile(NamedTuple):
     path: str
 
 
-Location = Union[str, Member]               # an image
-CaptionSource = Union[str, TextFile, Member]  # a caption
+Location = str | Member               # an image
+CaptionSource = str | TextFile | Member  # a caption
 
 
 class LabelledImages(NamedTuple):
@@ -39,7 +40,7 @@ class LabelledImages(NamedTuple):
     classes: list[str]                         # a label is an index into this list
     samples: list[tuple[Location, int]]        # (image, label)
     ignored: tuple[str, ...] = ()              # other files found beside them (not an image file name)
-    captions: Optional[list[CaptionSource]] = None  # one per sample, for image-text data
+    captions: Sequence[CaptionSource] | None = None  # one per sample, for image-text data
     problems: tuple[tuple[str, str], ...] = ()  # (what, why) of what was left out while listing
 
 

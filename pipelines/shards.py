@@ -13,7 +13,7 @@ import tarfile
 
 from braceexpand import braceexpand
 
-from supmae.errors import SupmaeError
+from supmae.core.errors import SupmaeError
 from supmae.pipelines.samples import LabelledImages, Member, unlabelled
 
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")

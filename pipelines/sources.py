@@ -11,10 +11,11 @@ import json
 import logging
 import os
 import re
+
 import numpy as np
 from PIL import Image
 
-from supmae.errors import SupmaeError
+from supmae.core.errors import SupmaeError
 from supmae.pipelines.decode import load_rgb, upright_size
 from supmae.pipelines.samples import LabelledImages, Member, TextFile, image_input, read_caption, unlabelled
 from supmae.pipelines.shards import is_shards, scan_shards
@@ -91,7 +92,8 @@ def _sidecar_captions(samples: list, others: list):
 
 def _rows(numbers: list[int], limit: int = 3) -> str:
     shown = ", ".join(map(str, numbers[:limit]))
-    return f"row{'s' if len(numbers) > 1 else ''} {shown}" + (f" and {len(numbers) - limit} more" if len(numbers) > limit else "")
+    more = f" and {len(numbers) - limit} more" if len(numbers) > limit else ""
+    return f"row{'s' if len(numbers) > 1 else ''} {shown}{more}"
 
 
 _COLUMNS = {"path": "path", "file": "path", "filename": "path", "image": "path", "label": "label",
@@ -111,7 +113,7 @@ def _list_rows(path: str) -> list[tuple[int, dict]]:
         raise SupmaeError(f"{path} is not a readable file list: {error}") from None
     named = [_COLUMNS.get(cell.strip().lower()) for cell in rows[0][1]] if rows else []
     if rows and all(named) and len(set(named)) == len(named) and "path" in named and len(named) > 1:
-        columns, rows = named, rows[1:]
+        columns, rows = [name for name in named if name], rows[1:]
     else:
         columns = ["path", "label"]
     for number, row in rows:
@@ -239,6 +241,8 @@ class FolderSource:
         return load_rgb(image_input(self.paths[index]))
 
     def caption(self, index: int) -> str:
+        if self.captions is None:
+            raise SupmaeError(f"{self.path} holds no captions")
         return read_caption(self.captions[index])
 
     def prepare_text(self) -> None:
@@ -340,10 +344,10 @@ class BetonSource:
         return self._file
 
     def _stored(self, index: int) -> tuple[np.ndarray, bool, int, int]:
-        self._map()
+        file = self._map()
         mode, width, height, ptr = self._image[index]
         size = self._sizes[np.searchsorted(self._ptrs, ptr)]
-        return self._file[ptr:ptr + size], mode == _JPEG, int(width), int(height)
+        return file[ptr:ptr + size], mode == _JPEG, int(width), int(height)
 
     def encoded(self, index: int) -> tuple[np.ndarray, tuple[int, int]]:
         """JPEG bytes as stored; raw pixels are wrapped as a binary PPM, which every decoder reads losslessly."""
@@ -355,7 +359,7 @@ class BetonSource:
     def image(self, index: int) -> Image.Image:
         data, is_jpeg, width, height = self._stored(index)
         if is_jpeg:
-            return load_rgb(memoryview(data))
+            return load_rgb(data.data)
         return Image.frombuffer("RGB", (width, height), np.ascontiguousarray(data), "raw", "RGB", 0, 1)
 
     def prepare_text(self) -> None:

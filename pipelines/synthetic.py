@@ -14,14 +14,14 @@ import os
 import re
 import shutil
 from concurrent.futures import ProcessPoolExecutor
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from supmae.atomic import replaced
-from supmae.config import SynthConfig
-from supmae.errors import SupmaeError
+from supmae.core.atomic import replaced
+from supmae.core.errors import SupmaeError
+from supmae.pipelines.config import SynthConfig
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,8 @@ def draw(label: int, index: int, seed: int = 0) -> tuple[Image.Image, Scene]:
     other = SHAPES[int(rng.integers(len(SHAPES)))]
     ox, oy, oradius, orotation = (rng.uniform(0, width), rng.uniform(0, height), side * rng.uniform(0.05, 0.12),
                                   rng.uniform(0, 2 * math.pi))
-    other_rgb = tuple(int(c) for c in rng.integers(0, 256, 3))
+    red, green, blue = (int(c) for c in rng.integers(0, 256, 3))
+    other_rgb = (red, green, blue)
     _draw_shape(canvas, other, ox, oy, oradius, orotation, other_rgb)
     instances = []
     for _ in range(int(rng.integers(1, 4))):
@@ -144,8 +145,8 @@ def draw(label: int, index: int, seed: int = 0) -> tuple[Image.Image, Scene]:
 _SHAPE_NAMES = {"circle": ("circle", "disc"), "triangle": ("triangle",), "square": ("square",),
                 "pentagon": ("pentagon",), "hexagon": ("hexagon",), "star": ("star",), "cross": ("cross", "plus sign"),
                 "ring": ("ring", "hoop")}
-_TEXTURE_NAMES = {"stripes": ("striped", "stripy"), "checker": ("checkered", "chequered"), "dots": ("dotted", "spotted"),
-                  "gradient": ("shaded", "graded")}
+_TEXTURE_NAMES = {"stripes": ("striped", "stripy"), "checker": ("checkered", "chequered"),
+                  "dots": ("dotted", "spotted"), "gradient": ("shaded", "graded")}
 _HUES = ((0.04, "red"), (0.11, "orange"), (0.19, "yellow"), (0.45, "green"), (0.53, "cyan"), (0.71, "blue"),
          (0.83, "purple"), (0.96, "pink"), (1.0, "red"))
 _COUNTS = {1: ("a", "one"), 2: ("two", "a pair of"), 3: ("three",)}
@@ -230,7 +231,7 @@ def _write_one(job):
 
 
 def write_synthetic(out_dir: str, *, num_classes: int = 10, images_per_class: int = 100, seed: int = 0,
-                    workers: Optional[int] = None, force: bool = False, shared: bool = False) -> str:
+                    workers: int | None = None, force: bool = False, shared: bool = False) -> str:
     """Write the dataset to `out_dir` (whole or not at all: a temporary folder renamed at the end): a JPEG
     per image and its caption beside it (`000012.jpg`, `000012.txt`).
 

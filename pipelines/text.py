@@ -9,7 +9,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from supmae.errors import SupmaeError
+from supmae.core.errors import SupmaeError
 
 CONTEXT = 77
 TOKENIZER = "open_clip.SimpleTokenizer"

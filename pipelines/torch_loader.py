@@ -5,13 +5,14 @@ exactly the data it would have seen, whatever the worker count.
 """
 import itertools
 import signal
-from typing import Iterator, NamedTuple
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from supmae.errors import SupmaeError
+from supmae.core.errors import SupmaeError
 from supmae.pipelines.augment import crop_and_flip, crop_resize_flip
 from supmae.pipelines.batch import Batch, to_device_batches
 from supmae.pipelines.decode import UNREADABLE

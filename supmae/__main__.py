@@ -1,3 +1,3 @@
-from supmae.cli import main
+from supmae.cli.main import main
 
 raise SystemExit(main())

@@ -1,4 +1,3 @@
-import dataclasses
 import os
 import subprocess
 
@@ -60,12 +59,12 @@ def tmpfs(tmp_path):
 @pytest.fixture
 def checkpoint(tmp_path):
     """A fresh supmae_vit_tiny_patch16 at 224, saved as a run would save it."""
-    from supmae.checkpoint import save_checkpoint
-    from supmae.config import PretrainConfig
-    from supmae.registry import build_model
-    cfg = PretrainConfig(model="supmae_vit_tiny_patch16")
+    from supmae.models.registry import build_model
+    from supmae.training.checkpoint import save_checkpoint
+    from supmae.training.config import PretrainConfig
+    cfg = PretrainConfig.of(model="supmae_vit_tiny_patch16")
     torch.manual_seed(0)
-    model = build_model(cfg, 5)
+    model = build_model(cfg.model, cfg, 5)
     path = str(tmp_path / "checkpoint-00000001.pt")
-    save_checkpoint(dict(model=model.state_dict(), config=dataclasses.asdict(cfg), classes=list("abcde"), step=1), path)
+    save_checkpoint(dict(model=model.state_dict(), config=cfg.values(), classes=list("abcde"), step=1), path)
     return path

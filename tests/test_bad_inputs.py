@@ -2,12 +2,11 @@ import json
 import os
 
 import pytest
-
-from supmae.cli import main
-from supmae.metrics import Metrics
-from supmae.pipelines.synthetic import CLASS_NAMES, MANIFEST, write_synthetic
-
 from test_cli import error_of
+
+from supmae.cli.main import main
+from supmae.pipelines.synthetic import CLASS_NAMES, MANIFEST, write_synthetic
+from supmae.training.metrics import Metrics
 
 
 def test_file_list_that_is_not_utf8_text_or_not_csv(capsys, tmp_path):
@@ -23,7 +22,8 @@ def test_file_list_that_is_not_utf8_text_or_not_csv(capsys, tmp_path):
 
 def test_visualize_wants_an_image_file_name_before_any_model_work(capsys, monkeypatch, checkpoint, synth_folder,
                                                                   tmp_path):
-    monkeypatch.setattr("supmae.visualize.load_pretrained", lambda *_: pytest.fail("the model was loaded first"))
+    monkeypatch.setattr("supmae.evaluation.visualize.load_pretrained",
+                        lambda *_: pytest.fail("the model was loaded first"))
     for out in ("grid", "grid.xyz", "grid.psd"):  # PIL reads .psd but cannot write it
         err = error_of(capsys, "visualize", "--checkpoint", checkpoint, "--data", synth_folder,
                        "--out", str(tmp_path / out))
@@ -45,7 +45,7 @@ def test_finetune_checks_its_output_folder_before_training(capsys, monkeypatch, 
                                                            tmp_path):
     def no_training(*args, **kwargs):
         pytest.fail("fine-tuning started before --output was checked")
-    monkeypatch.setattr("supmae.finetune.timm_vit", no_training)
+    monkeypatch.setattr("supmae.evaluation.finetune.timm_vit", no_training)
     (tmp_path / "file").write_text("")
     splits = ("--checkpoint", checkpoint, "--train", synth_folder, "--val", synth_folder)
     err = error_of(capsys, "finetune", *splits, "--output", str(tmp_path / "file"))
@@ -69,12 +69,13 @@ def test_a_shared_dataset_published_first_is_kept_and_used(tmp_path):
     path = str(tmp_path / "synthetic")
     assert write_synthetic(path, num_classes=2, images_per_class=2, workers=1, shared=True) == path
     (tmp_path / "synthetic" / "in use").write_text("")  # stands for a reader of the first copy
-    assert write_synthetic(path, num_classes=2, images_per_class=2, workers=1, shared=True) == path  # a writer that finishes second
+    # a writer that finishes second
+    assert write_synthetic(path, num_classes=2, images_per_class=2, workers=1, shared=True) == path
     assert sorted(os.listdir(tmp_path)) == ["synthetic"]  # its own copy is gone
     assert sorted(os.listdir(path)) == ["0000_circle_stripes", "0001_triangle_stripes", CLASS_NAMES, "in use", MANIFEST]
     with pytest.raises(OSError):  # a target that is not a finished dataset is neither replaced nor taken
-        write_synthetic(str(tmp_path / "synthetic" / "0000_circle_stripes"), num_classes=2, images_per_class=2, workers=1,
-                        shared=True)
+        write_synthetic(str(tmp_path / "synthetic" / "0000_circle_stripes"), num_classes=2, images_per_class=2,
+                        workers=1, shared=True)
 
 
 def test_a_seed_past_what_the_generators_take_is_refused(capsys, synth_folder, tmp_path):
@@ -113,8 +114,8 @@ def test_export_onto_a_folder_names_a_file_instead(capsys, checkpoint, tmp_path)
 
 
 def test_workers_past_four_per_core_are_capped_with_a_warning(caplog):
-    from supmae.hardware import loader_workers
-    cores = os.cpu_count()
+    from supmae.runtime.hardware import loader_workers
+    cores = os.cpu_count() or 2
     assert loader_workers(1000) == 4 * cores and loader_workers(None) == max(1, cores - 1) and loader_workers(0) == 0
     assert [r.getMessage() for r in caplog.records] == [f"--workers 1000 on {cores} cores: using {4 * cores}, as "
                                                         "more would only compete for the cores"]
@@ -137,7 +138,7 @@ def test_an_error_naming_a_file_with_a_line_break_stays_one_line(capsys, folder_
 
 
 def test_finetune_keeps_an_earlier_result_unless_forced(capsys, monkeypatch, checkpoint, synth_folder, tmp_path):
-    monkeypatch.setattr("supmae.finetune.timm_vit", lambda *_: pytest.fail("fine-tuning started first"))
+    monkeypatch.setattr("supmae.evaluation.finetune.timm_vit", lambda *_: pytest.fail("fine-tuning started first"))
     (tmp_path / "model.safetensors").write_bytes(b"an earlier result")
     err = error_of(capsys, "finetune", "--checkpoint", checkpoint, "--train", synth_folder, "--val", synth_folder,
                    "--output", str(tmp_path))

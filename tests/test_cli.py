@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from supmae.cli import main
+from supmae.cli.main import main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,7 +42,8 @@ def test_bad_paths_are_one_line_errors(capsys, synth_folder, tmp_path):
 
 
 def test_unreadable_image_is_a_one_line_error(capsys, folder_with_a_bad_image, tmp_path):
-    err = error_of(capsys, "pretrain", "--data", folder_with_a_bad_image, "--model", "supmae_vit_tiny_patch16", "--img-size", "32",
+    err = error_of(capsys, "pretrain", "--data", folder_with_a_bad_image, "--model", "supmae_vit_tiny_patch16",
+                   "--img-size", "32",
                    "--batch-size", "6", "--steps", "2", "--workers", "1", "--output", str(tmp_path / "out"),
                    "--no-progress")
     assert "cannot read image" in err and "2.jpg" in err
@@ -93,6 +94,13 @@ def test_end_to_end_from_the_checkout(tmp_path):
 def test_models_lists_the_registry(capsys):
     assert main(["models"]) == 0
     assert "supmae_vit_base_patch16" in capsys.readouterr().out.split()
+
+
+def test_the_installed_command_runs():
+    """The `supmae` script pyproject.toml installs names a function that exists."""
+    script = os.path.join(os.path.dirname(sys.executable), "supmae")
+    done = subprocess.run([script, "models"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "supmae_vit_base_patch16" in done.stdout.split(), done.stderr
 
 
 def test_unwritable_outputs_are_one_line_errors(capsys, synth_folder):

@@ -2,27 +2,28 @@
 import json
 import math
 import os
+from typing import Any
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from test_cli import error_of
+from test_distributed import WORLD, free_port
 
 from supmae import create_model
-from supmae.cli import main
-from supmae.clip import LOGIT_SCALE_MAX, contrastive_loss
-from supmae.distributed import apply_ddp, init_world
-from supmae.errors import SupmaeError
-from supmae.fast import apply_kernels
+from supmae.cli.main import main
+from supmae.core.errors import SupmaeError
+from supmae.evaluation.retrieval import recall_at
+from supmae.evaluation.zeroshot import class_embeddings, class_names, templates
+from supmae.models.clip import LOGIT_SCALE_MAX, contrastive_loss
+from supmae.models.fast import apply_kernels
 from supmae.pipelines.loader import LoaderSpec, create_loader, open_batches, ordered_batches
 from supmae.pipelines.masking import MaskSampler, TextMaskSampler
 from supmae.pipelines.sources import open_source
 from supmae.pipelines.synthetic import CLASS_NAMES, class_descriptions, write_synthetic
 from supmae.pipelines.text import encode, special_tokens
-from supmae.zeroshot import class_embeddings, class_names, recall_at, templates
-
-from test_cli import error_of
-from test_distributed import WORLD, free_port
+from supmae.runtime.distributed import apply_ddp, init_world
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, text_width=32,
             text_depth=2, text_heads=2, proj_dim=16)
@@ -39,7 +40,7 @@ def pairs(size=8, seed=1):
     return torch.randn(size, 3, 32, 32, generator=generator), tokens
 
 
-def inputs(model, images, tokens, rank=0, world_size=1):
+def inputs(model, images, tokens, rank=0, world_size=1) -> dict[str, Any]:
     masking = MaskSampler(model.num_patches, model.mask_ratio, seed=0, device="cpu", rank=rank,
                           world_size=world_size)(len(images), 0) if model.mask_ratio else None
     text_mask = TextMaskSampler(0.5, special=special_tokens(), seed=0, device="cpu", rank=rank,
@@ -146,7 +147,7 @@ def _compiled_loss_is_eager(rank):
     scale = torch.tensor(3.0, requires_grad=True)
     results = []
     for loss_fn in (contrastive_loss, torch.compile(contrastive_loss, fullgraph=True)):
-        loss = loss_fn(*features, scale)
+        loss = loss_fn(features[0], features[1], scale)
         results.append((loss, *torch.autograd.grad(loss, [*features, scale])))
     for eager, compiled in zip(*results):
         torch.testing.assert_close(compiled, eager)

@@ -5,17 +5,16 @@ import dataclasses
 import re
 import subprocess
 import sys
-from typing import Optional
 
 import pytest
-
-from supmae.checkpoint import save_checkpoint
-from supmae.cli import COMMANDS, build_parser, main
-from supmae.config import PretrainConfig, ProfileConfig
-from supmae.errors import SupmaeError
-from supmae.options import Config, add_arguments, configuration, option, section
-
 from test_cli import REPO, error_of
+
+from supmae.cli.main import COMMANDS, build_parser, main
+from supmae.core.errors import SupmaeError
+from supmae.core.options import Config, add_arguments, configuration, option, section
+from supmae.profiling.config import ProfileConfig
+from supmae.training.checkpoint import save_checkpoint
+from supmae.training.config import PretrainConfig
 
 
 def help_of(capsys, *command) -> str:
@@ -73,18 +72,18 @@ def test_every_entry_point_rejects_a_bad_value_with_the_same_line(capsys, tmp_pa
     assert error_of(capsys, "pretrain", "--data", synth_folder, "--output", out, "--config", str(toml)) == \
         f"supmae: error: {message}"
     (tmp_path / "run").mkdir()
-    saved = dict(dataclasses.asdict(PretrainConfig(data=synth_folder)), **{name: value})
+    saved = dict(PretrainConfig.of(data=synth_folder).values(), **{name: value})
     save_checkpoint(dict(model={}, config=saved, step=1), str(tmp_path / "run" / "checkpoint-00000001.pt"))
     assert error_of(capsys, "pretrain", "--output", out, "--resume", "auto") == f"supmae: error: {message}"
     with pytest.raises(SupmaeError) as raised:
-        PretrainConfig(**{name: value})
+        PretrainConfig.of(**{name: value})
     assert str(raised.value) == message
 
 
 def test_layers_merge_as_data_and_exclusive_options_yield():
     file = PretrainConfig.fields_of({"epochs": 5, "batch-size": 8, "img_size": 32}, "config file x.toml")
     cfg = PretrainConfig.merge({"steps": 2, "lr": 1e-3}, file, {"steps": "3"})  # checkpoint < file < typed
-    assert (cfg.epochs, cfg.steps, cfg.batch_size, cfg.img_size, cfg.lr) == (None, 3, 8, 32, 1e-3)
+    assert (cfg.epochs, cfg.steps, cfg.batch_size, cfg.trunk.img_size, cfg.lr) == (None, 3, 8, 32, 1e-3)
     assert PretrainConfig.merge({"steps": 2}, {"epochs": 7.5}).steps is None  # a later layer's choice wins
     with pytest.raises(SupmaeError, match="^give --epochs or --steps, not both$"):
         PretrainConfig.merge({"epochs": 1, "steps": 2})
@@ -104,7 +103,7 @@ def test_a_section_lends_its_options_flat():
     class Bench(Config):
         """A benchmark of the step."""
         run: PretrainConfig = section(PretrainConfig, ("model", "batch_size"), batch_size=256)
-        json: Optional[str] = option(None, "where the figures go")
+        json: str | None = option(None, "where the figures go")
 
     assert Bench().run.batch_size == 256 and Bench.option("batch_size").default == 256
     assert [opt.name for _, opt in Bench.options()] == ["json", "model", "batch_size"]
@@ -125,11 +124,11 @@ def test_types_from_text_and_from_files():
 
 
 def test_configurations_are_frozen_and_keyword_only():
-    cfg = PretrainConfig(batch_size=8)
+    cfg = PretrainConfig.of(batch_size=8)
     with pytest.raises(dataclasses.FrozenInstanceError):
-        cfg.batch_size = 0
+        cfg.batch_size = 0  # pyright: ignore[reportAttributeAccessIssue]
     with pytest.raises(TypeError):
-        PretrainConfig("some/data")
+        PretrainConfig("some/data")  # pyright: ignore[reportCallIssue]
     with pytest.raises(SupmaeError, match="must be at least 1"):
         dataclasses.replace(cfg, batch_size=0)  # a changed copy is checked again
 
@@ -139,7 +138,7 @@ def test_every_command_is_one_table_entry(capsys):
     for name, command in COMMANDS.items():
         words = name.split()
         text = help_of(capsys, *words)
-        first_line = " ".join(command.config.__doc__.split("\n")[0].split())
+        first_line = " ".join((command.config.__doc__ or "").split("\n")[0].split())
         assert first_line in text, name
         module, function = command.run.split(":")
         assert callable(getattr(__import__(module, fromlist=[function]), function))
@@ -148,10 +147,11 @@ def test_every_command_is_one_table_entry(capsys):
 
 def test_the_cli_checks_options_before_importing_torch():
     """--help and a refused option load no part of the heavy stack: a bad path is found before it."""
-    probe = ("import sys\nfrom supmae.cli import main\n"
+    probe = ("import sys\nfrom supmae.cli.main import main\n"
              "code = main(['pretrain', '--data', '/no/such/data'])\n"
              "try:\n    main(['pretrain', '--help'])\nexcept SystemExit:\n    pass\n"
-             "print(code, sorted(m for m in ('torch', 'numpy', 'PIL', 'ffcv', 'nvidia.dali', 'timm') if m in sys.modules))\n")
+             "heavy = ('torch', 'numpy', 'PIL', 'ffcv', 'nvidia.dali', 'timm')\n"
+             "print(code, sorted(m for m in heavy if m in sys.modules))\n")
     done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stderr == "supmae: error: --data: /no/such/data does not exist\n"

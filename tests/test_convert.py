@@ -12,14 +12,13 @@ import time
 import numpy as np
 import pytest
 from PIL import Image
+from test_cli import REPO, error_of
 
-from supmae.cli import main
-from supmae.config import ConvertConfig, ConvertOptions
-from supmae.errors import SupmaeError
+from supmae.cli.main import main
+from supmae.core.errors import SupmaeError
+from supmae.pipelines.config import ConvertConfig, ConvertOptions
 from supmae.pipelines.convert import convert, report_path
 from supmae.pipelines.sources import BetonSource, open_source, sidecar_path
-
-from test_cli import REPO, error_of
 
 
 def pattern(width=48, height=32) -> np.ndarray:
@@ -29,7 +28,8 @@ def pattern(width=48, height=32) -> np.ndarray:
 
 
 def quiet_convert(src, out, **options):
-    return convert(ConvertConfig(src=str(src), out=str(out), storage=ConvertOptions(**options), workers=2, progress=False))
+    return convert(ConvertConfig(src=str(src), out=str(out), storage=ConvertOptions(**options), workers=2,
+                                 progress=False))
 
 
 def stock_ffcv_images(path) -> tuple[list[np.ndarray], list[int]]:
@@ -118,12 +118,13 @@ def test_labels_classes_and_pixels_survive_conversion(synth_folder, tmp_path, mo
         assert max(stored.size) in (63, 64)  # FFCV truncates the scaled sides
         # the same picture: compared coarsely, past resampling and JPEG differences in fine texture
         other = folder.image((i + 12) % 48)  # another class: what a mix-up would look like
-        coarse = [np.asarray(image.resize((16, 12), Image.BOX), np.float32) for image in (stored, original, other)]
+        coarse = [np.asarray(image.resize((16, 12), Image.Resampling.BOX), np.float32)
+                  for image in (stored, original, other)]
         assert np.abs(coarse[0] - coarse[1]).mean() < 5 < np.abs(coarse[0] - coarse[2]).mean()
 
 
 def test_file_lists_and_their_label_forms(tmp_path):
-    for i, name in enumerate(["cat", "dog", "cat"]):
+    for i, _name in enumerate(["cat", "dog", "cat"]):
         Image.fromarray(pattern()).save(tmp_path / f"{i}.png")
     (tmp_path / "named.csv").write_text("path,label\n0.png,cat\n1.png,dog\n2.png,cat\n")
     (tmp_path / "numbered.tsv").write_text("0.png\t3\n1.png\t0\n2.png\t3\n")
@@ -160,7 +161,7 @@ def test_file_list_labels_are_kept_or_refused_never_invented(tmp_path, caplog):
         with pytest.raises(SupmaeError, match=re.escape(message)):
             listed("bad.csv", text)
     repeated = listed("repeated.csv", "0.png,cat\n1.png,dog\n0.png,cat\n")
-    assert [os.path.basename(p) for p, _ in repeated.samples] == ["0.png", "1.png"]
+    assert [os.path.basename(str(p)) for p, _ in repeated.samples] == ["0.png", "1.png"]
     assert caplog.messages[-1].endswith("repeated.csv: 1 repeated row left out (row 3)")
     listed("sparse.csv", "0.png,0\n1.png,20000\n")
     assert "labels run up to 20000 with 2 different ones" in caplog.messages[-1]
@@ -226,11 +227,12 @@ def test_the_default_longest_side_is_320_and_0_keeps_originals(tmp_path, capsys)
         source = BetonSource(str(out))
         sizes[name] = sorted(tuple(int(v) for v in source._image[i][["width", "height"]]) for i in range(2))
     assert sizes == {"default": [(240, 160), (320, 240)], "original": [(240, 160), (500, 375)]}
-    assert "or 0 to keep originals" in error_of(capsys, "convert", str(root), str(tmp_path / "x.beton"), "--max-res", "4")
+    assert "or 0 to keep originals" in error_of(capsys, "convert", str(root), str(tmp_path / "x.beton"),
+                                                "--max-res", "4")
 
 
 def test_a_second_conversion_to_one_output_is_refused(capsys, synth_folder, tmp_path):
-    from supmae.lock import exclusive
+    from supmae.core.lock import exclusive
     out = tmp_path / "data.beton"
     with exclusive(str(tmp_path / ".data.beton.lock"), "the first conversion's output"):
         err = error_of(capsys, "convert", synth_folder, str(out), "--no-progress")
@@ -294,7 +296,7 @@ def test_what_a_killed_conversion_left_is_removed_by_the_next(synth_folder, tmp_
     left = tmp_path / ".data.beton.partial-999999"
     left.write_bytes(b"half a beton")
     table = shared_memory.SharedMemory(create=True, size=4096)  # FFCV's sample table, as a kill leaves it
-    resource_tracker.unregister(table._name, "shared_memory")  # no process of this test will free it
+    resource_tracker.unregister(table._name, "shared_memory")  # pyright: ignore[reportAttributeAccessIssue]  # no process of this test will free it
     table.close()
     (tmp_path / ".data.beton.table").write_text(table.name)
     with caplog.at_level(logging.INFO, logger="supmae"):

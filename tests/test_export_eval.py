@@ -4,15 +4,18 @@ import os
 import pytest
 import timm
 import torch
-
-from supmae.cli import main
-from supmae.config import KnnConfig, LinearConfig, PretrainConfig
-from supmae.evaluate import eval_knn, knn_top1, load_pretrained
-from supmae.finetune import layer_decay_groups, linear_probe, timm_vit
-from supmae.pipelines.synthetic import write_synthetic
-from supmae.train import pretrain
-
 from test_cli import error_of
+from timm.models.vision_transformer import VisionTransformer
+
+from supmae.cli.main import main
+from supmae.evaluation.config import KnnConfig, LinearConfig
+from supmae.evaluation.finetune import layer_decay_groups, timm_vit
+from supmae.evaluation.knn import eval_knn, knn_top1
+from supmae.evaluation.linear import linear_probe
+from supmae.evaluation.pretrained import load_pretrained
+from supmae.pipelines.synthetic import write_synthetic
+from supmae.training.config import PretrainConfig
+from supmae.training.loop import pretrain
 
 
 @pytest.mark.parametrize("pool", ["avg", "token"])
@@ -27,6 +30,7 @@ def test_exported_encoder_loads_in_timm_with_our_features(capsys, checkpoint, tm
     ours, _ = load_pretrained(checkpoint, "cpu")
     images = torch.randn(3, 3, 224, 224)
     with torch.no_grad():
+        assert isinstance(vit, VisionTransformer)
         theirs = vit.forward_head(vit.forward_features(images), pre_logits=True)
         torch.testing.assert_close(theirs, ours.features(images, pool), rtol=1e-5, atol=1e-5)
 
@@ -60,7 +64,7 @@ def short_runs(tmp_path_factory):
     val = write_synthetic(str(root / "val"), num_classes=4, images_per_class=10, seed=1, workers=1)
     checkpoints = {}
     for model in ("supmae_vit_tiny_patch16", "mae_vit_tiny_patch16"):
-        checkpoints[model] = pretrain(PretrainConfig(
+        checkpoints[model] = pretrain(PretrainConfig.of(
             data=train, model=model, img_size=64, batch_size=16, steps=100, warmup_steps=10, lr=1.5e-3, workers=1,
             progress=False, tensorboard=False, output=str(root / model), log_every=50))["checkpoint"]
     return train, val, checkpoints
@@ -76,7 +80,8 @@ def test_short_supmae_run_beats_chance_and_a_same_length_mae_run(short_runs):
 def test_linear_probe_and_finetune_report_top1(capsys, short_runs, tmp_path):
     train, val, checkpoints = short_runs
     supmae = checkpoints["supmae_vit_tiny_patch16"]
-    assert linear_probe(LinearConfig(checkpoint=supmae, train=train, val=val, epochs=30, workers=0))["top1"] >= 0.25 + 0.4
+    probed = linear_probe(LinearConfig(checkpoint=supmae, train=train, val=val, epochs=30, workers=0))
+    assert probed["top1"] >= 0.25 + 0.4
     assert main(["eval", "linear", "--checkpoint", supmae, "--train", train, "--val", val, "--epochs", "2",
                  "--workers", "0"]) == 0
     assert "linear probe top-1" in capsys.readouterr().out
@@ -94,7 +99,7 @@ def test_layer_decay_scales_lr_from_the_head_down(checkpoint):
     scale = {id(p): (g["lr_scale"], g["weight_decay"]) for g in groups for p in g["params"]}
     layers = len(vit.blocks) + 1
     assert scale[id(vit.head.weight)] == (1.0, 0.05) and scale[id(vit.head.bias)] == (1.0, 0.0)
-    assert scale[id(vit.blocks[-1].mlp.fc1.weight)] == (0.5, 0.05)
+    assert scale[id(vit.get_parameter(f"blocks.{len(vit.blocks) - 1}.mlp.fc1.weight"))] == (0.5, 0.05)
     assert scale[id(vit.patch_embed.proj.weight)] == (0.5 ** layers, 0.05)
     assert scale[id(vit.pos_embed)] == (0.5 ** layers, 0.0) and scale[id(vit.cls_token)][1] == 0.0
     assert sum(len(g["params"]) for g in groups) == sum(1 for p in vit.parameters() if p.requires_grad)
@@ -114,8 +119,8 @@ def test_eval_knn_cli(capsys, synth_folder, checkpoint, tmp_path, loader):
 def test_visualize_writes_the_grid_and_keeps_visible_patches(capsys, checkpoint, synth_folder, tmp_path):
     from PIL import Image
 
-    from supmae.objective import patchify
-    from supmae.visualize import reconstruct, unpatchify
+    from supmae.evaluation.visualize import reconstruct, unpatchify
+    from supmae.models.objective import patchify
     images = torch.randn(2, 3, 48, 32 + 16)
     assert torch.equal(unpatchify(patchify(images, 16), 16), images)
     model, _ = load_pretrained(checkpoint, "cpu")

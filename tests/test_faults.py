@@ -8,13 +8,12 @@ import time
 
 import pytest
 import torch
-
-from supmae.checkpoint import list_checkpoints, load_checkpoint
-from supmae.errors import SupmaeError
-from supmae.train import pretrain
-
 from test_cli import REPO
 from test_train import config, metrics
+
+from supmae.core.errors import SupmaeError
+from supmae.training.checkpoint import list_checkpoints, load_checkpoint
+from supmae.training.loop import pretrain
 
 
 def start(*args):
@@ -119,9 +118,10 @@ def test_a_damaged_newer_checkpoint_never_costs_the_good_one(synth_folder, tmp_p
 
 
 def test_a_second_run_on_a_folder_in_use_is_refused(capsys, synth_folder, tmp_path):
-    from supmae.lock import exclusive
-    from supmae.train import LOCK
     from test_cli import error_of
+
+    from supmae.core.lock import exclusive
+    from supmae.training.loop import LOCK
     with exclusive(str(tmp_path / LOCK), "the first run's folder"):  # as a run in another process holds it
         err = error_of(capsys, *["pretrain", *arguments(synth_folder, tmp_path, 2)])
     assert err == (f"supmae: error: --output {tmp_path} is in use by process {os.getpid()}: wait for it to "

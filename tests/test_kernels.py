@@ -8,7 +8,7 @@ import torch
 
 from supmae.kernels.norm_pix_loss import norm_pix_mse_triton
 from supmae.kernels.patch_gather import gather_patches_triton
-from supmae.objective import channel_major, gather_patches, patchify, reconstruction_loss, removed_patch_loss
+from supmae.models.objective import channel_major, gather_patches, patchify, reconstruction_loss, removed_patch_loss
 from supmae.pipelines.masking import num_kept, random_masking
 
 pytestmark = pytest.mark.cuda
@@ -92,10 +92,12 @@ def test_norm_pix_loss_and_gradient_match_the_twin(batch, h, w, p, ratio, dtype,
     loss_e = removed_patch_loss(pred_e, images, ids_removed, p, norm)
     (loss_k * 3).backward()
     (loss_e * 3).backward()
+    assert pred_k.grad is not None and pred_e.grad is not None
     assert loss_k.dtype == torch.float32 and pred_k.grad.dtype == dtype
     tolerance = TOLERANCE[dtype]
     torch.testing.assert_close(loss_k, loss_e, rtol=1e-5, atol=1e-6)  # both accumulate in float32
-    torch.testing.assert_close(pred_k.grad, pred_e.grad, rtol=tolerance, atol=tolerance * pred_e.grad.abs().max())
+    torch.testing.assert_close(pred_k.grad, pred_e.grad, rtol=tolerance,
+                               atol=tolerance * pred_e.grad.abs().max().item())
 
 
 def test_removed_patch_loss_is_the_reference_objective():
@@ -104,7 +106,7 @@ def test_removed_patch_loss_is_the_reference_objective():
     masking, ids_removed = masks(3, 32, 32, 8, 0.75, seed=4)
     pred = torch.randn(3, 16, 192, device=DEVICE)
     ids_removed, mask = ids_removed.to(DEVICE), masking.mask.to(DEVICE)
-    from supmae.objective import norm_pix
+    from supmae.models.objective import norm_pix
     reference = reconstruction_loss(pred, norm_pix(patchify(images, 8)), mask)
     removed = torch.gather(pred, 1, ids_removed.unsqueeze(-1).expand(-1, -1, 192))
     torch.testing.assert_close(removed_patch_loss(channel_major(removed, 8), images, ids_removed, 8), reference)
@@ -116,7 +118,8 @@ def test_kernels_trace_without_graph_breaks():
     ids_keep, ids_removed = masking.ids_keep.to(DEVICE), ids_removed.to(DEVICE)
 
     def step(pred):
-        return gather_patches_triton(images, ids_keep, 8).sum() + norm_pix_mse_triton(pred, images, ids_removed, 8, True)
+        loss = norm_pix_mse_triton(pred, images, ids_removed, 8, True)
+        return gather_patches_triton(images, ids_keep, 8).sum() + loss
 
     explanation = torch._dynamo.explain(step)(torch.randn(2, 12, 192, device=DEVICE, requires_grad=True))
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
@@ -124,7 +127,8 @@ def test_kernels_trace_without_graph_breaks():
 
 def _model_and_batch(num_classes=4, seed=0):
     from conftest import TINY
-    from supmae.registry import create_model
+
+    from supmae.models.registry import create_model
     torch.manual_seed(seed)
     model = create_model("supmae_vit_tiny_patch16", num_classes=num_classes, **TINY).to(DEVICE)
     images = images_of(5, 32, 32, torch.float32, seed=seed)
@@ -145,7 +149,7 @@ def _loss_and_grads(forward, model, images, labels, masking):
 @pytest.mark.parametrize("num_classes", [4, 0])
 def test_fast_path_has_the_reference_loss_and_gradients(backend, num_classes):
     """Kernels on or off, the fast path trains the model exactly as its reference forward does."""
-    from supmae.fast import apply_kernels
+    from supmae.models.fast import apply_kernels
     model, images, labels, masking = _model_and_batch(num_classes)
     reference, ref_grads = _loss_and_grads(model, model, images, labels, masking)
     fast, grads = _loss_and_grads(apply_kernels(model, backend), model, images, labels, masking)
@@ -161,7 +165,7 @@ def test_fast_path_under_bf16_autocast_follows_the_reference(backend):
     """Under autocast the two paths round differently (a matmul over gathered patches against the
     convolution), so neither equals the other bit for bit; the fast path must be as close to the float32
     gradients as the reference forward is under the same autocast."""
-    from supmae.fast import apply_kernels
+    from supmae.models.fast import apply_kernels
     model, images, labels, masking = _model_and_batch()
     exact, exact_grads = _loss_and_grads(model, model, images, labels, masking)
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
@@ -186,7 +190,7 @@ def _relative(out: torch.Tensor, ref: torch.Tensor) -> float:
                                               (torch.bfloat16, torch.float32)])
 def test_unshuffle_and_its_gradient_match_the_twin(dtype, mask_dtype):
     from supmae.kernels.unshuffle import unshuffle_triton
-    from supmae.model import unshuffle
+    from supmae.models.trunk import unshuffle
     for batch, length, ratio, width in [(3, 16, 0.75, 32), (5, 49, 0.5, 40), (1, 9, 0.9, 1100)]:
         masking = random_masking(torch.rand(batch, length), num_kept(length, ratio))
         ids_keep, ids_restore = masking.ids_keep.to(DEVICE), masking.ids_restore.to(DEVICE)
@@ -195,10 +199,11 @@ def test_unshuffle_and_its_gradient_match_the_twin(dtype, mask_dtype):
         # strided, as inductor may hand the gradient back: the backward reads it in place
         upstream = torch.randn(batch, width, length, device=DEVICE, dtype=dtype).transpose(1, 2)
         results, strides = [], []
-        for op in (lambda t, m: unshuffle_triton(t, m, ids_restore, ids_keep), lambda t, m: unshuffle(t, m, ids_restore)):
+        for op in (lambda t, m, r=ids_restore, k=ids_keep: unshuffle_triton(t, m, r, k),
+                   lambda t, m, r=ids_restore: unshuffle(t, m, r)):
             t, m = tokens.clone().requires_grad_(), mask_token.clone().requires_grad_()
             out = op(t, m)
-            out.register_hook(lambda grad: strides.append(grad.is_contiguous()))
+            out.register_hook(lambda grad, seen=strides: seen.append(grad.is_contiguous()))
             (out.float() * upstream.float()).sum().backward()
             results.append((out, t.grad, m.grad))
         assert strides == [False, False]
@@ -206,12 +211,14 @@ def test_unshuffle_and_its_gradient_match_the_twin(dtype, mask_dtype):
         torch.testing.assert_close(out_k, out_e, rtol=0, atol=0)
         torch.testing.assert_close(dt_k, dt_e, rtol=0, atol=0)
         tolerance = TOLERANCE[dtype]
-        torch.testing.assert_close(dm_k.float(), dm_e.float(), rtol=tolerance, atol=tolerance * dm_e.float().abs().max())
+        torch.testing.assert_close(dm_k.float(), dm_e.float(), rtol=tolerance,
+                                   atol=tolerance * dm_e.float().abs().max())
 
 
 def test_backend_choice(monkeypatch, capsys, synth_folder, tmp_path):
-    from supmae.fast import kernel_backend
     from test_cli import error_of
+
+    from supmae.models.fast import kernel_backend
     assert kernel_backend(torch.device("cpu")) == "eager" and kernel_backend(torch.device("cuda")) == "triton"
     monkeypatch.setenv("SUPMAE_KERNELS", "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -228,8 +235,8 @@ def test_compiled_fast_path_with_triton_ops_is_one_graph_under_bf16():
     """What a GPU step compiles: the Triton ops (here in the interpreter) inside torch.compile with
     fullgraph under bf16 autocast; a graph break would be an error. Compiled, the loss follows eager and
     the gradients are as close to float32's as eager's are (inductor fuses, so it rounds elsewhere)."""
-    from supmae.fast import apply_kernels
-    from supmae.train import apply_compile
+    from supmae.models.fast import apply_kernels
+    from supmae.runtime.hardware import apply_compile
     model, images, labels, masking = _model_and_batch()
     forward = apply_kernels(model, "triton")
     _, exact_grads = _loss_and_grads(model, model, images, labels, masking)
@@ -239,4 +246,5 @@ def test_compiled_fast_path_with_triton_ops_is_one_graph_under_bf16():
     torch.testing.assert_close(compiled.loss, eager.loss, rtol=1e-2, atol=0)
     for name in eager_grads:
         compiled_error, eager_error = (_relative(g[name], exact_grads[name]) for g in (grads, eager_grads))
-        assert compiled_error <= 2 * eager_error + 1e-2, f"{name}: {compiled_error:.2e} from float32, eager {eager_error:.2e}"
+        assert compiled_error <= 2 * eager_error + 1e-2, \
+            f"{name}: {compiled_error:.2e} from float32, eager {eager_error:.2e}"

@@ -3,6 +3,7 @@
 Crops are measured, not trusted: the images are coordinate maps (red = x, green = y), so the pixels of
 an output view say which box of the source it shows and whether it was flipped.
 """
+import dataclasses
 import io
 import os
 
@@ -10,18 +11,18 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_cli import error_of
 
-from supmae.errors import SupmaeError
+from supmae.core.errors import SupmaeError
 from supmae.pipelines.augment import sample_crop
-from supmae.config import ConvertConfig, ConvertOptions, PretrainConfig
 from supmae.pipelines.batch import IMAGENET_MEAN, IMAGENET_STD
+from supmae.pipelines.config import ConvertConfig, ConvertOptions
 from supmae.pipelines.convert import convert
 from supmae.pipelines.decode import without_png_profile
 from supmae.pipelines.loader import LoaderSpec, create_loader, ordered_batches
 from supmae.pipelines.masking import MaskSampler
 from supmae.pipelines.sources import open_source
-
-from test_cli import error_of
+from supmae.training.config import PretrainConfig
 
 WIDTH, HEIGHT, SIZE, BATCH = 240, 160, 32, 16
 ENGINES = [("torch", "folder"), ("torch", "raw"), ("ffcv", "raw"), ("dali", "folder"), ("dali", "raw")]
@@ -50,15 +51,14 @@ def coordinates(coordinate_folder):
     paths = {"folder": coordinate_folder}
     for mode in ("raw", "jpg"):
         paths[mode] = f"{coordinate_folder}-{mode}.beton"
-        convert(ConvertConfig(src=coordinate_folder, out=paths[mode], storage=ConvertOptions(write_mode=mode), workers=2,
-                              progress=False))
+        convert(ConvertConfig(src=coordinate_folder, out=paths[mode], storage=ConvertOptions(write_mode=mode),
+                              workers=2, progress=False))
     return paths
 
 
 def spec(**overrides) -> LoaderSpec:
-    options = dict(batch_size=BATCH, img_size=SIZE, mask_sampler=MaskSampler(16, 0.75, seed=0, device="cpu"), workers=2, seed=0)
-    options.update(overrides)
-    return LoaderSpec(**options)
+    return dataclasses.replace(LoaderSpec(batch_size=BATCH, img_size=SIZE, workers=2, seed=0,
+                                          mask_sampler=MaskSampler(16, 0.75, seed=0, device="cpu")), **overrides)
 
 
 def take(engine, path, n, **overrides):
@@ -161,7 +161,7 @@ def test_views_are_a_function_of_the_seed_and_resume_exactly(coordinates, views,
         assert torch.equal(a.images, b.images)
     for a, b in zip(full[3:], resumed):
         assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
-        assert torch.equal(a.masking.ids_keep, b.masking.ids_keep)
+        assert a.masking is not None and b.masking is not None and torch.equal(a.masking.ids_keep, b.masking.ids_keep)
     other = take(engine, coordinates[kind], 1, seed=1)[0]
     assert not torch.equal(other.images, full[0].images)
 
@@ -170,6 +170,7 @@ def test_ffcv_resumes_on_the_schedule(coordinates, views):
     """FFCV's crops come from its own generators; its order and masks still resume exactly."""
     resumed = take("ffcv", coordinates["raw"], 4, start=3)
     for a, b in zip(views["ffcv", "raw"][3:], resumed):
+        assert a.masking is not None and b.masking is not None
         assert torch.equal(a.labels, b.labels) and torch.equal(a.masking.ids_keep, b.masking.ids_keep)
 
 
@@ -180,7 +181,8 @@ def test_dali_decodes_a_beton_as_ffcv_does(coordinates, tmp_path):
         (folder / str(label)).mkdir(parents=True)
         for i in range(8):
             rng = np.random.default_rng(10 * label + i)
-            smooth = Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).resize((64, 64), Image.BICUBIC)
+            noise = Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8))
+            smooth = noise.resize((64, 64), Image.Resampling.BICUBIC)
             smooth.save(folder / str(label) / f"{i}.png")
     beton = str(tmp_path / "squares.beton")
     convert(ConvertConfig(src=str(folder), out=beton, storage=ConvertOptions(write_mode="jpg", jpeg_quality=90),
@@ -210,7 +212,7 @@ def test_ffcv_needs_a_beton(coordinates):
 
 @pytest.mark.parametrize("engine,kind", [("ffcv", "jpg"), ("dali", "jpg"), ("dali", "folder")])
 def test_pretrain_runs_on_every_engine(capsys, coordinates, tmp_path, engine, kind):
-    from supmae.cli import main
+    from supmae.cli.main import main
     code = main(["pretrain", "--data", coordinates[kind], "--loader", engine, "--model", "supmae_vit_tiny_patch16",
                  "--img-size", "32", "--batch-size", "8", "--steps", "3", "--workers", "2", "--log-every", "1",
                  "--output", str(tmp_path / "run"), "--no-progress"])
@@ -250,9 +252,9 @@ def test_gpu_batches_arrive_on_the_device(request, coordinate_folder, engine, ki
                    dtype=torch.bfloat16)
     for batch, reference in zip(batches, take("torch", coordinate_folder, 3)):
         assert batch.images.device.type == "cuda" and batch.images.dtype == torch.bfloat16
-        assert batch.labels.device.type == "cuda" and batch.masking.ids_keep.device.type == "cuda"
-        assert torch.equal(batch.labels.cpu(), reference.labels)
-        blue = pixels(type(batch)(batch.images.float().cpu(), None, None))[..., 2].mean((1, 2))
+        assert batch.masking is not None and batch.masking.ids_keep.device.type == "cuda"
+        assert batch.labels.device.type == "cuda" and torch.equal(batch.labels.cpu(), reference.labels)
+        blue = pixels(batch._replace(images=batch.images.float().cpu()))[..., 2].mean((1, 2))
         np.testing.assert_allclose(blue, batch.labels.cpu().numpy() * 40, atol=4)
 
 
@@ -262,7 +264,7 @@ def test_auto_picks_ffcv_for_a_beton_and_torch_otherwise(coordinates, monkeypatc
     assert choose_engine("auto", open_source(coordinates["folder"])) == "torch"
     assert choose_engine("dali", open_source(coordinates["jpg"])) == "dali"
     with pytest.raises(SupmaeError, match="^--loader: 'fast' is not one of auto, torch, ffcv, dali$"):
-        PretrainConfig(loader="fast")
+        PretrainConfig.of(loader="fast")
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None)  # no ffcv installed
     assert choose_engine("auto", open_source(coordinates["jpg"])) == "torch"
 
@@ -272,6 +274,7 @@ def test_dali_spawned_workers_get_a_large_source_through_a_file(coordinate_folde
     them through a file, which is gone once they have it, and the batches are the forked workers' batches."""
     import glob
     import tempfile
+
     import supmae.pipelines.dali_loader as dali
     images = sorted(glob.glob(f"{coordinate_folder}/*/*.png"))
     rows = [f"{images[i % len(images)]},{os.path.basename(os.path.dirname(images[i % len(images)]))}"

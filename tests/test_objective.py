@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from supmae.objective import classification_loss, norm_pix, patchify, reconstruction_loss
+from supmae.models.objective import classification_loss, norm_pix, patchify, reconstruction_loss
 
 
 def test_patchify_order_is_p_q_c():

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from supmae.errors import SupmaeError
+from supmae.core.errors import SupmaeError
 from supmae.pipelines.augment import crop_and_flip, crop_resize_flip, sample_crop
 from supmae.pipelines.batch import IMAGENET_MEAN, IMAGENET_STD
 from supmae.pipelines.loader import LoaderSpec, create_loader
@@ -17,8 +17,8 @@ from supmae.pipelines.synthetic import class_names
 
 def make_loader(folder, start=0, workers=0, seed=0, batch_size=8):
     return create_loader("torch", open_source(folder), LoaderSpec(
-        batch_size=batch_size, img_size=32, mask_sampler=MaskSampler(16, 0.75, seed=seed, device="cpu"), workers=workers, seed=seed,
-        start=start))
+        batch_size=batch_size, img_size=32, mask_sampler=MaskSampler(16, 0.75, seed=seed, device="cpu"),
+        workers=workers, seed=seed, start=start))
 
 
 def take(loader, n):
@@ -33,7 +33,7 @@ def test_scan_finds_nested_images_and_rejects_bad_roots(tmp_path):
     folder = scan_image_folder(str(tmp_path))
     assert folder.classes == ["a", "b"]
     assert [y for _, y in folder.samples] == [0, 0, 1]
-    assert {os.path.relpath(p, tmp_path) for p, _ in folder.samples} == {"a/z.jpeg", "a/deep/er/y.PNG", "b/x.jpg"}
+    assert {os.path.relpath(str(p), tmp_path) for p, _ in folder.samples} == {"a/z.jpeg", "a/deep/er/y.PNG", "b/x.jpg"}
     with pytest.raises(SupmaeError, match="does not exist"):
         scan_image_folder(str(tmp_path / "missing"))
     with pytest.raises(SupmaeError, match="not a directory"):
@@ -73,7 +73,8 @@ def test_flip_rate_is_one_half():
     image = Image.fromarray(np.tile(np.arange(64, dtype=np.uint8) * 4, (64, 1))[..., None].repeat(3, axis=2))
     flips = 0
     for index in range(1000):
-        out = np.asarray(crop_resize_flip(image, 16, *crop_and_flip(64, 64, seed=1, epoch=0, index=index, train=True)), np.float32)[..., 0]
+        view = crop_resize_flip(image, 16, *crop_and_flip(64, 64, seed=1, epoch=0, index=index, train=True))
+        out = np.asarray(view, np.float32)[..., 0]
         flips += out[:, 0].mean() > out[:, -1].mean()  # the ramp now decreases left to right
     assert 450 < flips < 550
 
@@ -93,7 +94,7 @@ def test_loader_batches_are_normalised_masked_and_labelled(synth_folder):
 def test_loader_labels_match_folders(synth_folder):
     folder = scan_image_folder(synth_folder)
     assert folder.classes == class_names(4)
-    assert all(os.path.basename(os.path.dirname(p)) == folder.classes[y] for p, y in folder.samples)
+    assert all(os.path.basename(os.path.dirname(str(p))) == folder.classes[y] for p, y in folder.samples)
     labels = torch.cat([b.labels for b in take(make_loader(synth_folder), 6)])  # one epoch: 48 images
     assert sorted(labels.tolist()) == sorted(y for _, y in folder.samples)
 
@@ -134,7 +135,7 @@ def test_synthetic_classes_are_learnable(synth_folder):
 
 
 def test_synthetic_images_look_like_imagenet(synth_folder):
-    sizes = [Image.open(p).size for p, _ in scan_image_folder(synth_folder).samples]
+    sizes = [Image.open(str(p)).size for p, _ in scan_image_folder(synth_folder).samples]
     assert all(256 <= w <= 512 and 224 <= h <= 448 for w, h in sizes)
     assert len(set(sizes)) > len(sizes) // 2
     assert math.isclose(np.mean([w for w, _ in sizes]), 384, rel_tol=0.2)
@@ -165,7 +166,7 @@ def test_a_folder_is_walked_once_through_links_and_empty_classes_are_named(tmp_p
     (root / "a" / ".hidden").mkdir()
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "a" / ".hidden" / "x.png")
     images = scan_image_folder(str(root))
-    assert [(os.path.relpath(p, root), y) for p, y in images.samples] == [
+    assert [(os.path.relpath(str(p), root), y) for p, y in images.samples] == [
         ("a/0.png", 0), ("a/1.png", 0), ("a/2.png", 0), ("b/0.png", 1)]
     assert images.classes == ["a", "b", "empty"]
     assert caplog.messages == [f"{root}: class folder empty holds no images; each stays a class with no samples"]

@@ -10,14 +10,14 @@ import types
 
 import pytest
 import torch
+from test_cli import REPO, error_of, run_cli
 
 from supmae.pipelines.batch import to_device_batches
 from supmae.pipelines.loader import ENGINES
-from supmae.config import PretrainConfig, ProfileConfig
-from supmae.measure import Usage
-from supmae.profiler import profile, verdict
-
-from test_cli import REPO, error_of, run_cli
+from supmae.profiling.config import ProfileConfig
+from supmae.profiling.measure import Usage
+from supmae.profiling.profiler import profile, verdict
+from supmae.training.config import PretrainConfig
 
 BATCH, DELAY = 8, 0.5  # the slowed loader sleeps DELAY seconds per batch: it can give at most BATCH / DELAY img/s
 
@@ -48,7 +48,7 @@ class SlowLoader(PausingLoader):
 
 def profiled(engine, synth_folder, tmp_path, monkeypatch, caplog):
     monkeypatch.setitem(ENGINES, engine, f"{__name__}:{dict(slow='SlowLoader', instant='PausingLoader')[engine]}")
-    cfg = PretrainConfig(data=synth_folder, loader=engine, model="supmae_vit_tiny_patch16", img_size=64,
+    cfg = PretrainConfig.of(data=synth_folder, loader=engine, model="supmae_vit_tiny_patch16", img_size=64,
                          batch_size=BATCH, workers=0, progress=False)
     with caplog.at_level(logging.INFO, logger="supmae"):
         report = profile(ProfileConfig(run=cfg, steps=6, warmup=2, window=2, out=str(tmp_path / "profile")))
@@ -97,7 +97,7 @@ def test_the_loader_lever_follows_the_runs_own_cpu_and_names_a_shared_machine(ow
     stages = dict(loader=dict(images_per_s=dict(median=10.0), cpu_percent=own, machine_cpu_percent=machine),
                   step=dict(images_per_s=dict(median=100.0)))
     run = types.SimpleNamespace(device=torch.device("cpu"), engine="torch", workers=3)
-    text = verdict(stages, run)["text"]
+    text = verdict(stages, run)["text"]  # pyright: ignore[reportArgumentType]  (what verdict reads of a Run)
     assert all(lever in text for lever in levers)
     assert ("other processes" in text) == ("other processes" in levers)
 
@@ -120,7 +120,7 @@ def test_report_figures_hang_together(synth_folder, tmp_path, monkeypatch, caplo
     for name in ("images_per_s.png", "stages.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert report["config"]["run"]["loader"] == "instant" and report["config"]["profile"]["steps"] == 6
-    for stage, figures in report["stages"].items():
+    for _stage, figures in report["stages"].items():
         rates = figures["images_per_s"]
         assert rates["min"] <= rates["median"] <= rates["max"]
         assert len(figures["windows"]) == 3  # 6 steps in windows of 2
@@ -133,13 +133,14 @@ def test_report_figures_hang_together(synth_folder, tmp_path, monkeypatch, caplo
 
 
 def test_the_step_of_a_text_model_is_profiled_with_its_flops(synth_folder, tmp_path, caplog):
-    cfg = PretrainConfig(data=synth_folder, model="maeclip_vit_tiny_patch16", img_size=32, batch_size=4, workers=0,
+    cfg = PretrainConfig.of(data=synth_folder, model="maeclip_vit_tiny_patch16", img_size=32, batch_size=4, workers=0,
                          progress=False)
     with caplog.at_level(logging.INFO, logger="supmae"):
         report = profile(ProfileConfig(run=cfg, stages="step", steps=1, warmup=1, window=1,
                                        out=str(tmp_path / "profile")))
     assert report["stages"]["step"]["gflops_per_image"] > 0
-    assert any(m.startswith("step: ") and "GFLOP/image counted, MFU" in m for m in "\n".join(caplog.messages).split("\n"))
+    lines = "\n".join(caplog.messages).split("\n")
+    assert any(m.startswith("step: ") and "GFLOP/image counted, MFU" in m for m in lines)
 
 
 def test_profile_cli_on_the_embedded_dataset(tmp_path):
@@ -154,7 +155,8 @@ def test_profile_cli_on_the_embedded_dataset(tmp_path):
     with open(report) as f:
         written = json.load(f)
     assert written["config"]["run"]["data"].startswith(str(tmp_path / "home"))
-    assert set(written["stages"]) == {"loader", "step", "end_to_end"} and written["verdict"]["bound"] in ("loader", "step")
+    assert set(written["stages"]) == {"loader", "step", "end_to_end"}
+    assert written["verdict"]["bound"] in ("loader", "step")
     assert {p.name for p in out.iterdir()} == {"profile.json", "images_per_s.png", "stages.png"}
 
 

@@ -7,23 +7,24 @@ import shutil
 
 import pytest
 import torch
+from conftest import TINY
 
 from supmae import create_model
-from supmae.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from supmae.config import PretrainConfig, ProfileConfig
-from supmae.errors import SupmaeError
-from supmae.optim import build_optimizer, lr_at, param_groups
+from supmae.core.errors import SupmaeError
 from supmae.pipelines.batch import Batch
 from supmae.pipelines.masking import random_masking
-from supmae.train import pretrain, train_step
-
-from conftest import TINY
+from supmae.profiling.config import ProfileConfig
+from supmae.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from supmae.training.config import PretrainConfig
+from supmae.training.loop import pretrain
+from supmae.training.optim import build_optimizer, lr_at, param_groups
+from supmae.training.step import train_step
 
 
 def config(folder, output, **overrides):
     base = dict(data=folder, output=str(output), model="supmae_vit_tiny_patch16", img_size=64, batch_size=8,
                 steps=6, checkpoint_every=3, log_every=1, workers=0, progress=False, warmup_steps=2, lr=1e-3)
-    return PretrainConfig(**{**base, **overrides})
+    return PretrainConfig.of(**{**base, **overrides})
 
 
 def metrics(output):
@@ -175,7 +176,7 @@ def test_compiled_bf16_runs_on_gpu_with_and_without_cuda_graphs(synth_folder, tm
 
 
 def test_the_compile_mode_reaches_torch_compile(synth_folder, tmp_path, monkeypatch):
-    from supmae.train import Run
+    from supmae.training.run import Run
     modes = []
     monkeypatch.setattr(torch, "compile", lambda module, mode, fullgraph: modes.append((mode, fullgraph)) or module)
     run = Run(config(synth_folder, tmp_path, compile=True, compile_mode="max-autotune"))
@@ -193,7 +194,7 @@ def test_compiled_run_follows_the_eager_run(synth_folder, tmp_path):
 
 def test_a_gpu_torch_cannot_use_is_named_not_silently_replaced(monkeypatch, caplog):
     """An old driver makes torch.cuda.is_available() false on a GPU machine: say so, in one line."""
-    from supmae.hardware import resolve_device
+    from supmae.runtime.hardware import resolve_device
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr("shutil.which", lambda command: "/usr/bin/nvidia-smi" if command == "nvidia-smi" else None)
     assert resolve_device("auto").type == "cpu"
@@ -225,8 +226,9 @@ def test_a_single_class_is_warned_about_for_a_supervised_model(synth_folder, tmp
 
 def test_a_resume_reads_the_data_it_began_with(capsys, synth_folder, tmp_path, monkeypatch):
     """A relative --data is stored absolute; other data under the same classes is refused by its fingerprint."""
-    from supmae.cli import main
     from test_cli import error_of
+
+    from supmae.cli.main import main
     here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
     shutil.copytree(synth_folder, here / "data")
     shutil.copytree(synth_folder, elsewhere / "data", ignore=lambda folder, names: {"000000.jpg"} & set(names))

@@ -1,0 +1,73 @@
+"""The data side's options: the loader every command that reads images shares, and the `synth` and
+`convert` commands. Nothing here imports torch or an engine, so the CLI checks them before either loads."""
+import os
+
+from supmae.core.errors import SupmaeError
+from supmae.core.options import Config, configuration, option, section
+from supmae.pipelines.engines import ENGINES
+
+SEED_MAX = 2**32 - 1  # every generator the seed reaches (torch, numpy, DALI, FFCV) takes it whole
+ORDERS = ("random", "quasi_random")
+WRITE_MODES = ("jpg", "raw", "proportion", "smart")
+
+
+def _loaders() -> tuple[str, ...]:
+    return ("auto", *ENGINES)
+
+
+def loader_option(group: str | None = None) -> str:
+    return option("auto", "decoding engine (ffcv reads .beton files only); auto: ffcv for a .beton, torch otherwise",
+                  choices=_loaders, metavar="{" + ",".join(_loaders()) + "}", group=group)
+
+
+@configuration
+class SynthConfig(Config):
+    """Write a synthetic ImageFolder dataset of real JPEG files with learnable classes.
+
+    The embedded dataset's generator, written to a folder: `root/<class>/<image>.jpg`."""
+    out_dir: str = option(positional=True, metavar="OUT_DIR", help="the folder to write")
+    classes: int = option(10, "number of classes", at_least=2)
+    images_per_class: int = option(100, "images per class", at_least=1)
+    seed: int = option(0, "the generator's seed", at_least=0, at_most=SEED_MAX)
+    workers: int | None = option(None, "processes", at_least=1, shown="all cores")
+    force: bool = option(False, "replace OUT_DIR if it exists")
+
+
+@configuration
+class ConvertOptions(Config):
+    """How a .beton stores its images (recorded in its sidecar)."""
+    write_mode: str = option("jpg", "how images are stored: JPEG, raw pixels, a random proportion as JPEG, or "
+                                    "JPEG when larger than --smart-threshold bytes raw", choices=WRITE_MODES)
+    # 320 keeps a full-image 224 crop at native resolution for aspect ratios up to 4:3 (short side 240)
+    # while decoding a fraction of the pixels of large originals.
+    max_resolution: int = option(320, "resize so the longest side is at most this (suits 224-pixel training); "
+                                      "0 keeps the original size", flag="--max-res", metavar="PIXELS", at_least=0)
+    jpeg_quality: int = option(90, "JPEG quality", flag="--quality", metavar="Q", at_least=1, at_most=100)
+    compress_probability: float = option(0.5, "share stored as JPEG in proportion mode", metavar="P",
+                                         at_least=0, at_most=1)
+    smart_threshold: int = option(3 * 256 * 256, "smart mode: raw bytes above which an image is stored as JPEG",
+                                  metavar="BYTES", at_least=0)
+
+    def check(self) -> None:
+        if self.max_resolution and not 8 <= self.max_resolution <= 65535:
+            raise SupmaeError(f"--max-res: must be between 8 and 65535, or 0 to keep originals, got "
+                              f"{self.max_resolution}")
+
+
+@configuration
+class ConvertConfig(Config):
+    """Convert an image folder (root/<class>/...) or a CSV/TSV list of path,label to an FFCV .beton, with a
+    JSON sidecar (classes, counts, options) and a report of the files skipped."""
+    src: str = option(positional=True, metavar="SRC", help="image folder, or .csv/.tsv file list")
+    out: str = option(positional=True, metavar="OUT", help="the .beton to write")
+    storage: ConvertOptions = section(ConvertOptions)
+    workers: int | None = option(None, "processes", metavar="N", at_least=1, shown="all cores")
+    force: bool = option(False, "replace OUT if it exists")
+    progress: bool = option(True, "show progress bars")
+
+    def check(self) -> None:
+        if os.path.isdir(self.out):
+            raise SupmaeError(f"output {self.out} is a directory; give a file name such as "
+                              f"{self.out.rstrip('/')}.beton")
+        if not self.out.lower().endswith(".beton"):  # --data tells a converted file from a folder by its name
+            raise SupmaeError(f"OUT: {self.out} should end in .beton, as --data expects of a converted file")

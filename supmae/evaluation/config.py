@@ -1,0 +1,132 @@
+"""The options of what comes after pretraining: export, k-NN, linear probe, zero-shot, retrieval,
+fine-tuning and visualisation. Nothing here imports torch."""
+import os
+
+from supmae.core.errors import SupmaeError
+from supmae.core.options import Config, configuration, option
+from supmae.pipelines.config import SEED_MAX, loader_option
+from supmae.runtime.config import check_device, device_option
+
+
+@configuration
+class ExportConfig(Config):
+    """Write the encoder of a pretraining checkpoint as a timm VisionTransformer state dict in safetensors,
+    for timm.create_model(..., pretrained=True, pretrained_cfg_overlay=dict(file=OUT))."""
+    checkpoint: str = option(positional=True, metavar="CHECKPOINT", help="a pretraining checkpoint", exists=True)
+    out: str = option(positional=True, metavar="OUT", help="the .safetensors file to write")
+    global_pool: str = option("avg", "the timm global_pool the weights are for (avg: the final norm becomes "
+                                     "fc_norm)", choices=("avg", "token"))
+    force: bool = option(False, "replace OUT if it exists")
+
+    def check(self) -> None:
+        if os.path.isdir(self.out):
+            raise SupmaeError(f"OUT {self.out} is a directory; give a file name such as "
+                              f"{os.path.join(self.out, 'encoder.safetensors')}")
+
+
+@configuration
+class CheckpointConfig(Config):
+    """A pretrained model, and how the data it is scored on is read."""
+    checkpoint: str = option(help="a pretraining checkpoint", exists=True)
+    loader: str = loader_option()
+    workers: int = option(2, "decoding processes", at_least=0)
+    device: str = device_option()
+
+    def check(self) -> None:
+        check_device(self.device)
+
+
+@configuration
+class SplitsConfig(CheckpointConfig):
+    """A pretrained encoder and the labelled splits it is scored on."""
+    train: str = option(help="image folder, file list or .beton with the labelled train split", exists=True)
+    val: str = option(help="the validation split, with the same classes", exists=True)
+
+
+@configuration
+class ZeroshotConfig(CheckpointConfig):
+    """Zero-shot classification (top-1 and top-5) by a CLIP-family model: each class is the mean text embedding
+    of its name in prompt templates, and each image takes the class its embedding is closest to. Class names
+    are a file's (--class-names, or class_names.txt in the data folder, as the embedded dataset has),
+    ImageNet's (open_clip's list) for a 1000-class set named by WordNet ids, or the class folders' names."""
+    data: str = option(help="image folder, file list or .beton with labels", exists=True)
+    class_names: str | None = option(None, "a file with one class name per line, in label order",
+                                        metavar="FILE", exists=True, shown="DATA/class_names.txt if there is one")
+    templates: str = option("simple", "prompt templates: open_clip's 7 simple ones or OpenAI's 80",
+                            choices=("simple", "openai"))
+    batch_size: int = option(64, "images per forward pass", at_least=1)
+    json: str | None = option(None, "also write the result here", metavar="FILE")
+
+
+@configuration
+class RetrievalConfig(CheckpointConfig):
+    """Image-to-text and text-to-image retrieval (recall at 1, 5 and 10) by a CLIP-family model over a
+    captioned set: each image's own caption is the one to find, and each caption's own image."""
+    data: str = option(help="image-text data: a captioned folder, file list, shards or .beton", exists=True)
+    batch_size: int = option(64, "pairs per forward pass", at_least=1)
+    json: str | None = option(None, "also write the result here", metavar="FILE")
+
+
+@configuration
+class KnnConfig(SplitsConfig):
+    """Weighted k-NN classification (top-1) of the validation images by the frozen encoder's features of the
+    training images."""
+    k: int = option(20, "neighbours that vote", at_least=1)
+    temperature: float = option(0.07, "votes weigh exp(similarity / temperature)", above=0)
+    pool: str = option("avg", "how the encoder's tokens are pooled", choices=("avg", "token"))
+    batch_size: int = option(64, "images per forward pass", at_least=1)
+    json: str | None = option(None, "also write the result here", metavar="FILE")
+
+
+@configuration
+class LinearConfig(SplitsConfig):
+    """Train BatchNorm (no affine) + Linear on the frozen encoder's features of the training images; report
+    top-1 on the validation images."""
+    epochs: int = option(90, "epochs over the training features", at_least=1)
+    batch_size: int = option(256, "features per SGD step", at_least=1)
+    blr: float = option(0.1, "base lr: lr = blr * batch / 256", above=0)
+    json: str | None = option(None, "also write the result here", metavar="FILE")
+
+
+@configuration
+class FinetuneConfig(SplitsConfig):
+    """Fine-tune a pretrained encoder as a timm ViT with global average pooling, with the official recipe as
+    defaults; report top-1 on the validation split."""
+    epochs: float = option(100, "run length in epochs", above=0)
+    batch_size: int = option(64, "images per step", at_least=1)
+    blr: float = option(5e-4, "base lr: lr = blr * batch / 256", above=0)
+    layer_decay: float = option(0.65, "lr scale per block from the head down", above=0, at_most=1)
+    weight_decay: float = option(0.05, "AdamW weight decay", at_least=0)
+    drop_path: float = option(0.1, "stochastic depth rate", at_least=0, below=1)
+    smoothing: float = option(0.1, "label smoothing", at_least=0, below=1)
+    mixup: float = option(0.0, "mixup alpha (0: off; the official ImageNet recipe uses 0.8)", at_least=0)
+    cutmix: float = option(0.0, "cutmix alpha (0: off; the official ImageNet recipe uses 1.0)", at_least=0)
+    warmup_epochs: float = option(5, "epochs of linear lr warm-up", at_least=0)
+    seed: int = option(0, "seed of the head, data order and augmentation", at_least=0, at_most=SEED_MAX)
+    output: str | None = option(None, "folder for the fine-tuned model.safetensors")
+    force: bool = option(False, "replace an existing model.safetensors in --output")
+
+
+@configuration
+class VisualizeConfig(Config):
+    """Write a PNG grid of a few images: the original, the visible patches, the reconstruction, and the
+    reconstruction with the visible patches pasted back."""
+    checkpoint: str = option(help="a pretraining checkpoint", exists=True)
+    data: str = option(help="image folder, file list or .beton; its first images are shown", exists=True)
+    loader: str = loader_option()
+    out: str = option(help="the PNG to write")
+    images: int = option(6, "images shown", at_least=1)
+    seed: int = option(0, "mask seed", at_least=0, at_most=SEED_MAX)
+    device: str = device_option()
+
+    @property
+    def image_format(self) -> str | None:
+        """PIL's name for the format --out's extension asks for, when PIL can write it."""
+        from PIL import Image
+        image_format = Image.registered_extensions().get(os.path.splitext(self.out)[1].lower())
+        return image_format if image_format in Image.SAVE else None
+
+    def check(self) -> None:
+        check_device(self.device)
+        if self.image_format is None:
+            raise SupmaeError(f"--out {self.out}: give an image file name such as {os.path.splitext(self.out)[0]}.png")

@@ -1,0 +1,135 @@
+"""`supmae finetune`: the encoder, trained further on labels, scored by top-1.
+
+Fine-tuning runs the exported encoder as a timm VisionTransformer (global average pooling, a fresh
+head) with the official recipe as defaults: AdamW, layer-wise lr decay 0.65, drop path 0.1, label
+smoothing 0.1, optional mixup/cutmix, half-cycle cosine after warmup.
+"""
+import logging
+import math
+import os
+
+import torch
+import torch.nn as nn
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.models.vision_transformer import VisionTransformer
+
+from supmae.core.atomic import check_space, replaced
+from supmae.core.errors import SupmaeError
+from supmae.evaluation.config import FinetuneConfig
+from supmae.evaluation.export import timm_state_dict
+from supmae.evaluation.pretrained import load_pretrained, open_splits
+from supmae.pipelines.loader import LoaderSpec, create_loader, open_batches, ordered_batches
+from supmae.runtime.hardware import loader_workers, resolve_device
+from supmae.training.optim import lr_at
+
+logger = logging.getLogger(__name__)
+WEIGHTS = "model.safetensors"  # what --output receives
+
+
+def timm_vit(checkpoint: str, num_classes: int, drop_path: float = 0.0) -> VisionTransformer:
+    """The checkpoint's encoder as timm's ViT with global average pooling and a fresh head."""
+    model, _ = load_pretrained(checkpoint, "cpu")
+    vit = VisionTransformer(img_size=model.img_size, patch_size=model.patch_size, embed_dim=model.embed_dim,
+                            depth=len(model.blocks), num_heads=model.num_heads, mlp_ratio=model.mlp_ratio,
+                            qkv_bias=True, num_classes=num_classes, global_pool="avg", drop_path_rate=drop_path)
+    missing = set(vit.load_state_dict(timm_state_dict(model.state_dict(), "avg"), strict=False).missing_keys)
+    if missing != {"head.weight", "head.bias"}:
+        raise SupmaeError(f"{checkpoint}'s encoder does not fill a timm ViT: missing {', '.join(sorted(missing))}")
+    assert isinstance(vit.head, nn.Linear)
+    nn.init.trunc_normal_(vit.head.weight, std=2e-5)  # MAE's fine-tuning head initialisation
+    return vit
+
+
+def layer_decay_groups(vit: VisionTransformer, weight_decay: float, layer_decay: float) -> list[dict]:
+    """Parameter groups whose lr scale falls by `layer_decay` per block from the head down to the embedding;
+    no weight decay on biases, norms, the cls token and position embeddings."""
+    layers = len(vit.blocks) + 1
+    groups = {}
+    for name, param in vit.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name.startswith(("cls_token", "pos_embed", "patch_embed")):
+            layer = 0
+        elif name.startswith("blocks."):
+            layer = int(name.split(".")[1]) + 1
+        else:
+            layer = layers
+        decay = param.ndim > 1 and name not in ("cls_token", "pos_embed")
+        group = groups.setdefault((layer, decay), dict(params=[], weight_decay=weight_decay if decay else 0.0,
+                                                       lr_scale=layer_decay ** (layers - layer)))
+        group["params"].append(param)
+    return list(groups.values())
+
+
+@torch.no_grad()
+def top1(model: nn.Module, source, *, loader: str, img_size: int, batch_size: int, workers: int, device) -> float:
+    model.eval()
+    correct = total = 0
+    for batch in ordered_batches(loader, source, img_size=img_size, batch_size=batch_size, workers=workers,
+                                 device=device):
+        correct += (model(batch.images).argmax(1) == batch.labels).sum().item()
+        total += len(batch.labels)
+    return correct / total
+
+
+def finetune(cfg: FinetuneConfig) -> dict:
+    if cfg.output:  # made now, so a bad --output fails at once rather than after the whole run
+        try:
+            os.makedirs(cfg.output, exist_ok=True)
+        except FileExistsError:
+            raise SupmaeError(f"--output {cfg.output} is a file, not a folder") from None
+        if not os.access(cfg.output, os.W_OK | os.X_OK):
+            raise SupmaeError(f"--output {cfg.output} is a folder this user cannot write to")
+        if os.path.exists(os.path.join(cfg.output, WEIGHTS)) and not cfg.force:
+            raise SupmaeError(f"{os.path.join(cfg.output, WEIGHTS)} exists; pass --force to replace it")
+    device, workers = resolve_device(cfg.device), loader_workers(cfg.workers)
+    train, val = open_splits(cfg.train, cfg.val)
+    num_classes = len(train.classes)
+    torch.manual_seed(cfg.seed)
+    vit = timm_vit(cfg.checkpoint, num_classes, cfg.drop_path).to(device)
+    if cfg.output:
+        check_space(cfg.output, sum(p.numel() * p.element_size() for p in vit.parameters()), "the fine-tuned model")
+    img_size = vit.patch_embed.img_size[0]
+    steps_per_epoch = len(train) // cfg.batch_size
+    if steps_per_epoch < 1:
+        raise SupmaeError(f"{len(train)} training images make no batch of {cfg.batch_size}")
+    total, warmup = max(1, math.ceil(cfg.epochs * steps_per_epoch)), round(cfg.warmup_epochs * steps_per_epoch)
+    peak = cfg.blr * cfg.batch_size / 256
+    optimizer = torch.optim.AdamW(layer_decay_groups(vit, cfg.weight_decay, cfg.layer_decay), lr=peak)
+    mixing = cfg.mixup > 0 or cfg.cutmix > 0
+    if mixing and cfg.batch_size % 2:
+        raise SupmaeError("mixup and cutmix need an even --batch-size")
+    mix = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing,
+                num_classes=num_classes) if mixing else None
+    criterion = SoftTargetCrossEntropy() if mixing else LabelSmoothingCrossEntropy(cfg.smoothing)
+    spec = LoaderSpec(batch_size=cfg.batch_size, img_size=img_size, mask_sampler=None, device=device,
+                      workers=workers, seed=cfg.seed)
+    vit.train()
+    with open_batches(create_loader(cfg.loader, train, spec)) as batches:
+        for step in range(total):
+            lr = lr_at(step, peak=peak, warmup=warmup, total=total)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group["lr_scale"]
+            batch = next(batches)
+            images, targets = mix(batch.images, batch.labels) if mix else (batch.images, batch.labels)
+            loss = criterion(vit(images), targets)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if (step + 1) % max(1, steps_per_epoch) == 0 or step + 1 == total:
+                logger.info(f"step {step + 1}/{total}: loss {loss.item():.4f}, lr {lr:.3g}")
+    accuracy = top1(vit, val, loader=cfg.loader, img_size=img_size, batch_size=cfg.batch_size, workers=workers,
+                    device=device)
+    logger.info(f"fine-tuned top-1: {accuracy:.2%} on {len(val)} images, {num_classes} classes "
+                f"(chance {1 / num_classes:.2%}) after {total} steps")
+    if cfg.output:
+        from safetensors import SafetensorError
+        from safetensors.torch import save_file
+        path = os.path.join(cfg.output, WEIGHTS)
+        try:
+            with replaced(path) as tmp:
+                save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, tmp)
+        except SafetensorError as error:  # a write that failed after all (the disk filled meanwhile)
+            raise SupmaeError(f"cannot write {path}: {error}") from None
+    return dict(top1=accuracy, steps=total, val_images=len(val), num_classes=num_classes)

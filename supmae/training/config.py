@@ -1,0 +1,83 @@
+"""`supmae pretrain`'s options: the run's own, and the model's sections, which the model families declare.
+Nothing here imports torch, so a bad option is reported before the stack loads."""
+import os
+from typing import Any, ClassVar
+
+from supmae.core.errors import SupmaeError
+from supmae.core.options import Config, configuration, option, section
+from supmae.models.families import CLIPOptions, SupMAEOptions, TrunkOptions, list_models, model_config
+from supmae.pipelines.config import ORDERS, SEED_MAX, loader_option
+from supmae.runtime.config import COMPILE_MODES, PRECISIONS, check_device, device_option
+
+
+@configuration
+class PretrainConfig(Config):
+    """Pretrain a SupMAE (or MAE) ViT with the official recipe as defaults."""
+    EXCLUSIVE: ClassVar = (("epochs", "steps"),)
+
+    # run
+    epochs: float | None = option(None, "run length in epochs", above=0, group="run", shown="400")
+    steps: int | None = option(None, "run length in optimizer steps (instead of --epochs)", at_least=1,
+                                  group="run")
+    output: str = option("runs/supmae", "folder for checkpoints, metrics and config", group="run")
+    checkpoint_every: int = option(1000, "steps between checkpoints (0: only at the end)", at_least=0, group="run")
+    keep_checkpoints: int = option(3, "checkpoints kept, newest first", at_least=1, group="run")
+    resume: str | None = option(None, "continue from a checkpoint, or from the newest in --output", group="run",
+                                   metavar="PATH|auto")
+    log_every: int = option(20, "steps between metrics lines", at_least=1, group="run")
+    progress: bool = option(True, "show a progress bar", group="run")
+    tensorboard: bool = option(True, "TensorBoard scalars beside metrics.jsonl", group="run")
+    sync_bn: bool = option(False, "several ranks (torchrun): the classification head's BatchNorm over the global "
+                                  "batch", group="run")
+    # data
+    data: str | None = option(None, "image folder, CSV/TSV file list or .beton", group="data loading", exists=True,
+                                 shown="the embedded synthetic dataset")
+    loader: str = loader_option(group="data loading")
+    order: str = option("random", "sample order; quasi_random (ffcv) reads pages in near-random order, for data "
+                                  "larger than memory", choices=ORDERS, group="data loading")
+    os_cache: bool = option(True, "ffcv: rely on the OS page cache (--no-os-cache: FFCV's own process cache)",
+                            group="data loading")
+    workers: int | None = option(None, "loader processes", at_least=0, group="data loading", shown="cores - 1")
+    seed: int = option(0, "seed of the weights, data order, crops and masks", at_least=0, at_most=SEED_MAX,
+                       group="data loading", defines_run=True)
+    # hardware
+    device: str = device_option(group="hardware")
+    precision: str = option("auto", "auto: bf16 on GPU, fp32 on CPU; fp16 uses a GradScaler", choices=PRECISIONS,
+                            group="hardware")
+    compile: bool | None = option(None, "torch.compile the step", group="hardware",
+                                     shown="on for GPU, off for CPU")
+    compile_mode: str = option("auto", "torch.compile's mode; reduce-overhead replays the step as CUDA graphs; "
+                                       "auto: reduce-overhead on one GPU with --accum-iter 1, default otherwise",
+                               choices=COMPILE_MODES, group="hardware")
+    # model and objective: the run's own, then the sections the model families declare
+    model: str = option("supmae_vit_base_patch16", "a name from `supmae models`", choices=list_models,
+                        metavar="NAME", group="model and objective", defines_run=True)
+    batch_size: int = option(64, "images per device per micro-batch", at_least=1, group="model and objective",
+                             defines_run=True)
+    accum_iter: int = option(1, "micro-batches per optimizer step", at_least=1, group="model and objective",
+                             defines_run=True)
+    trunk: TrunkOptions = section(TrunkOptions)
+    supmae: SupMAEOptions = section(SupMAEOptions)
+    clip: CLIPOptions = section(CLIPOptions)
+    # optimisation
+    blr: float = option(1.5e-4, "base lr: lr = blr * effective batch / 256", above=0, group="optimisation")
+    lr: float | None = option(None, "absolute lr (overrides --blr)", above=0, group="optimisation")
+    min_lr: float = option(0.0, "lr at the end of the cosine", at_least=0, group="optimisation")
+    weight_decay: float = option(0.05, "AdamW weight decay", at_least=0, group="optimisation")
+    warmup_epochs: float = option(40, "epochs of linear lr warm-up", at_least=0, group="optimisation")
+    warmup_steps: int | None = option(None, "steps of warm-up (overrides --warmup-epochs)", at_least=0,
+                                         group="optimisation")
+
+    def check(self) -> None:
+        check_device(self.device)
+        if self.accum_iter > 1 and self.compile_mode == "reduce-overhead":
+            raise SupmaeError("--compile-mode reduce-overhead replays the step as CUDA graphs, whose next replay "
+                              "overwrites the gradients being accumulated: use --accum-iter 1 or another "
+                              "--compile-mode")
+        if self.resume not in (None, "auto") and not os.path.isfile(self.resume):
+            raise SupmaeError(f"--resume: checkpoint {self.resume} does not exist")
+
+    def effective(self, name: str) -> Any:
+        """Option `name`'s value, or where it is left unset, the value the run's model takes."""
+        value = self.values()[name]
+        return model_config(self.model)[name] if value is None else value

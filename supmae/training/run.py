@@ -1,0 +1,171 @@
+"""A pretraining run, built once from its configuration: the data, the model, the optimiser and the
+(kernel-backed, data-parallel, compiled) forward; it restores a checkpoint's step and saves its own."""
+import logging
+import math
+import os
+from typing import Any
+
+import torch
+
+from supmae.core.errors import SupmaeError
+from supmae.models.fast import apply_kernels
+from supmae.models.registry import build_model
+from supmae.pipelines.loader import LoaderSpec, choose_engine, create_loader
+from supmae.pipelines.sources import open_source
+from supmae.pipelines.synthetic import default_dataset
+from supmae.runtime.distributed import apply_ddp, apply_global_batchnorm, barrier, init_world
+from supmae.runtime.hardware import (
+    apply_compile,
+    check_batch_fits,
+    compile_mode_for,
+    loader_workers,
+    resolve_device,
+    speed_defaults,
+)
+from supmae.training.checkpoint import (
+    checkpoint_bytes,
+    checkpoint_path,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+    saved_config,
+)
+from supmae.training.config import PretrainConfig
+from supmae.training.optim import build_optimizer
+
+logger = logging.getLogger(__name__)
+
+
+class Run:
+    """Everything a pretraining run holds, built once from a config: data, model, optimiser and the
+    (compiled, kernel-backed) forward. `restore()` moves it to a checkpoint's step."""
+
+    def __init__(self, cfg: PretrainConfig):
+        self.cfg = cfg
+        self.world, self.device = init_world(resolve_device(cfg.device))
+        self.precision, self.compile = speed_defaults(self.device, cfg.precision, cfg.compile)
+        self.compile_mode = compile_mode_for(cfg.compile_mode, self.device, accum_iter=cfg.accum_iter,
+                                             distributed=self.world.distributed)
+        self.workers = loader_workers(cfg.workers)
+        check_batch_fits(batch_size=cfg.batch_size, img_size=cfg.trunk.img_size, device=self.device)
+
+        self.data = os.path.abspath(cfg.data) if cfg.data else default_dataset()  # a resume may start elsewhere
+        self.source = open_source(self.data)
+        self.engine = choose_engine(cfg.loader, self.source)
+        self.dataset: dict[str, Any] = dict(num_samples=len(self.source), fingerprint=self.source.fingerprint())
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank and in every run of this seed
+        self.model = build_model(cfg.model, cfg, len(self.source.classes))
+        self.supervised = self.model.classifies
+        if self.supervised and cfg.batch_size < 2 and not (cfg.sync_bn and self.world.distributed):
+            raise SupmaeError("the classification head's BatchNorm needs at least 2 images per batch: use "
+                              "--batch-size 2 or more (or --sync-bn on several ranks)")
+        if self.supervised and len(self.source.classes) < 2:
+            logger.warning(f"{self.data} holds one class, so {cfg.model}'s classification loss is always 0: the run "
+                           "trains as MAE (an mae_vit model does so without the branch)")
+        self.model.to(self.device)
+        if cfg.sync_bn and self.world.distributed:
+            apply_global_batchnorm(self.model)
+
+        self.batches_per_epoch = len(self.source) // (cfg.batch_size * self.world.world_size)
+        self.steps_per_epoch = self.batches_per_epoch // cfg.accum_iter
+        if self.steps_per_epoch < 1:
+            raise SupmaeError(f"{len(self.source)} images make no full step of {cfg.accum_iter} x {cfg.batch_size} "
+                              f"on {self.world.world_size} rank(s); lower --batch-size or --accum-iter")
+        self.total_steps = cfg.steps or math.ceil((400 if cfg.epochs is None else cfg.epochs) * self.steps_per_epoch)
+        self.warmup_steps = (cfg.warmup_steps if cfg.warmup_steps is not None
+                             else round(cfg.warmup_epochs * self.steps_per_epoch))
+        self.effective_batch = cfg.batch_size * cfg.accum_iter * self.world.world_size
+        self.peak_lr = cfg.lr if cfg.lr is not None else cfg.blr * self.effective_batch / 256
+
+        self.optimizer = build_optimizer(self.model, self.peak_lr, cfg.weight_decay)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.step = 0
+        try:
+            self.forward = apply_kernels(self.model)  # Triton on CUDA, the eager twins elsewhere
+        except ValueError as error:
+            raise SupmaeError(str(error)) from None
+        if self.world.distributed:
+            self.forward = apply_ddp(self.forward, self.device)
+        if self.compile:
+            self.forward = apply_compile(self.forward, self.compile_mode)
+
+    @property
+    def speed(self) -> str:
+        """How the step runs, for log lines: "bf16, compiled, reduce-overhead", "fp32"."""
+        mode = "" if self.compile_mode == "default" else f", {self.compile_mode}"
+        return self.precision + (f", compiled{mode}" if self.compile else "")
+
+    def restore(self) -> None:
+        cfg = self.cfg
+        found = None
+        if cfg.resume == "auto":
+            found = latest_checkpoint(cfg.output)
+            if found is None:
+                logger.info(f"no checkpoint in {cfg.output} yet: starting from step 0")
+        elif cfg.resume:
+            found = cfg.resume, load_checkpoint(cfg.resume)
+        elif list_checkpoints(cfg.output):
+            raise SupmaeError(f"{cfg.output} already holds checkpoints; pass --resume auto to continue that run "
+                              "or choose another --output")
+        if found is None:
+            return
+        path, state = found
+        saved = saved_config(state)
+        for key in PretrainConfig.run_defining():
+            if saved.effective(key) != cfg.effective(key):
+                raise SupmaeError(f"checkpoint {path} was made with {key}={saved.effective(key)!r}, not "
+                                  f"{cfg.effective(key)!r}")
+        if state.get("world_size", 1) != self.world.world_size:
+            raise SupmaeError(f"checkpoint {path} was made on {state.get('world_size', 1)} rank(s), not "
+                              f"{self.world.world_size}: the data order and batch would change")
+        if state.get("classes", self.source.classes) != self.source.classes:
+            raise SupmaeError(f"checkpoint {path} was trained on other classes than {self.data} holds")
+        trained_on = state.get("dataset", self.dataset)
+        if trained_on != self.dataset:
+            then, now = trained_on, self.dataset
+            raise SupmaeError(f"checkpoint {path} was trained on other data than {self.data}: "
+                              f"{then['num_samples']} images (fingerprint {then['fingerprint'][:12]}) then, "
+                              f"{now['num_samples']} ({now['fingerprint'][:12]}) now; give the --data it was trained "
+                              "on")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"]["cpu"])
+        if self.device.type == "cuda" and "cuda" in state["rng"]:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        logger.info(f"resumed from {path} at step {state['step']}")
+        self.step = state["step"]
+
+    def save(self, step: int) -> str:
+        """Rank 0 writes; every rank returns once the checkpoint is in place."""
+        path = checkpoint_path(self.cfg.output, step)
+        if self.world.is_main:
+            self._write(step, path)
+        barrier(self.world)
+        return path
+
+    def _write(self, step: int, path: str) -> None:
+        rng = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        state = dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+                     scaler=self.scaler.state_dict(), step=step, epoch=step / self.steps_per_epoch,
+                     config=dict(self.cfg.values(), data=self.data), world_size=self.world.world_size,
+                     classes=self.source.classes, dataset=self.dataset, rng=rng, format="supmae/1")
+        save_checkpoint(state, path, expected_bytes=checkpoint_bytes(self.model))
+        prune_checkpoints(self.cfg.output, self.cfg.keep_checkpoints)
+
+    def loader_spec(self) -> LoaderSpec:
+        cfg = self.cfg
+        rank, world_size = self.world.rank, self.world.world_size
+        masks, text_masks = self.model.mask_samplers(seed=cfg.seed, device=self.device, rank=rank,
+                                                     world_size=world_size)
+        return LoaderSpec(batch_size=cfg.batch_size, img_size=cfg.trunk.img_size, mask_sampler=masks,
+                          device=self.device, workers=self.workers, seed=cfg.seed, start=self.step * cfg.accum_iter,
+                          order=cfg.order, os_cache=cfg.os_cache, rank=rank, world_size=world_size,
+                          text=self.model.uses_text, text_mask_sampler=text_masks)
+
+    def loader(self):
+        return create_loader(self.engine, self.source, self.loader_spec())
