@@ -5,6 +5,8 @@ It follows the shared `Schedule` (FFCV's own quasi-random order is offered for p
 larger than memory). Crops and flips come from FFCV's per-thread generators: the same distribution as
 the other engines, but not reproducible from the seed.
 """
+import contextlib
+import gc
 import sys
 import traceback
 from collections.abc import Iterator
@@ -28,20 +30,34 @@ from supmae.pipelines.batch import Batch, to_device_batches
 from supmae.pipelines.order import Schedule
 from supmae.pipelines.sources import BetonSource
 
+_iterating = 0  # FFCV engines iterating now
+_previous_hook = sys.unraisablehook  # the process's hook when the first of them began
 
-def _ignore_numba_finalizer_errors(previous=sys.unraisablehook):
+
+def _ignore_numba_finalizer_errors(unraisable) -> None:
+    frames = traceback.extract_tb(unraisable.exc_traceback) if unraisable.exc_traceback else []
+    if unraisable.exc_type is KeyError and any(f.filename.endswith("numba/core/dispatcher.py") for f in frames):
+        return
+    _previous_hook(unraisable)
+
+
+@contextlib.contextmanager
+def _numba_finalizer_errors_ignored():
     """FFCV compiles each loader's pipeline into fresh numba dispatchers. When one is garbage-collected,
     numba's finalizer can raise a KeyError that changes nothing (the memory is released either way) but
-    that Python prints, traceback and all, in the middle of a run. Only that one is silenced."""
-    def hook(unraisable):
-        frames = traceback.extract_tb(unraisable.exc_traceback) if unraisable.exc_traceback else []
-        if unraisable.exc_type is KeyError and any(f.filename.endswith("numba/core/dispatcher.py") for f in frames):
-            return
-        previous(unraisable)
-    sys.unraisablehook = hook
-
-
-_ignore_numba_finalizer_errors()
+    that Python prints, traceback and all, in the middle of a run. While an FFCV engine iterates, and until
+    its loaders are collected on leaving, that one is silenced; after, the process's hook is as it was."""
+    global _iterating, _previous_hook
+    if _iterating == 0:
+        _previous_hook, sys.unraisablehook = sys.unraisablehook, _ignore_numba_finalizer_errors
+    _iterating += 1
+    try:
+        yield
+    finally:
+        gc.collect()  # the loaders this engine dropped die here, inside the scope
+        _iterating -= 1
+        if _iterating == 0:
+            sys.unraisablehook = _previous_hook
 
 
 class _Order(TraversalOrder):
@@ -116,8 +132,13 @@ class FFCVLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         spec = self.spec
-        return to_device_batches(self._pixels(), spec.device, spec.mask_sampler, start=spec.start,
-                                 dtype=spec.dtype, text_mask_sampler=spec.text_mask_sampler)
+        return _quieted(to_device_batches(self._pixels(), spec.device, spec.mask_sampler, start=spec.start,
+                                          dtype=spec.dtype, text_mask_sampler=spec.text_mask_sampler))
+
+
+def _quieted(batches):
+    with _numba_finalizer_errors_ignored():
+        yield from batches
 
 
 def _one_epoch(loader: Loader):

@@ -6,6 +6,7 @@ an output view say which box of the source it shows and whether it was flipped.
 import dataclasses
 import io
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ from supmae.pipelines.batch import IMAGENET_MEAN, IMAGENET_STD
 from supmae.pipelines.config import ConvertConfig, ConvertOptions
 from supmae.pipelines.convert import convert
 from supmae.pipelines.decode import without_png_profile
-from supmae.pipelines.loader import LoaderSpec, create_loader, ordered_batches
+from supmae.pipelines.loader import LoaderSpec, create_loader, open_batches, ordered_batches
 from supmae.pipelines.masking import MaskSampler
 from supmae.pipelines.sources import open_source
 from supmae.training.config import PretrainConfig
@@ -172,6 +173,18 @@ def test_ffcv_resumes_on_the_schedule(coordinates, views):
     for a, b in zip(views["ffcv", "raw"][3:], resumed):
         assert a.masking is not None and b.masking is not None
         assert torch.equal(a.labels, b.labels) and torch.equal(a.masking.ids_keep, b.masking.ids_keep)
+
+
+def test_ffcv_silences_numbas_finalizer_errors_only_while_it_iterates(coordinates, capfd):
+    """A resumed part epoch's loader is dropped mid-run; numba's harmless KeyError as its dispatchers are collected
+    is not printed, and once the engine is closed the process's unraisable hook is its own again."""
+    hook = sys.unraisablehook
+    with open_batches(create_loader("ffcv", open_source(coordinates["raw"]), spec(start=3))) as batches:
+        for _ in range(5):
+            next(batches)
+        assert sys.unraisablehook is not hook
+    assert sys.unraisablehook is hook
+    assert "Exception ignored" not in capfd.readouterr().err
 
 
 def test_dali_decodes_a_beton_as_ffcv_does(coordinates, tmp_path):
