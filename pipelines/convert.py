@@ -16,6 +16,7 @@ import signal
 import threading
 import time
 from multiprocessing import shared_memory
+from typing import NamedTuple
 
 import numpy as np
 from tqdm import tqdm
@@ -195,47 +196,91 @@ def convert(cfg: ConvertConfig) -> dict:
 
 
 def _write(cfg: ConvertConfig) -> dict:
-    src, out, options = cfg.src, cfg.out, cfg.storage
+    src, out = cfg.src, cfg.out
     if os.path.exists(out) and not cfg.force:
         raise SupmaeError(f"{out} already exists; pass --force to replace it")
-    folder, name = os.path.split(os.path.abspath(out))
-    record = os.path.join(folder, f".{name}.table")
-    for path in leftovers(out):  # the lock is ours, so no conversion is writing these
-        os.remove(path)
-        logger.info(f"removed {path}, left by a conversion killed while writing it")
-    _free_recorded_table(record)
+    record = _clear_leftovers(out)
     images = scan_images(src)
-    captions = images.captions
-    if captions is not None:
+    if images.captions is not None:
         tokenizer()  # built before the workers fork, so each has it (and before the clock starts)
     workers = cfg.workers or os.cpu_count() or 1
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     started = time.perf_counter()
-
-    jobs = list(zip([p for p, _ in images.samples], captions or [None] * len(images.samples)))
-    with multiprocessing.Pool(workers, initializer=_ignore_sigint) as pool:
-        checks = list(tqdm(pool.imap(_check, jobs, chunksize=16), total=len(jobs), desc="checking", unit="img",
-                           disable=not cfg.progress))
-    usable = [not isinstance(result, str) for result in checks]
-    skipped = [(str(location), result) for (location, _), result in zip(jobs, checks) if isinstance(result, str)]
-    skipped += list(images.problems)
-    kept = [(sample, result[0]) for sample, result, ok in zip(images.samples, checks, usable) if ok]
-    truncated = sum(result[1] for result, ok in zip(checks, usable) if ok)
+    checked = _checked(images, workers, cfg.progress)
     report = report_path(out)
-    rows = "path\treason\n" + "".join(f"{_tsv(p)}\t{_tsv(why)}\n" for p, why in skipped) + \
+    rows = "path\treason\n" + "".join(f"{_tsv(p)}\t{_tsv(why)}\n" for p, why in checked.skipped) + \
         "".join(f"{_tsv(p)}\tnot an image file name ({', '.join(IMAGE_EXTENSIONS)})\n" for p in images.ignored)
-    if not kept:
+    if not checked.samples:
+        skipped = checked.skipped
         if os.path.exists(out):  # the report describes the .beton beside it, which stays as it was
             raise SupmaeError(f"none of the {len(images.samples)} files in {src} could be read, first "
                               f"{_tsv(skipped[0][0])}: {skipped[0][1]}; {out} is left as it was")
         write_text(report, rows)
         raise SupmaeError(f"none of the {len(images.samples)} files in {src} could be read; reasons in {report}")
 
-    samples = [sample for sample, _ in kept]
-    if captions is not None:
-        captions = [caption for caption, ok in zip(captions, usable) if ok]
+    with replaced(out) as tmp:
+        _write_beton(tmp, checked, cfg.storage, workers=workers, record=record, progress=cfg.progress, out=out)
+        seconds = time.perf_counter() - started
+        sidecar = _sidecar(cfg, images, checked, seconds, report=report)
+        write_text(report, rows)
+        write_text(sidecar_path(out), json.dumps(sidecar, indent=2) + "\n")
+    ignored = f", {len(images.ignored)} other files ignored" if images.ignored else ""
+    listed = f" (listed in {report})" if checked.skipped or images.ignored else ""
+    texts = (f", {len(checked.captions)} captions ({checked.truncated} cut to {CONTEXT} tokens)"
+             if checked.captions is not None else "")
+    logger.info(f"{len(checked.samples)} written{texts}, {len(checked.skipped)} skipped{ignored}{listed}: {out} in "
+                f"{sidecar['seconds']:.1f} s, {sidecar['images_per_s']:.0f} images/s")
+    return sidecar
+
+
+def _clear_leftovers(out: str) -> str:
+    """Remove what conversions to `out` killed mid-write left (the caller holds its lock, so none is writing
+    them) and free their shared memory; returns the path where this one records its table."""
+    folder, name = os.path.split(os.path.abspath(out))
+    record = os.path.join(folder, f".{name}.table")
+    for path in leftovers(out):
+        os.remove(path)
+        logger.info(f"removed {path}, left by a conversion killed while writing it")
+    _free_recorded_table(record)
+    return record
+
+
+class _Checked(NamedTuple):
+    """The first pass's verdict: what is written, and what is skipped and why."""
+    samples: list                     # (location, label) of each sample written
+    sizes: list                       # their upright (width, height)
+    captions: "list | None"           # their captions, for image-text data
+    skipped: list                     # (location, reason)
+    truncated: int                    # captions cut to the context length
+
+
+def _checked(images, workers: int, progress: bool) -> _Checked:
+    """Every file read through on all cores, to sort out what cannot be decoded and to size FFCV's pages."""
+    captions = images.captions
+    jobs = list(zip([p for p, _ in images.samples], captions or [None] * len(images.samples)))
+    with multiprocessing.Pool(workers, initializer=_ignore_sigint) as pool:
+        checks = list(tqdm(pool.imap(_check, jobs, chunksize=16), total=len(jobs), desc="checking", unit="img",
+                           disable=not progress))
+    kept = _Checked(samples=[], sizes=[], captions=None if captions is None else [], skipped=[], truncated=0)
+    for sample, (location, caption), result in zip(images.samples, jobs, checks):
+        if isinstance(result, str):
+            kept.skipped.append((str(location), result))
+            continue
+        kept.samples.append(sample)
+        kept.sizes.append(result[0])
+        if kept.captions is not None:
+            kept.captions.append(caption)
+    kept.skipped.extend(images.problems)
+    return kept._replace(truncated=sum(not isinstance(result, str) and result[1] for result in checks))
+
+
+def _write_beton(tmp: str, checked: _Checked, options, *, workers: int, record: str, progress: bool, out: str) -> None:
+    """FFCV's writer over the kept samples, into `tmp`. Ctrl-C or SIGTERM stops it cleanly, and on any failure
+    its processes and its shared-memory table go with it."""
+    samples, captions = checked.samples, checked.captions
     failed = multiprocessing.Array("b", len(samples), lock=False)
-    fields = {"image": RGBImageField(write_mode=options.write_mode, max_resolution=options.max_resolution or None,
+    fields = {"image": RGBImageField(write_mode=options.write_mode,
+                                     max_resolution=options.max_resolution or None,  # pyright: ignore[reportArgumentType]
                                      smart_threshold=options.smart_threshold, jpeg_quality=options.jpeg_quality,
                                      compress_probability=options.compress_probability),
               "label": IntField()}
@@ -245,36 +290,22 @@ def _write(cfg: ConvertConfig) -> dict:
     interrupted = _Interrupts()
     writer = None
     try:
-        with replaced(out) as tmp:
-            writer = _Writer(tmp, fields, page_size=_page_size([s for _, s in kept], options.max_resolution),
-                             num_workers=workers, record=record)
-            # FFCV draws its own progress bar on stderr; without --progress it is not shown.
-            with contextlib.nullcontext() if cfg.progress else contextlib.redirect_stderr(io.StringIO()):
-                writer.from_indexed_dataset(_Images(samples, captions, failed))
-            changed = [samples[i][0] for i in np.flatnonzero(np.frombuffer(failed, np.int8))]
-            if changed:
-                raise SupmaeError(f"{len(changed)} file(s) could not be read on the second pass (changed during "
-                                  f"the conversion?), first {changed[0]}; nothing was written to {out}")
-            if interrupted:
-                raise KeyboardInterrupt
-            seconds = time.perf_counter() - started
-            counts = np.bincount([y for _, y in samples], minlength=len(images.classes))
-            sidecar = dict(
-                format="supmae-beton/1", source=os.path.abspath(src), num_samples=len(samples), skipped=len(skipped),
-                ignored=len(images.ignored),
-                class_to_index={name: i for i, name in enumerate(images.classes)},
-                class_counts={name: int(n) for name, n in zip(images.classes, counts)},
-                options=dataclasses.asdict(options), report=os.path.basename(report),
-                seconds=round(seconds, 3), images_per_s=round(len(samples) / seconds, 1))
-            if captions is not None:
-                sidecar.update(tokenizer=identity(), captions=dict(count=len(captions), truncated=truncated))
-            write_text(report, rows)
-            write_text(sidecar_path(out), json.dumps(sidecar, indent=2) + "\n")
+        writer = _Writer(tmp, fields, page_size=_page_size(checked.sizes, options.max_resolution), num_workers=workers,
+                         record=record)
+        # FFCV draws its own progress bar on stderr; without --progress it is not shown.
+        with contextlib.nullcontext() if progress else contextlib.redirect_stderr(io.StringIO()):
+            writer.from_indexed_dataset(_Images(samples, captions, failed))
+        changed = [samples[i][0] for i in np.flatnonzero(np.frombuffer(failed, np.int8))]
+        if changed:
+            raise SupmaeError(f"{len(changed)} file(s) could not be read on the second pass (changed during "
+                              f"the conversion?), first {changed[0]}; nothing was written to {out}")
+        if interrupted:
+            raise KeyboardInterrupt
     except BaseException:
         for child in set(multiprocessing.active_children()) - already_running:
             child.terminate()
         shared = getattr(writer, "metadata_sm", None)
-        if hasattr(shared, "unlink"):  # FFCV's sample table, which it only frees when it finishes
+        if isinstance(shared, shared_memory.SharedMemory):  # FFCV's sample table, which it frees only when done
             with contextlib.suppress(OSError):  # it may have finished
                 shared.close()
                 shared.unlink()
@@ -283,9 +314,18 @@ def _write(cfg: ConvertConfig) -> dict:
         interrupted.restore()
         if os.path.exists(record):
             os.remove(record)
-    ignored = f", {len(images.ignored)} other files ignored" if images.ignored else ""
-    listed = f" (listed in {report})" if skipped or images.ignored else ""
-    texts = f", {len(captions)} captions ({truncated} cut to {CONTEXT} tokens)" if captions is not None else ""
-    logger.info(f"{len(samples)} written{texts}, {len(skipped)} skipped{ignored}{listed}: {out} in "
-                f"{sidecar['seconds']:.1f} s, {sidecar['images_per_s']:.0f} images/s")
+
+
+def _sidecar(cfg: ConvertConfig, images, checked: _Checked, seconds: float, *, report: str) -> dict:
+    """What the .beton holds, from what, and how it was made: the JSON beside it."""
+    counts = np.bincount([y for _, y in checked.samples], minlength=len(images.classes))
+    sidecar = dict(
+        format="supmae-beton/1", source=os.path.abspath(cfg.src), num_samples=len(checked.samples),
+        skipped=len(checked.skipped), ignored=len(images.ignored),
+        class_to_index={name: i for i, name in enumerate(images.classes)},
+        class_counts={name: int(n) for name, n in zip(images.classes, counts)},
+        options=dataclasses.asdict(cfg.storage), report=os.path.basename(report),
+        seconds=round(seconds, 3), images_per_s=round(len(checked.samples) / seconds, 1))
+    if checked.captions is not None:
+        sidecar.update(tokenizer=identity(), captions=dict(count=len(checked.captions), truncated=checked.truncated))
     return sidecar
