@@ -11,8 +11,8 @@ import statistics
 import subprocess
 import sys
 
-from supmae.core.atomic import write_json
-from supmae.core.options import Config, configuration, from_command_line, option
+from benchmarks import main
+from supmae.core.options import Config, configuration, option
 from supmae.profiling.measure import commit, device_name, versions
 
 COMMANDS = {
@@ -48,15 +48,13 @@ def benchmark_startup(cfg: StartupBenchmark) -> dict:
                 vs_import_torch={name: s / torch_s for name, s in medians.items() if name != "import torch"})
 
 
-def main():
-    cfg = from_command_line(StartupBenchmark)
-    report = benchmark_startup(cfg)
-    for name, s in report["median_cpu_seconds"].items():
+def describe(report: dict) -> str:
+    lines = []
+    for name, seconds in report["median_cpu_seconds"].items():
         ratio = report["vs_import_torch"].get(name)
-        print(f"{name:<32} {s:6.2f} s CPU" + (f"  {ratio:.2f}x import torch" if ratio else ""))
-    if cfg.json:
-        write_json(cfg.json, report)
+        lines.append(f"{name:<32} {seconds:6.2f} s CPU" + (f"  {ratio:.2f}x import torch" if ratio else ""))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    main()
+    main(StartupBenchmark, benchmark_startup, describe)

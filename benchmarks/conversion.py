@@ -11,8 +11,8 @@ import statistics
 import tarfile
 import tempfile
 
-from supmae.core.atomic import write_json
-from supmae.core.options import Config, configuration, from_command_line, option
+from benchmarks import main
+from supmae.core.options import Config, configuration, option
 from supmae.pipelines.config import ConvertConfig, ConvertOptions
 from supmae.pipelines.convert import convert
 from supmae.pipelines.synthetic import default_dataset
@@ -59,13 +59,6 @@ def benchmark_conversion(cfg: ConversionBenchmark) -> dict:
                 images_per_s=rates, median_images_per_s=medians, shards_vs_folder=medians["shards"] / medians["folder"])
 
 
-def main():
-    cfg = from_command_line(ConversionBenchmark)
-    report = benchmark_conversion(cfg)
-    print(f"shards / folder: {report['shards_vs_folder']:.2f}x")
-    if cfg.json:
-        write_json(cfg.json, report)
-
-
 if __name__ == "__main__":
-    main()
+    main(ConversionBenchmark, benchmark_conversion,
+         lambda report: f"shards / folder: {report['shards_vs_folder']:.2f}x")

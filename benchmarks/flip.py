@@ -8,9 +8,9 @@ rounds' ratios. FLOPs are counted as the step benchmark counts them.
 """
 import statistics
 
+from benchmarks import main
 from benchmarks.step import StepBenchmark, benchmark_step
-from supmae.core.atomic import write_json
-from supmae.core.options import Config, configuration, from_command_line, option, section
+from supmae.core.options import Config, configuration, option, section
 from supmae.training.config import PretrainConfig
 
 
@@ -51,13 +51,6 @@ def benchmark_flip(cfg: FlipBenchmark) -> dict:
                 flip_vs_clip=statistics.median(ratios), round_ratios=ratios)
 
 
-def main():
-    cfg = from_command_line(FlipBenchmark)
-    report = benchmark_flip(cfg)
-    print(f"FLIP (mask ratio {cfg.mask_ratio}) / CLIP: {report['flip_vs_clip']:.2f}x")
-    if cfg.json:
-        write_json(cfg.json, report)
-
-
 if __name__ == "__main__":
-    main()
+    main(FlipBenchmark, benchmark_flip,
+         lambda report: f"FLIP (mask ratio {report['config']['mask_ratio']}) / CLIP: {report['flip_vs_clip']:.2f}x")

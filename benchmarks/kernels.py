@@ -8,13 +8,11 @@ the kernel's time. Achieved GB/s counts the bytes a kernel must move (inputs rea
 once) against a device-to-device copy timed the same way in the same run.
 """
 
-import sys
-
 import torch
 import triton.testing
 
-from supmae.core.atomic import write_json
-from supmae.core.options import Config, configuration, from_command_line, option
+from benchmarks import main
+from supmae.core.options import Config, configuration, option
 from supmae.kernels.norm_pix_loss import norm_pix_mse_backward, norm_pix_mse_triton
 from supmae.kernels.patch_gather import gather_patches_triton
 from supmae.kernels.unshuffle import unshuffle_backward, unshuffle_triton
@@ -102,15 +100,5 @@ def benchmark_kernels(cfg: KernelBenchmark) -> dict:
                 copy_gb_per_s=copy_gbs, kernels=results)
 
 
-def main():
-    cfg = from_command_line(KernelBenchmark)
-    try:
-        report = benchmark_kernels(cfg)
-    except RuntimeError as error:
-        sys.exit(f"kernels: error: {error}")
-    if cfg.json:
-        write_json(cfg.json, report)
-
-
 if __name__ == "__main__":
-    main()
+    main(KernelBenchmark, benchmark_kernels, errors=(RuntimeError,))

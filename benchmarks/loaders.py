@@ -12,11 +12,9 @@ the figure is the median pass, with min and max beside it, and the CPU utilisati
 """
 import os
 import statistics
-import sys
 
-from supmae.core.atomic import write_json
-from supmae.core.errors import SupmaeError
-from supmae.core.options import Config, configuration, from_command_line, items, option, section
+from benchmarks import main
+from supmae.core.options import Config, configuration, items, option, section
 from supmae.pipelines.engines import ENGINES
 from supmae.pipelines.loader import LoaderSpec
 from supmae.pipelines.masking import MaskSampler, TextMaskSampler
@@ -95,15 +93,5 @@ def benchmark_loaders(cfg: LoaderBenchmark) -> dict:
                 engines=results, ratios=ratios)
 
 
-def main():
-    cfg = from_command_line(LoaderBenchmark)
-    try:
-        report = benchmark_loaders(cfg)
-    except SupmaeError as error:
-        sys.exit(f"loaders: error: {error}")
-    if cfg.json:
-        write_json(cfg.json, report)
-
-
 if __name__ == "__main__":
-    main()
+    main(LoaderBenchmark, benchmark_loaders)

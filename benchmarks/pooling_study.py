@@ -12,8 +12,9 @@ pooling, and not ahead at 1.4B pairs; this measures the same comparison at the s
 import datetime
 import os
 
+from benchmarks import main
 from supmae.core.atomic import write_json
-from supmae.core.options import Config, configuration, from_command_line, items, option
+from supmae.core.options import Config, configuration, items, option
 from supmae.evaluation.config import KnnConfig, LinearConfig, ZeroshotConfig
 from supmae.evaluation.knn import eval_knn
 from supmae.evaluation.linear import linear_probe
@@ -123,9 +124,5 @@ def plot(report: dict, path: str) -> None:
     figure.savefig(path, dpi=120)
 
 
-def main():
-    run_study(from_command_line(PoolingStudy))
-
-
 if __name__ == "__main__":
-    main()
+    main(PoolingStudy, run_study)

@@ -11,8 +11,8 @@ import functools
 
 import torch
 
-from supmae.core.atomic import write_json
-from supmae.core.options import Config, configuration, from_command_line, option, section
+from benchmarks import main
+from supmae.core.options import Config, configuration, option, section
 from supmae.models.fast import apply_kernels
 from supmae.models.registry import build_model
 from supmae.profiling.measure import commit, device_name, flops_of, matmul_rate, measure, sync, versions
@@ -157,13 +157,5 @@ def describe(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main():
-    cfg = from_command_line(StepBenchmark)
-    result = benchmark_step(cfg)
-    print(describe(result))
-    if cfg.json:
-        write_json(cfg.json, result)
-
-
 if __name__ == "__main__":
-    main()
+    main(StepBenchmark, benchmark_step, describe)
