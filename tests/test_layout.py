@@ -1,4 +1,4 @@
-"""The house: each layer says its job, and a model option is one field in one file."""
+"""The house: layers import one way, modules import in no circle, and a model option is one field in one file."""
 import ast
 import json
 import pathlib
@@ -6,7 +6,43 @@ import shutil
 import subprocess
 import sys
 
+import grimp
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_no_module_imports_itself_round_a_circle():
+    graph = grimp.build_graph("supmae", include_external_packages=False)
+    edges = {m: graph.find_modules_directly_imported_by(m) for m in graph.modules}
+    # Tarjan's strongly connected components: a component of more than one module is a circle.
+    index, low, stack, on_stack, circles = {}, {}, [], set(), []
+
+    def visit(module: str) -> None:
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        on_stack.add(module)
+        for other in edges[module]:
+            if other not in index:
+                visit(other)
+                low[module] = min(low[module], low[other])
+            elif other in on_stack:
+                low[module] = min(low[module], index[other])
+        if low[module] == index[module]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == module:
+                    break
+            if len(component) > 1:
+                circles.append(sorted(component))
+
+    for module in sorted(edges):
+        if module not in index:
+            visit(module)
+    assert len(edges) > 60 and any(m.startswith("supmae.pipelines.") for m in edges)  # the linked folders count
+    assert circles == []
 
 
 def test_every_subpackage_says_its_job():
