@@ -73,8 +73,10 @@ def run_study(cfg: PoolingStudy) -> dict:
         checkpoint = summary["checkpoint"] or os.path.join(folder, f"checkpoint-{cfg.steps:08d}.pt")
         row = dict(run=label, model=model, pool=pool, images_per_s=summary["images_per_s"])
         row["knn_top1"] = eval_knn(KnnConfig(checkpoint=checkpoint, train=train, val=val, workers=0, k=10))["top1"]
+        # the official probe's lr (3.2: blr 0.1 at SupMAE's batch of 8192) at this study's batch
         row["linear_top1"] = linear_probe(LinearConfig(checkpoint=checkpoint, train=train, val=val, workers=0,
-                                                       epochs=30))["top1"]
+                                                       epochs=30, batch_size=cfg.batch_size,
+                                                       blr=0.1 * 8192 / cfg.batch_size))["top1"]
         if family_of(model).uses_text:
             row["zeroshot_top1"] = eval_zeroshot(ZeroshotConfig(checkpoint=checkpoint, data=val,
                                                                 class_names=cfg.class_names, workers=0))["top1"]

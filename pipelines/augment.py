@@ -1,5 +1,6 @@
-"""SupMAE's pretraining augmentation: RandomResizedCrop(scale 0.2-1, ratio 3/4-4/3, bicubic) + flip,
-and the evaluation view: the centre square of 87.5% of the shorter side.
+"""SupMAE's pretraining augmentation: RandomResizedCrop(scale 0.2-1, ratio 3/4-4/3, bicubic) + flip (the
+linear probe's crops scale 0.08-1, torchvision's default), and the evaluation view: the centre square of
+87.5% of the shorter side.
 
 Every engine crops with these semantics (torchvision's RandomResizedCrop; FFCV's centre crop), so their
 batches are statistically the same whichever engine decodes them; the torch and DALI engines draw the
@@ -11,6 +12,7 @@ import numpy as np
 from PIL import Image
 
 CROP_SCALE = (0.2, 1.0)
+PROBE_CROP_SCALE = (0.08, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
 FLIP_PROBABILITY = 0.5
 EVAL_CROP_FRACTION = 0.875
@@ -43,13 +45,13 @@ def center_crop(width: int, height: int, fraction: float = EVAL_CROP_FRACTION) -
     return (width - side) // 2, (height - side) // 2, side, side
 
 
-def crop_and_flip(width: int, height: int, *, seed: int, epoch: int, index: int,
-                  train: bool) -> tuple[tuple[int, int, int, int], bool]:
+def crop_and_flip(width: int, height: int, *, seed: int, epoch: int, index: int, train: bool,
+                  scale: tuple[float, float] = CROP_SCALE) -> tuple[tuple[int, int, int, int], bool]:
     """The (left, top, width, height) box and flip of one sample's view, a function of its key alone."""
     if not train:
         return center_crop(width, height), False
     rng = np.random.default_rng((seed, epoch, index))
-    box = sample_crop(width, height, rng)
+    box = sample_crop(width, height, rng, scale=scale)
     return box, bool(rng.random() < FLIP_PROBABILITY)
 
 

@@ -30,8 +30,9 @@ class _Samples:
 
     Runs in DALI's Python worker processes, which is where the file reads and crop draws happen."""
 
-    def __init__(self, source, schedule: Schedule, *, start: int, seed: int, train: bool):
-        self.source, self.schedule, self.start, self.seed, self.train = source, schedule, start, seed, train
+    def __init__(self, source, schedule: Schedule, *, start: int, seed: int, train: bool, scale: tuple[float, float]):
+        self.source, self.schedule, self.start, self.seed = source, schedule, start, seed
+        self.train, self.scale = train, scale
 
     def __call__(self, info):
         epoch, indices = self.schedule.batch(self.start + info.iteration)
@@ -39,7 +40,7 @@ class _Samples:
         data, (width, height) = self.source.encoded(index)
         data = without_png_profile(data)
         (left, top, w, h), flip = crop_and_flip(width, height, seed=self.seed, epoch=epoch, index=index,
-                                                     train=self.train)
+                                                train=self.train, scale=self.scale)
         return (data, np.array(self.source.labels[index], np.int64), np.array([left, top], np.float32),
                 np.array([w, h], np.float32), np.array(flip, np.int32))
 
@@ -105,7 +106,8 @@ class DALILoader:
     def _pixels(self):
         spec, device = self.spec, torch.device(self.spec.device)
         on_gpu = device.type == "cuda"
-        samples = _Samples(self.source, self.schedule, start=spec.start, seed=spec.seed, train=spec.train)
+        samples = _Samples(self.source, self.schedule, start=spec.start, seed=spec.seed, train=spec.train,
+                           scale=spec.crop_scale)
         start = _start_method(on_gpu)
         callback_file = _CallbackFile() if start == "spawn" else None
         pipe = _views(samples, size=spec.img_size, on_gpu=on_gpu, parallel=spec.workers > 0,

@@ -25,7 +25,7 @@ with keep_torch_threads():
     from ffcv.traversal_order.quasi_random import QuasiRandom
 
 from supmae.core.errors import SupmaeError
-from supmae.pipelines.augment import CROP_RATIO, CROP_SCALE, EVAL_CROP_FRACTION, FLIP_PROBABILITY
+from supmae.pipelines.augment import CROP_RATIO, EVAL_CROP_FRACTION, FLIP_PROBABILITY
 from supmae.pipelines.batch import Batch, to_device_batches
 from supmae.pipelines.order import Schedule
 from supmae.pipelines.sources import BetonSource
@@ -101,7 +101,7 @@ class FFCVLoader:
         spec, device = self.spec, torch.device(self.spec.device)
         size = (spec.img_size, spec.img_size)
         if spec.train:
-            images = [RandomResizedCropRGBImageDecoder(size, scale=CROP_SCALE, ratio=CROP_RATIO),
+            images = [RandomResizedCropRGBImageDecoder(size, scale=spec.crop_scale, ratio=CROP_RATIO),
                       RandomHorizontalFlip(FLIP_PROBABILITY)]
         else:
             images = [CenterCropRGBImageDecoder(size, ratio=EVAL_CROP_FRACTION)]

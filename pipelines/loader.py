@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from supmae.core.errors import SupmaeError
+from supmae.pipelines.augment import CROP_SCALE
 from supmae.pipelines.batch import Batch
 from supmae.pipelines.engines import ENGINES, PACKAGES
 from supmae.pipelines.masking import MaskSampler, TextMaskSampler
@@ -71,6 +72,7 @@ class LoaderSpec:
     seed: int = 0
     start: int = 0              # the global batch to begin at (a resumed run's position)
     train: bool = True          # random resized crop + flip; False: the centre crop
+    crop_scale: tuple[float, float] = CROP_SCALE  # the share of the image a random crop covers
     rank: int = 0
     world_size: int = 1
     # random (shared by all engines) | quasi_random (ffcv, page-aware) | sequential (one pass in index order)

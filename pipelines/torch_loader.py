@@ -27,8 +27,8 @@ class _Unreadable(NamedTuple):
 
 
 class _Views(Dataset):
-    def __init__(self, source, *, size: int, seed: int, train: bool, text: bool = False):
-        self.source, self.size, self.seed, self.train, self.text = source, size, seed, train, text
+    def __init__(self, source, *, size: int, seed: int, train: bool, scale: tuple[float, float], text: bool = False):
+        self.source, self.size, self.seed, self.train, self.scale, self.text = source, size, seed, train, scale, text
 
     def __len__(self):
         return len(self.source)
@@ -40,7 +40,7 @@ class _Views(Dataset):
         except UNREADABLE as error:
             return _Unreadable(f"image {self.source.describe(index)}", str(error) or type(error).__name__)
         box, flip = crop_and_flip(image.width, image.height, seed=self.seed, epoch=epoch, index=index,
-                                  train=self.train)
+                                  train=self.train, scale=self.scale)
         view = torch.from_numpy(np.array(crop_resize_flip(image, size=self.size, box=box, flip=flip)))
         if not self.text:
             return view, int(self.source.labels[index])
@@ -92,7 +92,8 @@ class TorchLoader:
     def __iter__(self) -> Iterator[Batch]:
         spec = self.spec
         loader = DataLoader(
-            _Views(self.source, size=spec.img_size, seed=spec.seed, train=spec.train, text=spec.text),
+            _Views(self.source, size=spec.img_size, seed=spec.seed, train=spec.train, scale=spec.crop_scale,
+                   text=spec.text),
             batch_sampler=_Keys(self.schedule, spec.start),
             num_workers=spec.workers,
             collate_fn=_collate,

@@ -80,31 +80,57 @@ class KnnConfig(SplitsConfig):
 
 @configuration
 class LinearConfig(SplitsConfig):
-    """Train BatchNorm (no affine) + Linear on the frozen encoder's features of the training images; report
-    top-1 on the validation images."""
-    epochs: int = option(90, "epochs over the training features", at_least=1)
-    batch_size: int = option(256, "features per SGD step", at_least=1)
+    """Train BatchNorm (no affine) + Linear with LARS on the frozen encoder's features of random resized crops of
+    the training images, as the official linear probe does; report top-1 on the validation images' centre
+    crops. Unset options take the official recipe of the checkpoint's model family."""
+    epochs: int | None = option(None, "epochs over the training images", at_least=1,
+                                shown="the family's recipe: 90, 50 for MAE's ViT-L/H")
+    batch_size: int | None = option(None, "images per LARS step (the effective batch: the lr scales with it)",
+                                    at_least=1, shown="the family's recipe: 8192 for SupMAE, 16384 for MAE and CLIP")
+    micro_batch: int = option(512, "images per forward pass; the head's BatchNorm normalises over these, as over "
+                                   "the official probe's 512 per GPU", at_least=2)
     blr: float = option(0.1, "base lr: lr = blr * batch / 256", above=0)
+    weight_decay: float = option(0.0, "LARS weight decay", at_least=0)
+    warmup_epochs: float = option(10, "epochs of linear lr warm-up", at_least=0)
+    pool: str = option("token", "the feature: the cls token (the official probe's, after the encoder's final norm) "
+                                "or the normalised mean of the patch tokens", choices=("token", "avg"))
+    seed: int = option(0, "seed of the head, the data order and the crops", at_least=0, at_most=SEED_MAX)
     json: str | None = option(None, "also write the result here", metavar="FILE")
 
 
 @configuration
 class FinetuneConfig(SplitsConfig):
-    """Fine-tune a pretrained encoder as a timm ViT with global average pooling, with the official recipe as
-    defaults; report top-1 on the validation split."""
-    epochs: float = option(100, "run length in epochs", above=0)
-    batch_size: int = option(64, "images per step", at_least=1)
-    blr: float = option(5e-4, "base lr: lr = blr * batch / 256", above=0)
-    layer_decay: float = option(0.65, "lr scale per block from the head down", above=0, at_most=1)
+    """Fine-tune a pretrained encoder as a timm ViT with global average pooling; report top-1 on the validation
+    split. Unset options take the official recipe of the checkpoint's model family."""
+    epochs: float | None = option(None, "run length in epochs", above=0,
+                                  shown="the family's recipe: 100, 50 for MAE's ViT-L/H")
+    batch_size: int = option(1024, "images per AdamW step (the effective batch: the lr scales with it)", at_least=1)
+    accum_iter: int = option(1, "micro-batches per step, each --batch-size / --accum-iter images", at_least=1)
+    blr: float | None = option(None, "base lr: lr = blr * batch / 256", above=0,
+                               shown="the family's recipe: 1e-3 for SupMAE, 5e-4 for MAE and CLIP (1e-3 for "
+                                     "MAE's ViT-L/H)")
+    min_lr: float = option(1e-6, "lr at the end of the cosine", at_least=0)
+    layer_decay: float | None = option(None, "lr scale per block from the head down", above=0, at_most=1,
+                                       shown="the family's recipe: 0.65, 0.75 for MAE's ViT-L/H")
     weight_decay: float = option(0.05, "AdamW weight decay", at_least=0)
-    drop_path: float = option(0.1, "stochastic depth rate", at_least=0, below=1)
+    drop_path: float | None = option(None, "stochastic depth rate", at_least=0, below=1,
+                                     shown="the family's recipe: 0.1, 0.2 for MAE's ViT-L, 0.3 ViT-H")
     smoothing: float = option(0.1, "label smoothing", at_least=0, below=1)
-    mixup: float = option(0.0, "mixup alpha (0: off; the official ImageNet recipe uses 0.8)", at_least=0)
-    cutmix: float = option(0.0, "cutmix alpha (0: off; the official ImageNet recipe uses 1.0)", at_least=0)
+    mixup: float = option(0.8, "mixup alpha (0: off)", at_least=0)
+    cutmix: float = option(1.0, "cutmix alpha (0: off)", at_least=0)
     warmup_epochs: float = option(5, "epochs of linear lr warm-up", at_least=0)
     seed: int = option(0, "seed of the head, data order and augmentation", at_least=0, at_most=SEED_MAX)
     output: str | None = option(None, "folder for the fine-tuned model.safetensors")
     force: bool = option(False, "replace an existing model.safetensors in --output")
+
+    def check(self) -> None:
+        super().check()
+        if self.batch_size % self.accum_iter:
+            raise SupmaeError(f"--batch-size {self.batch_size} is not a whole number of --accum-iter "
+                              f"{self.accum_iter} micro-batches")
+        if (self.mixup > 0 or self.cutmix > 0) and (self.batch_size // self.accum_iter) % 2:
+            raise SupmaeError("mixup and cutmix pair each image with another in its micro-batch: use an even "
+                              "--batch-size / --accum-iter, or --mixup 0 --cutmix 0")
 
 
 @configuration

@@ -1,8 +1,9 @@
 """`supmae finetune`: the encoder, trained further on labels, scored by top-1.
 
 Fine-tuning runs the exported encoder as a timm VisionTransformer (global average pooling, a fresh
-head) with the official recipe as defaults: AdamW, layer-wise lr decay 0.65, drop path 0.1, label
-smoothing 0.1, optional mixup/cutmix, half-cycle cosine after warmup.
+head) with the official recipe (main_finetune.py, FINETUNE.md) as defaults: AdamW, layer-wise lr decay, drop
+path, label smoothing 0.1, mixup 0.8 / cutmix 1.0, a per-step linear warm-up then half-cycle cosine to 1e-6,
+over an effective batch of 1024, with the family's lr, depth-dependent decay and drop path.
 """
 import logging
 import math
@@ -18,7 +19,8 @@ from supmae.core.atomic import check_space, replaced
 from supmae.core.errors import SupmaeError
 from supmae.evaluation.config import FinetuneConfig
 from supmae.evaluation.export import timm_state_dict
-from supmae.evaluation.pretrained import load_pretrained, open_splits
+from supmae.evaluation.pretrained import load_pretrained, open_splits, trained_config
+from supmae.models.families import recipe_of
 from supmae.pipelines.loader import LoaderSpec, create_loader, open_batches, ordered_batches
 from supmae.runtime.hardware import loader_workers, resolve_device
 from supmae.training.optim import lr_at
@@ -86,40 +88,48 @@ def finetune(cfg: FinetuneConfig) -> dict:
     device, workers = resolve_device(cfg.device), loader_workers(cfg.workers)
     train, val = open_splits(cfg.train, cfg.val)
     num_classes = len(train.classes)
+    recipe = recipe_of(trained_config(cfg.checkpoint).model)
+    epochs = recipe.finetune_epochs if cfg.epochs is None else cfg.epochs
+    blr = recipe.finetune_blr if cfg.blr is None else cfg.blr
+    layer_decay = recipe.finetune_layer_decay if cfg.layer_decay is None else cfg.layer_decay
+    drop_path = recipe.finetune_drop_path if cfg.drop_path is None else cfg.drop_path
     torch.manual_seed(cfg.seed)
-    vit = timm_vit(cfg.checkpoint, num_classes, cfg.drop_path).to(device)
+    vit = timm_vit(cfg.checkpoint, num_classes, drop_path).to(device)
     if cfg.output:
         check_space(cfg.output, sum(p.numel() * p.element_size() for p in vit.parameters()), "the fine-tuned model")
     img_size = vit.patch_embed.img_size[0]
-    steps_per_epoch = len(train) // cfg.batch_size
+    micro = cfg.batch_size // cfg.accum_iter
+    steps_per_epoch = len(train) // micro // cfg.accum_iter
     if steps_per_epoch < 1:
-        raise SupmaeError(f"{len(train)} training images make no batch of {cfg.batch_size}")
-    total, warmup = max(1, math.ceil(cfg.epochs * steps_per_epoch)), round(cfg.warmup_epochs * steps_per_epoch)
-    peak = cfg.blr * cfg.batch_size / 256
-    optimizer = torch.optim.AdamW(layer_decay_groups(vit, cfg.weight_decay, cfg.layer_decay), lr=peak)
+        raise SupmaeError(f"{len(train)} training images make no step of {cfg.batch_size}; pass a smaller "
+                          "--batch-size")
+    total, warmup = max(1, math.ceil(epochs * steps_per_epoch)), round(cfg.warmup_epochs * steps_per_epoch)
+    peak = blr * cfg.batch_size / 256
+    optimizer = torch.optim.AdamW(layer_decay_groups(vit, cfg.weight_decay, layer_decay), lr=peak)
     mixing = cfg.mixup > 0 or cfg.cutmix > 0
-    if mixing and cfg.batch_size % 2:
-        raise SupmaeError("mixup and cutmix need an even --batch-size")
     mix = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing,
                 num_classes=num_classes) if mixing else None
     criterion = SoftTargetCrossEntropy() if mixing else LabelSmoothingCrossEntropy(cfg.smoothing)
-    spec = LoaderSpec(batch_size=cfg.batch_size, img_size=img_size, mask_sampler=None, device=device,
-                      workers=workers, seed=cfg.seed)
+    spec = LoaderSpec(batch_size=micro, img_size=img_size, mask_sampler=None, device=device, workers=workers,
+                      seed=cfg.seed)
+    logger.info(f"fine-tuning for {epochs:g} epochs ({total} steps of {cfg.batch_size}), lr {peak:.3g} (blr {blr:g}), "
+                f"layer decay {layer_decay:g}, drop path {drop_path:g}")
     vit.train()
     with open_batches(create_loader(cfg.loader, train, spec)) as batches:
         for step in range(total):
-            lr = lr_at(step, peak=peak, warmup=warmup, total=total)
+            lr = lr_at(step, peak=peak, warmup=warmup, total=total, min_lr=cfg.min_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]
-            batch = next(batches)
-            images, targets = mix(batch.images, batch.labels) if mix else (batch.images, batch.labels)
-            loss = criterion(vit(images), targets)
-            loss.backward()
+            for _ in range(cfg.accum_iter):
+                batch = next(batches)
+                images, targets = mix(batch.images, batch.labels) if mix else (batch.images, batch.labels)
+                loss = criterion(vit(images), targets)
+                (loss / cfg.accum_iter).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if (step + 1) % max(1, steps_per_epoch) == 0 or step + 1 == total:
                 logger.info(f"step {step + 1}/{total}: loss {loss.item():.4f}, lr {lr:.3g}")
-    accuracy = top1(vit, val, loader=cfg.loader, img_size=img_size, batch_size=cfg.batch_size, workers=workers,
+    accuracy = top1(vit, val, loader=cfg.loader, img_size=img_size, batch_size=micro, workers=workers,
                     device=device)
     logger.info(f"fine-tuned top-1: {accuracy:.2%} on {len(val)} images, {num_classes} classes "
                 f"(chance {1 / num_classes:.2%}) after {total} steps")

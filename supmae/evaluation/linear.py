@@ -1,5 +1,8 @@
-"""`supmae eval linear`: BatchNorm (no affine) + Linear trained on the frozen encoder's features, as MAE's
-linear probe does, on features extracted once; top-1 on the validation images."""
+"""`supmae eval linear`: the official linear probe (main_linprobe.py). A BatchNorm (no affine, eps 1e-6) and a
+Linear head learn, with LARS, from the frozen encoder's cls token (after its final norm) of random resized
+crops (scale 0.08-1) and flips of the training images, drawn afresh every epoch; the lr warms up for 10 epochs,
+then falls on a half-cycle cosine, stepped per iteration. Top-1 is read on the validation images' centre crops.
+"""
 import logging
 
 import torch
@@ -7,46 +10,72 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from supmae.core.atomic import write_json
+from supmae.core.errors import SupmaeError
 from supmae.evaluation.config import LinearConfig
-from supmae.evaluation.pretrained import frozen_features
-from supmae.training.optim import lr_at
+from supmae.evaluation.pretrained import extract, load_pretrained, open_splits
+from supmae.models.families import recipe_of
+from supmae.pipelines.augment import PROBE_CROP_SCALE
+from supmae.pipelines.loader import LoaderSpec, create_loader, open_batches
+from supmae.runtime.hardware import autocast_for, loader_workers, resolve_device, speed_defaults
+from supmae.training.optim import LARS, lr_at
 
 logger = logging.getLogger(__name__)
 
 
-def linear_probe(cfg: LinearConfig) -> dict:
-    """SGD (momentum 0.9, no weight decay) of the head on features extracted once; the lr warms up linearly
-    for min(10, total // 10) steps, then falls on a half-cycle cosine to 0."""
-    name, num_classes, (train_f, train_y), (val_f, val_y) = frozen_features(cfg, batch_size=64, normalise=False)
-    device, epochs = train_f.device, cfg.epochs
-    torch.manual_seed(0)
-    linear = nn.Linear(train_f.shape[1], num_classes)
+def probe_head(width: int, num_classes: int) -> nn.Sequential:
+    """BatchNorm1d without affine (eps 1e-6) then Linear, its weight truncated normal with std 0.01 (MoCo v3's)."""
+    linear = nn.Linear(width, num_classes)
     nn.init.trunc_normal_(linear.weight, std=0.01)
     nn.init.zeros_(linear.bias)
-    head = nn.Sequential(nn.BatchNorm1d(train_f.shape[1], affine=False, eps=1e-6), linear).to(device)
-    batch_size = min(cfg.batch_size, len(train_y))
-    peak = cfg.blr * batch_size / 256
-    optimizer = torch.optim.SGD(head.parameters(), lr=peak, momentum=0.9, weight_decay=0.0)
-    steps_per_epoch = len(train_y) // batch_size
-    total = epochs * steps_per_epoch
-    generator = torch.Generator().manual_seed(0)
+    return nn.Sequential(nn.BatchNorm1d(width, affine=False, eps=1e-6), linear)
+
+
+def linear_probe(cfg: LinearConfig) -> dict:
+    device, workers = resolve_device(cfg.device), loader_workers(cfg.workers)
+    model, trained = load_pretrained(cfg.checkpoint, device)
+    train, val = open_splits(cfg.train, cfg.val)
+    recipe = recipe_of(trained.model)
+    epochs = recipe.linear_epochs if cfg.epochs is None else cfg.epochs
+    batch = recipe.linear_batch if cfg.batch_size is None else cfg.batch_size
+    micro = min(cfg.micro_batch, batch)
+    if batch % micro:
+        raise SupmaeError(f"--batch-size {batch} is not a whole number of --micro-batch {micro} forward passes")
+    accum = batch // micro
+    steps_per_epoch = len(train) // micro // accum
+    if steps_per_epoch < 1:
+        raise SupmaeError(f"{len(train)} training images make no step of {batch}"
+                          f"{' (the family recipe)' if cfg.batch_size is None else ''}; pass a smaller --batch-size")
+    total, warmup = epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
+    num_classes, peak = len(train.classes), cfg.blr * batch / 256
+    torch.manual_seed(cfg.seed)
+    head = probe_head(model.embed_dim, num_classes).to(device)
+    optimizer = LARS(head.parameters(), lr=peak, weight_decay=cfg.weight_decay)
+    autocast = autocast_for(device, speed_defaults(device)[0])
+    spec = LoaderSpec(batch_size=micro, img_size=model.img_size, mask_sampler=None, device=device, workers=workers,
+                      seed=cfg.seed, crop_scale=PROBE_CROP_SCALE)
+    logger.info(f"linear probe of {trained.model}'s {cfg.pool} feature: {epochs} epochs of {steps_per_epoch} LARS "
+                f"steps of {batch} ({accum} x {micro}), lr {peak:.3g}")
     head.train()
-    for step in range(total):
-        if step % steps_per_epoch == 0:
-            order = torch.randperm(len(train_y), generator=generator).to(device)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, peak=peak, warmup=min(10, total // 10), total=total)
-        rows = order[(step % steps_per_epoch) * batch_size:(step % steps_per_epoch + 1) * batch_size]
-        F.cross_entropy(head(train_f[rows]), train_y[rows]).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    with open_batches(create_loader(cfg.loader, train, spec)) as batches:
+        for step in range(total):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, peak=peak, warmup=warmup, total=total)
+            for _ in range(accum):
+                views = next(batches)
+                with torch.no_grad(), autocast:
+                    features = model.features(views.images, cfg.pool).float()
+                (F.cross_entropy(head(features), views.labels) / accum).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    val_features, val_labels = extract(model, val, loader=cfg.loader, img_size=model.img_size, batch_size=micro,
+                                       workers=workers, device=device, pool=cfg.pool, normalise=False)
     head.eval()
     with torch.no_grad():
-        accuracy = (head(val_f).argmax(1) == val_y).float().mean().item()
-    logger.info(f"linear probe top-1: {accuracy:.2%} on {len(val_y)} images, {num_classes} classes "
-                f"(chance {1 / num_classes:.2%}) after {epochs} epochs on frozen features; {name} from "
-                f"{cfg.checkpoint}")
-    result = dict(top1=accuracy, epochs=epochs, val_images=len(val_y), num_classes=num_classes)
+        accuracy = (head(val_features).argmax(1) == val_labels).float().mean().item()
+    logger.info(f"linear probe top-1: {accuracy:.2%} on {len(val_labels)} images, {num_classes} classes "
+                f"(chance {1 / num_classes:.2%}) after {epochs} epochs; {trained.model} from {cfg.checkpoint}")
+    result = dict(top1=accuracy, epochs=epochs, batch_size=batch, lr=peak, pool=cfg.pool, val_images=len(val_labels),
+                  num_classes=num_classes, model=trained.model, checkpoint=cfg.checkpoint)
     if cfg.json:
         write_json(cfg.json, result)
     return result

@@ -54,6 +54,9 @@ def frozen_features(cfg, *, batch_size: int, pool: str = "avg", normalise: bool 
                 workers=loader_workers(cfg.workers), device=device, pool=pool, normalise=normalise) for s in sources)
 
 
+def trained_config(checkpoint: str) -> PretrainConfig:
+    """The configuration a checkpoint was pretrained with, read without loading its tensors."""
+    return saved_config(load_checkpoint(checkpoint, mmap=True))
 
 
 def load_text_model(checkpoint: str, device: torch.device | str) -> tuple[CLIPViT, PretrainConfig]:

@@ -53,6 +53,20 @@ class CLIPOptions(Config):
 
 
 @dataclasses.dataclass(frozen=True)
+class Recipe:
+    """The schedule a family's official code pretrains, fine-tunes and linear-probes with: what supmae's options
+    left unset take for that family's models. README's recipe table gives each value's source."""
+    pretrain_epochs: float            # PRETRAIN.md: SupMAE 400, MAE 800
+    pretrain_warmup_epochs: float     # PRETRAIN.md: SupMAE 20, MAE 40
+    finetune_epochs: float            # FINETUNE.md: 100 for ViT-B, 50 for MAE's ViT-L/H
+    finetune_blr: float               # FINETUNE.md: SupMAE 1e-3, MAE 5e-4 (ViT-B), 1e-3 (ViT-L/H)
+    finetune_layer_decay: float       # FINETUNE.md: 0.65 for ViT-B, 0.75 for ViT-L/H
+    finetune_drop_path: float         # FINETUNE.md: 0.1 for ViT-B, 0.2 ViT-L, 0.3 ViT-H
+    linear_batch: int                 # FINETUNE.md's linear probing: SupMAE 8 x 512 x 2, MAE 32 x 512
+    linear_epochs: int                # FINETUNE.md: 90 for ViT-B, 50 for MAE's ViT-L/H
+
+
+@dataclasses.dataclass(frozen=True)
 class Family:
     """A kind of model: the class that builds it, its own options, what it can do, and what every size shares."""
     model: str                 # "module:class" of its model, imported when one is built
@@ -60,8 +74,20 @@ class Family:
     classifies: bool           # trains a classification branch on the labels
     uses_text: bool            # trains on captions: image-text data
     config: dict               # what every size shares: decoder, mask ratio, pooling
+    recipe: Recipe             # its official schedules
+    recipe_by_size: dict = dataclasses.field(default_factory=dict)  # size -> what its recipe changes there
 
 
+_MAE_RECIPE = Recipe(pretrain_epochs=800, pretrain_warmup_epochs=40, finetune_epochs=100, finetune_blr=5e-4,
+                     finetune_layer_decay=0.65, finetune_drop_path=0.1, linear_batch=16384, linear_epochs=90)
+_MAE_LARGER = {"large": dict(finetune_epochs=50, finetune_blr=1e-3, finetune_layer_decay=0.75, finetune_drop_path=0.2,
+                             linear_epochs=50),
+               "huge": dict(finetune_epochs=50, finetune_blr=1e-3, finetune_layer_decay=0.75, finetune_drop_path=0.3,
+                            linear_epochs=50)}
+# SupMAE "basically follows the hyper parameters of MAE with a bit larger learning rate" (its FINETUNE.md), and
+# releases ViT-B only. The CLIP family has no official recipe of this kind; it takes MAE's.
+_SUPMAE_RECIPE = dataclasses.replace(_MAE_RECIPE, pretrain_epochs=400, pretrain_warmup_epochs=20, finetune_blr=1e-3,
+                                     linear_batch=8192)
 _MASKED_AUTOENCODER = "supmae.models.mae:MaskedAutoencoderViT"
 _CLIP = "supmae.models.clip:CLIPViT"
 # SupMAE's official decoder is one block; MAE's is eight, and MAE has no classification branch. MAE-CLIP's
@@ -69,16 +95,16 @@ _CLIP = "supmae.models.clip:CLIPViT"
 FAMILIES = {
     "supmae": Family(_MASKED_AUTOENCODER, SupMAEOptions, classifies=True, uses_text=False,
                      config=dict(decoder_embed_dim=512, decoder_depth=1, decoder_num_heads=16, num_classes=1000,
-                                 mask_ratio=0.75, pool="avg")),
+                                 mask_ratio=0.75, pool="avg"), recipe=_SUPMAE_RECIPE),
     "mae": Family(_MASKED_AUTOENCODER, SupMAEOptions, classifies=False, uses_text=False,
                   config=dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, num_classes=0,
-                              mask_ratio=0.75, pool="avg")),
+                              mask_ratio=0.75, pool="avg"), recipe=_MAE_RECIPE, recipe_by_size=_MAE_LARGER),
     "clip": Family(_CLIP, CLIPOptions, classifies=False, uses_text=True,
                    config=dict(decoder_embed_dim=512, decoder_depth=0, decoder_num_heads=16, mask_ratio=0.0,
-                               pool="token", text_masked_max=24)),
+                               pool="token", text_masked_max=24), recipe=_MAE_RECIPE),
     "maeclip": Family(_CLIP, CLIPOptions, classifies=False, uses_text=True,
                       config=dict(decoder_embed_dim=512, decoder_depth=4, decoder_num_heads=16, mask_ratio=0.75,
-                                  pool="token", text_masked_max=24)),
+                                  pool="token", text_masked_max=24), recipe=_MAE_RECIPE),
 }
 _ENCODERS = {
     "tiny": dict(embed_dim=192, depth=12, num_heads=3),
@@ -111,6 +137,12 @@ def family_of(name: str) -> Family:
     if name not in CONFIGS:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}")
     return FAMILIES[name.split("_vit_")[0]]
+
+
+def recipe_of(name: str) -> Recipe:
+    """The official schedules for the named model: its family's, as its size changes them."""
+    family = family_of(name)
+    return dataclasses.replace(family.recipe, **family.recipe_by_size.get(name.split("_")[2], {}))
 
 
 def option_names(cls: type[Config]) -> list[str]:

@@ -5,7 +5,15 @@ from typing import Any, ClassVar
 
 from supmae.core.errors import SupmaeError
 from supmae.core.options import Config, configuration, option, section
-from supmae.models.families import CLIPOptions, SupMAEOptions, TrunkOptions, list_models, model_config
+from supmae.models.families import (
+    CLIPOptions,
+    Recipe,
+    SupMAEOptions,
+    TrunkOptions,
+    list_models,
+    model_config,
+    recipe_of,
+)
 from supmae.pipelines.config import ORDERS, SEED_MAX, loader_option
 from supmae.runtime.config import COMPILE_MODES, PRECISIONS, check_device, device_option
 
@@ -16,7 +24,8 @@ class PretrainConfig(Config):
     EXCLUSIVE: ClassVar = (("epochs", "steps"),)
 
     # run
-    epochs: float | None = option(None, "run length in epochs", above=0, group="run", shown="400")
+    epochs: float | None = option(None, "run length in epochs", above=0, group="run",
+                                  shown="the family's recipe: 400 for SupMAE, 800 for MAE and CLIP")
     steps: int | None = option(None, "run length in optimizer steps (instead of --epochs)", at_least=1,
                                   group="run")
     output: str = option("runs/supmae", "folder for checkpoints, metrics and config", group="run")
@@ -64,7 +73,8 @@ class PretrainConfig(Config):
     lr: float | None = option(None, "absolute lr (overrides --blr)", above=0, group="optimisation")
     min_lr: float = option(0.0, "lr at the end of the cosine", at_least=0, group="optimisation")
     weight_decay: float = option(0.05, "AdamW weight decay", at_least=0, group="optimisation")
-    warmup_epochs: float = option(40, "epochs of linear lr warm-up", at_least=0, group="optimisation")
+    warmup_epochs: float | None = option(None, "epochs of linear lr warm-up", at_least=0, group="optimisation",
+                                         shown="the family's recipe: 20 for SupMAE, 40 for MAE and CLIP")
     warmup_steps: int | None = option(None, "steps of warm-up (overrides --warmup-epochs)", at_least=0,
                                          group="optimisation")
 
@@ -76,6 +86,11 @@ class PretrainConfig(Config):
                               "--compile-mode")
         if self.resume not in (None, "auto") and not os.path.isfile(self.resume):
             raise SupmaeError(f"--resume: checkpoint {self.resume} does not exist")
+
+    @property
+    def recipe(self) -> Recipe:
+        """The official schedules of the run's model, which its unset epochs and warm-up take."""
+        return recipe_of(self.model)
 
     def effective(self, name: str) -> Any:
         """Option `name`'s value, or where it is left unset, the value the run's model takes."""

@@ -73,9 +73,11 @@ class Run:
         if self.steps_per_epoch < 1:
             raise SupmaeError(f"{len(self.source)} images make no full step of {cfg.accum_iter} x {cfg.batch_size} "
                               f"on {self.world.world_size} rank(s); lower --batch-size or --accum-iter")
-        self.total_steps = cfg.steps or math.ceil((400 if cfg.epochs is None else cfg.epochs) * self.steps_per_epoch)
+        epochs = cfg.recipe.pretrain_epochs if cfg.epochs is None else cfg.epochs
+        warmup_epochs = cfg.recipe.pretrain_warmup_epochs if cfg.warmup_epochs is None else cfg.warmup_epochs
+        self.total_steps = cfg.steps or math.ceil(epochs * self.steps_per_epoch)
         self.warmup_steps = (cfg.warmup_steps if cfg.warmup_steps is not None
-                             else round(cfg.warmup_epochs * self.steps_per_epoch))
+                             else round(warmup_epochs * self.steps_per_epoch))
         self.effective_batch = cfg.batch_size * cfg.accum_iter * self.world.world_size
         self.peak_lr = cfg.lr if cfg.lr is not None else cfg.blr * self.effective_batch / 256
 
