@@ -46,10 +46,12 @@ def center_crop(width: int, height: int, fraction: float = EVAL_CROP_FRACTION) -
 
 
 def crop_and_flip(width: int, height: int, *, seed: int, epoch: int, index: int, train: bool,
-                  scale: tuple[float, float] = CROP_SCALE) -> tuple[tuple[int, int, int, int], bool]:
-    """The (left, top, width, height) box and flip of one sample's view, a function of its key alone."""
+                  scale: tuple[float, float] = CROP_SCALE,
+                  fraction: float = EVAL_CROP_FRACTION) -> tuple[tuple[int, int, int, int], bool]:
+    """The (left, top, width, height) box and flip of one sample's view, a function of its key alone: a random
+    resized crop of `scale` of the area, or without `train` the centre square of `fraction` of the shorter side."""
     if not train:
-        return center_crop(width, height), False
+        return center_crop(width, height, fraction), False
     rng = np.random.default_rng((seed, epoch, index))
     box = sample_crop(width, height, rng, scale=scale)
     return box, bool(rng.random() < FLIP_PROBABILITY)

@@ -30,9 +30,10 @@ class _Samples:
 
     Runs in DALI's Python worker processes, which is where the file reads and crop draws happen."""
 
-    def __init__(self, source, schedule: Schedule, *, start: int, seed: int, train: bool, scale: tuple[float, float]):
+    def __init__(self, source, schedule: Schedule, *, start: int, seed: int, train: bool, scale: tuple[float, float],
+                 fraction: float):
         self.source, self.schedule, self.start, self.seed = source, schedule, start, seed
-        self.train, self.scale = train, scale
+        self.train, self.scale, self.fraction = train, scale, fraction
 
     def __call__(self, info):
         epoch, indices = self.schedule.batch(self.start + info.iteration)
@@ -40,7 +41,7 @@ class _Samples:
         data, (width, height) = self.source.encoded(index)
         data = without_png_profile(data)
         (left, top, w, h), flip = crop_and_flip(width, height, seed=self.seed, epoch=epoch, index=index,
-                                                train=self.train, scale=self.scale)
+                                                train=self.train, scale=self.scale, fraction=self.fraction)
         return (data, np.array(self.source.labels[index], np.int64), np.array([left, top], np.float32),
                 np.array([w, h], np.float32), np.array(flip, np.int32))
 
@@ -107,7 +108,7 @@ class DALILoader:
         spec, device = self.spec, torch.device(self.spec.device)
         on_gpu = device.type == "cuda"
         samples = _Samples(self.source, self.schedule, start=spec.start, seed=spec.seed, train=spec.train,
-                           scale=spec.crop_scale)
+                           scale=spec.crop_scale, fraction=spec.center_fraction)
         start = _start_method(on_gpu)
         callback_file = _CallbackFile() if start == "spawn" else None
         pipe = _views(samples, size=spec.img_size, on_gpu=on_gpu, parallel=spec.workers > 0,

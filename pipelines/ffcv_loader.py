@@ -25,7 +25,7 @@ with keep_torch_threads():
     from ffcv.traversal_order.quasi_random import QuasiRandom
 
 from supmae.core.errors import SupmaeError
-from supmae.pipelines.augment import CROP_RATIO, EVAL_CROP_FRACTION, FLIP_PROBABILITY
+from supmae.pipelines.augment import CROP_RATIO, FLIP_PROBABILITY
 from supmae.pipelines.batch import Batch, to_device_batches
 from supmae.pipelines.order import Schedule
 from supmae.pipelines.sources import BetonSource
@@ -104,7 +104,7 @@ class FFCVLoader:
             images = [RandomResizedCropRGBImageDecoder(size, scale=spec.crop_scale, ratio=CROP_RATIO),
                       RandomHorizontalFlip(FLIP_PROBABILITY)]
         else:
-            images = [CenterCropRGBImageDecoder(size, ratio=EVAL_CROP_FRACTION)]
+            images = [CenterCropRGBImageDecoder(size, ratio=spec.center_fraction)]
         images, labels = images + [ToTensor()], [IntDecoder(), ToTensor(), Squeeze(1)]
         tokens = [NDArrayDecoder(), ToTensor()]
         if device.type == "cuda":  # uint8 crosses on FFCV's own copy streams

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from supmae.core.errors import SupmaeError
-from supmae.pipelines.augment import CROP_SCALE
+from supmae.pipelines.augment import CROP_SCALE, EVAL_CROP_FRACTION
 from supmae.pipelines.batch import Batch
 from supmae.pipelines.engines import ENGINES, PACKAGES
 from supmae.pipelines.masking import MaskSampler, TextMaskSampler
@@ -73,6 +73,7 @@ class LoaderSpec:
     start: int = 0              # the global batch to begin at (a resumed run's position)
     train: bool = True          # random resized crop + flip; False: the centre crop
     crop_scale: tuple[float, float] = CROP_SCALE  # the share of the image a random crop covers
+    center_fraction: float = EVAL_CROP_FRACTION  # without train: the centre square's share of the shorter side
     rank: int = 0
     world_size: int = 1
     # random (shared by all engines) | quasi_random (ffcv, page-aware) | sequential (one pass in index order)
@@ -138,12 +139,13 @@ def create_loader(engine: str, source: Source, spec: LoaderSpec) -> Engine:
 
 
 def ordered_batches(engine: str, source: Source, *, img_size: int, batch_size: int, workers: int, device,
-                    text: bool = False) -> Iterator[Batch]:
-    """Every sample once, in index order, centre-cropped, with no mask (and with its caption's tokens where
-    `text`), through any engine: what evaluation, fine-tuning's validation and visualisation read. The last
-    batch holds what is left (the engines' padding is cut off)."""
+                    text: bool = False, center_fraction: float = EVAL_CROP_FRACTION) -> Iterator[Batch]:
+    """Every sample once, in index order, centre-cropped (the square of `center_fraction` of the shorter side),
+    with no mask (and with its caption's tokens where `text`), through any engine: what evaluation,
+    fine-tuning's validation and visualisation read. The last batch holds what is left (the engines' padding is
+    cut off)."""
     spec = LoaderSpec(batch_size=batch_size, img_size=img_size, mask_sampler=None, device=device, workers=workers,
-                      train=False, order="sequential", text=text)
+                      train=False, order="sequential", text=text, center_fraction=center_fraction)
     with open_batches(create_loader(engine, source, spec)) as batches:
         for first in range(0, len(source), batch_size):
             batch = next(batches)

@@ -27,8 +27,10 @@ class _Unreadable(NamedTuple):
 
 
 class _Views(Dataset):
-    def __init__(self, source, *, size: int, seed: int, train: bool, scale: tuple[float, float], text: bool = False):
-        self.source, self.size, self.seed, self.train, self.scale, self.text = source, size, seed, train, scale, text
+    def __init__(self, source, *, size: int, seed: int, train: bool, scale: tuple[float, float], fraction: float,
+                 text: bool = False):
+        self.source, self.size, self.seed, self.text = source, size, seed, text
+        self.train, self.scale, self.fraction = train, scale, fraction
 
     def __len__(self):
         return len(self.source)
@@ -40,7 +42,7 @@ class _Views(Dataset):
         except UNREADABLE as error:
             return _Unreadable(f"image {self.source.describe(index)}", str(error) or type(error).__name__)
         box, flip = crop_and_flip(image.width, image.height, seed=self.seed, epoch=epoch, index=index,
-                                  train=self.train, scale=self.scale)
+                                  train=self.train, scale=self.scale, fraction=self.fraction)
         view = torch.from_numpy(np.array(crop_resize_flip(image, size=self.size, box=box, flip=flip)))
         if not self.text:
             return view, int(self.source.labels[index])
@@ -93,7 +95,7 @@ class TorchLoader:
         spec = self.spec
         loader = DataLoader(
             _Views(self.source, size=spec.img_size, seed=spec.seed, train=spec.train, scale=spec.crop_scale,
-                   text=spec.text),
+                   fraction=spec.center_fraction, text=spec.text),
             batch_sampler=_Keys(self.schedule, spec.start),
             num_workers=spec.workers,
             collate_fn=_collate,

@@ -15,10 +15,12 @@ from supmae.core.errors import SupmaeError
 from supmae.core.options import Config, add_arguments, configuration
 from supmae.evaluation.config import (
     ExportConfig,
+    FewshotConfig,
     FinetuneConfig,
     KnnConfig,
     LinearConfig,
     RetrievalConfig,
+    RobustnessConfig,
     VisualizeConfig,
     ZeroshotConfig,
 )
@@ -64,6 +66,10 @@ COMMANDS = {
                              "zero-shot top-1 and top-5 of a CLIP-family model"),
     "eval retrieval": Command(RetrievalConfig, "supmae.evaluation.retrieval:eval_retrieval",
                               "image-text retrieval recall of a CLIP-family model"),
+    "eval robustness": Command(RobustnessConfig, "supmae.evaluation.robustness:eval_robustness",
+                               "top-1 under ImageNet-C, -A, -R, -Sketch or on-the-fly corruptions; mCE"),
+    "eval fewshot": Command(FewshotConfig, "supmae.evaluation.fewshot:eval_fewshot",
+                            "k-shot top-1 (mean and std over seeds) on the frozen encoder's features"),
     "finetune": Command(FinetuneConfig, "supmae.evaluation.finetune:finetune",
                         "fine-tune the encoder on labels (official recipe); report top-1"),
     "visualize": Command(VisualizeConfig, "supmae.evaluation.visualize:visualize",

@@ -1,9 +1,9 @@
 """The options of what comes after pretraining: export, k-NN, linear probe, zero-shot, retrieval,
-fine-tuning and visualisation. Nothing here imports torch."""
+fine-tuning, robustness, few-shot transfer and visualisation. Nothing here imports torch."""
 import os
 
 from supmae.core.errors import SupmaeError
-from supmae.core.options import Config, configuration, option
+from supmae.core.options import Config, configuration, items, option
 from supmae.pipelines.config import SEED_MAX, loader_option
 from supmae.runtime.config import check_device, device_option
 
@@ -95,6 +95,8 @@ class LinearConfig(SplitsConfig):
     pool: str = option("token", "the feature: the cls token (the official probe's, after the encoder's final norm) "
                                 "or the normalised mean of the patch tokens", choices=("token", "avg"))
     seed: int = option(0, "seed of the head, the data order and the crops", at_least=0, at_most=SEED_MAX)
+    output: str | None = option(None, "folder for the probe (probe.safetensors), which eval robustness scores")
+    force: bool = option(False, "replace an existing probe.safetensors in --output")
     json: str | None = option(None, "also write the result here", metavar="FILE")
 
 
@@ -156,3 +158,60 @@ class VisualizeConfig(Config):
         check_device(self.device)
         if self.image_format is None:
             raise SupmaeError(f"--out {self.out}: give an image file name such as {os.path.splitext(self.out)[0]}.png")
+
+
+# The 15 corruptions of ImageNet-C (Hendrycks & Dietterich 2019), in its order.
+CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
+               "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
+               "jpeg_compression")
+SEVERITIES = ("1", "2", "3", "4", "5")
+
+
+@configuration
+class RobustnessConfig(Config):
+    """Top-1 of a classifier (finetune --output, or eval linear --output) under distribution shift: ImageNet-C
+    (per corruption and severity, and mCE against AlexNet's published errors), ImageNet-A and ImageNet-R (200
+    classes: the logits restricted to theirs), ImageNet-Sketch, or with --corrupt any labelled set, corrupted
+    on the fly as ImageNet-C was made."""
+    classifier: str = option(help="a classifier supmae wrote: a finetune or eval linear --output folder, or its "
+                                  ".safetensors", exists=True)
+    data: str = option(help="ImageNet-C's folder (corruption/severity/class/images), an ImageNet-A, -R or -Sketch "
+                            "folder, or with --corrupt any labelled set", exists=True)
+    corrupt: bool = option(False, "corrupt --data's centre crops on the fly with ImageNet-C's corruptions "
+                                  "(imagecorruptions)")
+    corruptions: str = option(",".join(CORRUPTIONS), "with --corrupt: the corruptions, comma-separated",
+                              choices=CORRUPTIONS, listed=True, shown="all 15")
+    severities: str = option(",".join(SEVERITIES), "with --corrupt: the severities, comma-separated",
+                             choices=SEVERITIES, listed=True)
+    seed: int = option(0, "with --corrupt: the seed of the corruptions' noise", at_least=0, at_most=SEED_MAX)
+    batch_size: int = option(64, "images per forward pass", at_least=1)
+    loader: str = loader_option()
+    workers: int = option(2, "decoding (and with --corrupt, corrupting) processes", at_least=0)
+    device: str = device_option()
+    json: str | None = option(None, "also write the result here", metavar="FILE")
+
+    def check(self) -> None:
+        check_device(self.device)
+
+
+@configuration
+class FewshotConfig(SplitsConfig):
+    """k-shot classification on the frozen encoder's features: a logistic regression head trained on k training
+    images of each class, for each k and seed, scored on the whole validation split; mean and standard deviation
+    over the seeds, as few-shot transfer tables report them."""
+    shots: str = option("1,2,5,10", "the k of each evaluation, comma-separated", metavar="K,K,...")
+    seeds: int = option(5, "draws of the k images per class, each its own evaluation", at_least=1)
+    pool: str = option("avg", "the feature: the normalised mean of the patch tokens, or the cls token",
+                       choices=("avg", "token"))
+    l2: float = option(1e-3, "the L2 penalty on the head's weights", at_least=0)
+    batch_size: int = option(64, "images per forward pass", at_least=1)
+    json: str | None = option(None, "also write the result here", metavar="FILE")
+
+    @property
+    def shot_list(self) -> list[int]:
+        return [int(k) for k in items(self.shots)]
+
+    def check(self) -> None:
+        super().check()
+        if not items(self.shots) or not all(k.isdigit() and int(k) > 0 for k in items(self.shots)):
+            raise SupmaeError(f"--shots: give positive whole numbers, comma-separated, got {self.shots!r}")

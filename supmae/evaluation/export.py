@@ -10,8 +10,8 @@ out. timm's features then equal `MaskedAutoencoderViT.features` with the same po
 import logging
 import os
 
-from supmae.core.atomic import replaced
 from supmae.core.errors import SupmaeError
+from supmae.evaluation.classifier import write_safetensors
 from supmae.evaluation.config import ExportConfig
 from supmae.training.checkpoint import load_checkpoint
 
@@ -30,8 +30,6 @@ def timm_state_dict(model_state: dict, global_pool: str = "avg") -> dict:
 
 
 def export(cfg: ExportConfig) -> dict:
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
     out = cfg.out
     if os.path.exists(out) and not cfg.force:
         raise SupmaeError(f"{out} exists; pass --force to replace it")
@@ -45,11 +43,7 @@ def export(cfg: ExportConfig) -> dict:
         os.makedirs(folder, exist_ok=True)
     except FileExistsError:
         raise SupmaeError(f"cannot write {out}: {folder} is a file, not a folder") from None
-    try:
-        with replaced(out) as tmp:
-            save_file(tensors, tmp, metadata=metadata)
-    except SafetensorError as error:  # safetensors reports failed writes in its own type, not as OSError
-        raise SupmaeError(f"cannot write {out}: {error}") from None
+    write_safetensors(out, tensors, metadata)
     parameters = sum(t.numel() for t in tensors.values())
     logger.info(f"wrote {out}: {len(tensors)} tensors, {parameters / 1e6:.1f}M parameters of "
                 f"{metadata['supmae_model']} (step {metadata['step']}), for timm global_pool={cfg.global_pool!r}")

@@ -15,8 +15,9 @@ from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models.vision_transformer import VisionTransformer
 
-from supmae.core.atomic import check_space, replaced
+from supmae.core.atomic import check_space
 from supmae.core.errors import SupmaeError
+from supmae.evaluation import classifier
 from supmae.evaluation.config import FinetuneConfig
 from supmae.evaluation.export import timm_state_dict
 from supmae.evaluation.pretrained import load_pretrained, open_splits, trained_config
@@ -26,15 +27,12 @@ from supmae.runtime.hardware import loader_workers, resolve_device
 from supmae.training.optim import lr_at
 
 logger = logging.getLogger(__name__)
-WEIGHTS = "model.safetensors"  # what --output receives
 
 
 def timm_vit(checkpoint: str, num_classes: int, drop_path: float = 0.0) -> VisionTransformer:
     """The checkpoint's encoder as timm's ViT with global average pooling and a fresh head."""
-    model, _ = load_pretrained(checkpoint, "cpu")
-    vit = VisionTransformer(img_size=model.img_size, patch_size=model.patch_size, embed_dim=model.embed_dim,
-                            depth=len(model.blocks), num_heads=model.num_heads, mlp_ratio=model.mlp_ratio,
-                            qkv_bias=True, num_classes=num_classes, global_pool="avg", drop_path_rate=drop_path)
+    model, trained = load_pretrained(checkpoint, "cpu")
+    vit = classifier.timm_vit(trained.model, model.img_size, num_classes, drop_path)
     missing = set(vit.load_state_dict(timm_state_dict(model.state_dict(), "avg"), strict=False).missing_keys)
     if missing != {"head.weight", "head.bias"}:
         raise SupmaeError(f"{checkpoint}'s encoder does not fill a timm ViT: missing {', '.join(sorted(missing))}")
@@ -76,27 +74,21 @@ def top1(model: nn.Module, source, *, loader: str, img_size: int, batch_size: in
 
 
 def finetune(cfg: FinetuneConfig) -> dict:
-    if cfg.output:  # made now, so a bad --output fails at once rather than after the whole run
-        try:
-            os.makedirs(cfg.output, exist_ok=True)
-        except FileExistsError:
-            raise SupmaeError(f"--output {cfg.output} is a file, not a folder") from None
-        if not os.access(cfg.output, os.W_OK | os.X_OK):
-            raise SupmaeError(f"--output {cfg.output} is a folder this user cannot write to")
-        if os.path.exists(os.path.join(cfg.output, WEIGHTS)) and not cfg.force:
-            raise SupmaeError(f"{os.path.join(cfg.output, WEIGHTS)} exists; pass --force to replace it")
+    path = classifier.output_path(cfg.output, classifier.FINETUNED, cfg.force)
     device, workers = resolve_device(cfg.device), loader_workers(cfg.workers)
     train, val = open_splits(cfg.train, cfg.val)
     num_classes = len(train.classes)
-    recipe = recipe_of(trained_config(cfg.checkpoint).model)
+    trained = trained_config(cfg.checkpoint)
+    recipe = recipe_of(trained.model)
     epochs = recipe.finetune_epochs if cfg.epochs is None else cfg.epochs
     blr = recipe.finetune_blr if cfg.blr is None else cfg.blr
     layer_decay = recipe.finetune_layer_decay if cfg.layer_decay is None else cfg.layer_decay
     drop_path = recipe.finetune_drop_path if cfg.drop_path is None else cfg.drop_path
     torch.manual_seed(cfg.seed)
     vit = timm_vit(cfg.checkpoint, num_classes, drop_path).to(device)
-    if cfg.output:
-        check_space(cfg.output, sum(p.numel() * p.element_size() for p in vit.parameters()), "the fine-tuned model")
+    if path:
+        check_space(os.path.dirname(path), sum(p.numel() * p.element_size() for p in vit.parameters()),
+                    "the fine-tuned model")
     img_size = vit.patch_embed.img_size[0]
     micro = cfg.batch_size // cfg.accum_iter
     steps_per_epoch = len(train) // micro // cfg.accum_iter
@@ -133,13 +125,6 @@ def finetune(cfg: FinetuneConfig) -> dict:
                     device=device)
     logger.info(f"fine-tuned top-1: {accuracy:.2%} on {len(val)} images, {num_classes} classes "
                 f"(chance {1 / num_classes:.2%}) after {total} steps")
-    if cfg.output:
-        from safetensors import SafetensorError
-        from safetensors.torch import save_file
-        path = os.path.join(cfg.output, WEIGHTS)
-        try:
-            with replaced(path) as tmp:
-                save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, tmp)
-        except SafetensorError as error:  # a write that failed after all (the disk filled meanwhile)
-            raise SupmaeError(f"cannot write {path}: {error}") from None
+    if path:
+        classifier.save_finetuned(path, vit, model=trained.model, img_size=img_size, classes=train.classes)
     return dict(top1=accuracy, steps=total, val_images=len(val), num_classes=num_classes)

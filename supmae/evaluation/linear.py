@@ -6,11 +6,11 @@ then falls on a half-cycle cosine, stepped per iteration. Top-1 is read on the v
 import logging
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from supmae.core.atomic import write_json
 from supmae.core.errors import SupmaeError
+from supmae.evaluation import classifier
 from supmae.evaluation.config import LinearConfig
 from supmae.evaluation.pretrained import extract, load_pretrained, open_splits
 from supmae.models.families import recipe_of
@@ -22,15 +22,8 @@ from supmae.training.optim import LARS, lr_at
 logger = logging.getLogger(__name__)
 
 
-def probe_head(width: int, num_classes: int) -> nn.Sequential:
-    """BatchNorm1d without affine (eps 1e-6) then Linear, its weight truncated normal with std 0.01 (MoCo v3's)."""
-    linear = nn.Linear(width, num_classes)
-    nn.init.trunc_normal_(linear.weight, std=0.01)
-    nn.init.zeros_(linear.bias)
-    return nn.Sequential(nn.BatchNorm1d(width, affine=False, eps=1e-6), linear)
-
-
 def linear_probe(cfg: LinearConfig) -> dict:
+    path = classifier.output_path(cfg.output, classifier.PROBE, cfg.force)
     device, workers = resolve_device(cfg.device), loader_workers(cfg.workers)
     model, trained = load_pretrained(cfg.checkpoint, device)
     train, val = open_splits(cfg.train, cfg.val)
@@ -48,7 +41,7 @@ def linear_probe(cfg: LinearConfig) -> dict:
     total, warmup = epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
     num_classes, peak = len(train.classes), cfg.blr * batch / 256
     torch.manual_seed(cfg.seed)
-    head = probe_head(model.embed_dim, num_classes).to(device)
+    head = classifier.probe_head(model.embed_dim, num_classes).to(device)
     optimizer = LARS(head.parameters(), lr=peak, weight_decay=cfg.weight_decay)
     autocast = autocast_for(device, speed_defaults(device)[0])
     spec = LoaderSpec(batch_size=micro, img_size=model.img_size, mask_sampler=None, device=device, workers=workers,
@@ -74,6 +67,8 @@ def linear_probe(cfg: LinearConfig) -> dict:
         accuracy = (head(val_features).argmax(1) == val_labels).float().mean().item()
     logger.info(f"linear probe top-1: {accuracy:.2%} on {len(val_labels)} images, {num_classes} classes "
                 f"(chance {1 / num_classes:.2%}) after {epochs} epochs; {trained.model} from {cfg.checkpoint}")
+    if path:
+        classifier.save_probe(path, head, checkpoint=cfg.checkpoint, pool=cfg.pool, classes=train.classes)
     result = dict(top1=accuracy, epochs=epochs, batch_size=batch, lr=peak, pool=cfg.pool, val_images=len(val_labels),
                   num_classes=num_classes, model=trained.model, checkpoint=cfg.checkpoint)
     if cfg.json:
