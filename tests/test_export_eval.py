@@ -48,6 +48,15 @@ def test_export_refuses_to_overwrite_and_bad_inputs(capsys, checkpoint, tmp_path
     assert "does not exist" in error_of(capsys, "export", str(tmp_path / "none.pt"), str(tmp_path / "y.safetensors"))
 
 
+def test_a_checkpoint_is_evaluated_where_its_training_data_is_not(checkpoint, tmp_path):
+    state = torch.load(checkpoint, weights_only=True)
+    state["config"].update(data=str(tmp_path / "gone"), resume=str(tmp_path / "gone.pt"))
+    moved = str(tmp_path / "moved.pt")
+    torch.save(state, moved)
+    model, trained = load_pretrained(moved, "cpu")
+    assert trained.model == "supmae_vit_tiny_patch16" and trained.data is None
+
+
 def test_knn_votes_by_weighted_neighbours():
     train = torch.nn.functional.normalize(torch.tensor([[1.0, 0], [0.9, 0.1], [0, 1.0], [0.1, 0.9]]), dim=1)
     labels = torch.tensor([0, 0, 1, 1])

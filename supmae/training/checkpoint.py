@@ -76,8 +76,10 @@ def latest_checkpoint(output: str, mmap: bool = False) -> tuple[str, dict] | Non
 
 def saved_config(state: dict) -> PretrainConfig:
     """The configuration a checkpoint was trained with (options added since take their defaults, options
-    since removed are left out)."""
-    return PretrainConfig.build(PretrainConfig.fields_of(state.get("config", {}), "checkpoint", strict=False))
+    since removed are left out), less the files it read: a checkpoint is evaluated, or resumed with its
+    data given, where those need not exist."""
+    saved = PretrainConfig.fields_of(state.get("config", {}), "checkpoint", strict=False)
+    return PretrainConfig.build({k: v for k, v in saved.items() if k not in ("data", "resume")})
 
 
 def resumed_options(cfg: PretrainConfig) -> dict:
