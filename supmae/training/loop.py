@@ -30,7 +30,7 @@ from supmae.training.step import train_step
 from supmae.training.stop import StopRequests
 
 logger = logging.getLogger(__name__)
-LOCK = ".supmae.core.lock"  # in the output folder, held by the run writing it
+LOCK = ".supmae.lock"  # in the output folder, held by the run writing it
 
 
 def pretrain(cfg: PretrainConfig) -> dict:
