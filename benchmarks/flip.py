@@ -33,8 +33,9 @@ def benchmark_flip(cfg: FlipBenchmark) -> dict:
     for r in range(cfg.rounds):
         for kind in ("clip", "flip") if r % 2 == 0 else ("flip", "clip"):
             step = StepBenchmark.build(dict(
-                model=run.model, batch_size=run.batch_size, img_size=run.trunk.img_size, device=run.device,
-                precision=run.precision, compile=run.compile, compile_mode=run.compile_mode,
+                model=run.model, batch_size=run.batch_size, img_size=run.trunk.img_size, device=run.hardware.device,
+                precision=run.hardware.precision, compile=run.hardware.compile,
+                compile_mode=run.hardware.compile_mode,
                 mask_ratio=cfg.mask_ratio if kind == "flip" else 0.0, warmup=cfg.warmup, steps=cfg.steps,
                 windows=cfg.windows, official=False))
             measured[kind].append(result := benchmark_step(step))

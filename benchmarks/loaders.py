@@ -45,7 +45,7 @@ class LoaderBenchmark(Config):
 
 def benchmark_loaders(cfg: LoaderBenchmark) -> dict:
     run = cfg.run
-    device = resolve_device(run.device)
+    device = resolve_device(run.hardware.device)
     data = run.data or default_dataset()
     source = open_source(data)
     workers = loader_workers(run.workers)

@@ -1,4 +1,5 @@
-"""Training-step throughput on an on-device synthetic batch: no data loading, just the SupMAE step.
+"""Training-step throughput on an on-device synthetic batch: no data loading, just the pretraining step (or,
+with --finetune, fine-tuning's).
 
 Reports images/s (median over timed windows after warm-up), the step's FLOPs as counted by PyTorch's
 FLOP counter, and model FLOP utilisation against a matrix product measured in the same run; and, in
@@ -6,24 +7,31 @@ the same run, the official code's style of step (eager reference forward, fp16 +
 a host sync per step), giving the speed-up as a ratio.
 
     python -m benchmarks.step --model supmae_vit_base_patch16 --batch-size 256 --json step.json
+    python -m benchmarks.step --finetune --batch-size 128      # fine-tuning's step at the official recipe
 """
 import functools
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
 from benchmarks import main
 from supmae.core.options import Config, configuration, option, section
+from supmae.evaluation import classifier
+from supmae.evaluation.config import FinetuneConfig
+from supmae.evaluation.finetune import FinetuneObjective, finetune_optimizer, mixed, mixer
+from supmae.models.families import recipe_of
 from supmae.models.fast import apply_kernels
 from supmae.models.registry import build_model
+from supmae.pipelines.batch import Batch
 from supmae.profiling.measure import commit, device_name, flops_of, matmul_rate, measure, sync, versions
 from supmae.profiling.profiler import synthetic_batch
 from supmae.runtime.hardware import (
     DTYPES,
     apply_compile,
     autocast_for,
-    compile_mode_for,
     resolve_device,
-    speed_defaults,
+    step_policy,
 )
 from supmae.training.config import PretrainConfig
 from supmae.training.optim import build_optimizer
@@ -38,6 +46,8 @@ class StepBenchmark(Config):
     steps: int = option(5, "steps per timed window", at_least=1)
     windows: int = option(5, "timed windows; the figure is their median", at_least=1)
     official: bool = option(True, "also time the official code's style of step, for the ratio")
+    finetune: bool = option(False, "time fine-tuning's step (a timm ViT of --model's encoder at the official "
+                                   "recipe, mixup and cutmix included) instead of pretraining's")
     breakdown: bool = option(False, "on a GPU, GPU time per step by kernel (profiler)")
     json: str | None = option(None, "write the results here", metavar="FILE")
 
@@ -71,70 +81,132 @@ def kernel_breakdown(step, device: torch.device, *, steps: int = 3, top: int = 1
                      for name, ms in sorted(kernels, key=lambda r: -r[1])[:top]])
 
 
-def benchmark_step(cfg: StepBenchmark) -> dict:
+class Steps(NamedTuple):
+    """What a step benchmark times: the fast step, the same step on the eager twins (whose FLOPs are counted:
+    kernels move data, they add no arithmetic), the official code's style of step, and the images of one."""
+    fast: Callable[[], object]
+    counted: Callable[[], object]
+    official: Callable[[], None]
+    images: int
+
+
+def _official_style(step_once: Callable[[torch.amp.GradScaler, object], torch.Tensor], device: torch.device,
+                    on_gpu: bool) -> tuple[str, Callable[[], None]]:
+    """The official code's way to run a step: eager, fp16 autocast with a GradScaler on a GPU (fp32 on a CPU,
+    where fp16 matmuls are not a real option), and a host sync each step. `step_once(scaler, autocast)` runs
+    the micro-batches and the optimizer step and returns the loss."""
+    precision = "fp16" if on_gpu else "fp32"
+    scaler, autocast = torch.amp.GradScaler(device.type, enabled=precision == "fp16"), autocast_for(device, precision)
+
+    def step() -> None:
+        step_once(scaler, autocast).item()
+        sync(device)
+    return precision, step
+
+
+def _pretrain_steps(cfg: StepBenchmark, device: torch.device, precision: str, forward_of) -> Steps:
     run = cfg.run
-    device = resolve_device(run.device)
-    on_gpu = device.type == "cuda"
-    precision, compiled = speed_defaults(device, run.precision, run.compile)
-    compile_mode = compile_mode_for(run.compile_mode, device, accum_iter=run.accum_iter)
-    batch_size, img_size = run.batch_size, run.trunk.img_size
     model = build_model(run.model, run, num_classes=1000).to(device).train()
     optimizer = build_optimizer(model, 1e-4, 0.05)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     autocast = autocast_for(device, precision)
-    forward = apply_kernels(model)  # the training loop's forward: Triton kernels on CUDA
-    forward = apply_compile(forward, compile_mode) if compiled else forward
-    batch = synthetic_batch(model, batch_size=batch_size, num_classes=1000, device=device)
-    micro_batches = [batch] * run.accum_iter
-    images = batch_size * run.accum_iter
+    forward = forward_of(apply_kernels(model))  # the training loop's forward: Triton kernels on CUDA
+    micro_batches = [synthetic_batch(model, batch_size=run.batch_size, num_classes=1000, device=device)] * \
+        run.accum_iter
+    official_optimizer = build_optimizer(model, 1e-4, 0.05, fused=False)
+
+    def official(scaler, autocast) -> torch.Tensor:
+        for micro in micro_batches:
+            with autocast:
+                loss = model(micro.images, micro.labels, masking=micro.masking, **text_inputs(micro)).loss
+            scaler.scale(loss / len(micro_batches)).backward()
+        scaler.step(official_optimizer)
+        scaler.update()
+        official_optimizer.zero_grad()
+        return loss
+
+    return Steps(lambda: train_step(forward, micro_batches, optimizer, scaler, autocast),
+                 lambda: train_step(apply_kernels(model, "eager"), micro_batches, optimizer, scaler, autocast),
+                 *_official_style(official, device, device.type == "cuda")[1:],
+                 run.batch_size * run.accum_iter)
+
+
+def _finetune_steps(cfg: StepBenchmark, device: torch.device, precision: str, forward_of) -> Steps:
+    """The fine-tuning step at the official recipe (the model's family's drop path and layer decay, mixup
+    and cutmix): a timm ViT of --model's encoder, supmae's way and the official code's way."""
+    run, recipe = cfg.run, recipe_of(cfg.run.model)
+    tune = FinetuneConfig.of(checkpoint=__file__, train=__file__, val=__file__, batch_size=run.batch_size)
+    vit = classifier.timm_vit(run.model, run.trunk.img_size, 1000, recipe.finetune_drop_path).to(device).train()
+    mix = mixer(tune, 1000)
+    objective = FinetuneObjective(vit, tune.smoothing, mixing=mix is not None)
+    forward = forward_of(objective)
+    optimizer = finetune_optimizer(vit, 1e-4, tune.weight_decay, recipe.finetune_layer_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    autocast = autocast_for(device, precision)
+    size = run.trunk.img_size
+    images = torch.randn(run.batch_size, 3, size, size, device=device)
+    labels = torch.randint(0, 1000, (run.batch_size,), device=device)
+
+    def batches() -> list[Batch]:  # mixed afresh each step, as the loop mixes each batch
+        return [mixed(Batch(images.clone(), labels, None), mix) for _ in range(run.accum_iter)]
+
+    official_optimizer = finetune_optimizer(vit, 1e-4, tune.weight_decay, recipe.finetune_layer_decay, fused=False)
+
+    def official(scaler, autocast) -> torch.Tensor:
+        for micro in batches():
+            with autocast:
+                loss = objective(micro.images, micro.labels).loss
+            scaler.scale(loss / run.accum_iter).backward()
+        scaler.step(official_optimizer)
+        scaler.update()
+        official_optimizer.zero_grad()
+        return loss
+
+    return Steps(lambda: train_step(forward, batches(), optimizer, scaler, autocast),
+                 lambda: train_step(objective, batches(), optimizer, scaler, autocast),
+                 *_official_style(official, device, device.type == "cuda")[1:],
+                 run.batch_size * run.accum_iter)
+
+
+def _returning_nothing(step: Callable[[], object]) -> Callable[[], None]:
+    """`step` as `measure` times it: what it returns would be read as seconds spent waiting for data."""
+    def call() -> None:
+        step()
+    return call
+
+
+def benchmark_step(cfg: StepBenchmark) -> dict:
+    run = cfg.run
+    device = resolve_device(run.hardware.device)
+    on_gpu = device.type == "cuda"
+    precision, compiled, compile_mode = step_policy(device, run.hardware, accum_iter=run.accum_iter)
+
+    def forward_of(module):
+        return apply_compile(module, compile_mode) if compiled else module
+    steps = (_finetune_steps if cfg.finetune else _pretrain_steps)(cfg, device, precision, forward_of)
+    images = steps.images
     timed = functools.partial(measure, device=device, steps=cfg.steps * cfg.windows, warmup=cfg.warmup,
                               window=cfg.steps)
-
-    def step():
-        train_step(forward, micro_batches, optimizer, scaler, autocast)
-
-    # Counted on the eager twins of the same path: the kernels add data movement, not arithmetic.
-    flops_per_step = flops_of(lambda: train_step(apply_kernels(model, "eager"), micro_batches, optimizer, scaler,
-                                                 autocast))
-    fast = timed(step, images)
+    flops_per_step = flops_of(steps.counted)
+    fast = timed(_returning_nothing(steps.fast), images)
     images_per_s = fast["images_per_s"]["median"]
     peak = matmul_rate(device, DTYPES[precision] or torch.float32, 8192 if on_gpu else 1024)
-    kernels = kernel_breakdown(step, device) if cfg.breakdown and on_gpu else None
-
+    kernels = kernel_breakdown(_returning_nothing(steps.fast), device) if cfg.breakdown and on_gpu else None
     reference = official = None
     if cfg.official:
-        # The official code's step: the reference forward, eager, fp16 autocast with a GradScaler on GPU
-        # (fp32 on CPU, where fp16 matmuls are not a real option), unfused AdamW, and a host sync per step.
-        official_precision = "fp16" if on_gpu else "fp32"
-        official_scaler = torch.amp.GradScaler(device.type, enabled=official_precision == "fp16")
-        official_optimizer = build_optimizer(model, 1e-4, 0.05, fused=False)
-        official_autocast = autocast_for(device, official_precision)
-
-        def official_step():
-            for micro in micro_batches:
-                with official_autocast:
-                    loss = model(micro.images, micro.labels, masking=micro.masking, **text_inputs(micro)).loss
-                official_scaler.scale(loss / len(micro_batches)).backward()
-            official_scaler.step(official_optimizer)
-            official_scaler.update()
-            official_optimizer.zero_grad()
-            loss.item()
-            sync(device)
-
-        official = timed(official_step, images)
-        reference = dict(precision=official_precision, **official)
-
+        official = timed(steps.official, images)
+        reference = dict(precision="fp16" if on_gpu else "fp32", **official)
+    ratio = None if official is None else images_per_s / official["images_per_s"]["median"]
     return dict(
         device=device_name(device), commit=commit(), versions=versions("timm", "triton"),
-        config=dict(model=run.model, batch_size=batch_size, accum_iter=run.accum_iter, img_size=img_size,
-                    precision=precision, compile=compiled, compile_mode=compile_mode, warmup=cfg.warmup,
-                    steps=cfg.steps, windows=cfg.windows),
+        config=dict(model=run.model, step="finetune" if cfg.finetune else "pretrain", batch_size=run.batch_size,
+                    accum_iter=run.accum_iter, img_size=run.trunk.img_size, precision=precision, compile=compiled,
+                    compile_mode=compile_mode, warmup=cfg.warmup, steps=cfg.steps, windows=cfg.windows),
         images_per_s=images_per_s, step=fast,
         gflops_per_image=flops_per_step / images / 1e9, matmul_tflops=peak / 1e12,
         mfu=images_per_s * flops_per_step / images / peak,
-        official=reference,
-        step_vs_official=None if official is None else images_per_s / official["images_per_s"]["median"],
-        kernel_breakdown=kernels)
+        official=reference, kernel_breakdown=kernels,
+        **{"finetune_step_vs_official" if cfg.finetune else "step_vs_official": ratio})
 
 
 def describe(result: dict) -> str:
@@ -151,9 +223,10 @@ def describe(result: dict) -> str:
             f"{kind} {v['share']:.0%}" for kind, v in k["by_kind"].items()))
         lines += [f"    {row['ms']:7.3f} ms {row['share']:5.1%}  {row['kernel']}" for row in k["top"]]
     if result["official"]:
+        ratio = result.get("finetune_step_vs_official") or result["step_vs_official"]
         lines.append(f"  official-style eager {result['official']['precision']} step: "
                      f"{result['official']['images_per_s']['median']:.1f} images/s; this step is "
-                     f"{result['step_vs_official']:.2f}x that")
+                     f"{ratio:.2f}x that")
     return "\n".join(lines)
 
 

@@ -50,6 +50,7 @@ GOALS = [
     ("dali_loader_images_per_s", 15000, "DALI loader alone, images/s delivered"),
     ("dali_end_to_end_fraction_of_step", 0.90, "DALI end to end against the step alone"),
     ("flip_vs_clip", 1.6, "FLIP (mask ratio 0.5) against CLIP, images/s of the same step"),
+    ("finetune_step_vs_official", 2.0, "the fine-tuning step against the official-style eager fp16 one"),
 ]
 
 
@@ -199,7 +200,8 @@ def _timing(args) -> dict:
 def _step_options(args, *, compile_mode: str, **options) -> StepBenchmark:
     run = args.run
     return StepBenchmark.build({**dict(model=run.model, batch_size=run.batch_size, img_size=run.trunk.img_size,
-                                       device=run.device, compile_mode=compile_mode), **_timing(args), **options})
+                                       device=run.hardware.device, compile_mode=compile_mode), **_timing(args),
+                                **options})
 
 
 def row_clip_family(args, summary) -> str:
@@ -211,12 +213,22 @@ def row_clip_family(args, summary) -> str:
         raise Skip(f"no {clip} in the registry")
     run = args.run
     flip = benchmark_flip(FlipBenchmark.build(dict(model=clip, batch_size=run.batch_size, img_size=run.trunk.img_size,
-                                                   device=run.device, rounds=2, **_timing(args))))
+                                                   device=run.hardware.device, rounds=2, **_timing(args))))
     step = benchmark_step(_step_options(args, compile_mode="auto", official=False, model=maeclip))
     summary.update(flip=flip, maeclip_step=step, flip_vs_clip=flip["flip_vs_clip"])
     clip_rate, flip_rate = (statistics.median(flip[f"{k}_images_per_s"]) for k in ("clip", "flip"))
     return (f"{clip} {clip_rate:.0f} img/s, FLIP {flip_rate:.0f} ({flip['flip_vs_clip']:.2f}x); "
             f"{maeclip} {step['images_per_s']:.0f} img/s, MFU {step['mfu']:.1%}")
+
+
+def row_finetune_step(args, summary) -> str:
+    """Fine-tuning's step at the official recipe (mixup and cutmix, layer decay), as `finetune` runs it on this
+    device, against the official code's step."""
+    result = benchmark_step(_step_options(args, compile_mode="auto", finetune=True))
+    print(describe(result), flush=True)
+    summary.update(finetune_step=result, finetune_step_vs_official=result["finetune_step_vs_official"])
+    return (f"{result['images_per_s']:.0f} img/s, MFU {result['mfu']:.1%}, "
+            f"{result['finetune_step_vs_official']:.2f}x official")
 
 
 def row_engine(engine):
@@ -267,6 +279,7 @@ ROWS = {
     "dali loader, alone and end to end": row_engine("dali"),
     "ffcv loader, alone and end to end": row_engine("ffcv"),
     "CLIP, FLIP and MAE-CLIP steps": row_clip_family,
+    "fine-tuning step": row_finetune_step,
 }
 
 
@@ -282,8 +295,9 @@ def goals(summary: dict) -> list[dict]:
 def main():
     args = from_command_line(Suite, below=lambda typed: [QUICK] if typed.get("quick") else [])
     chosen = {int(n) for n in args.rows.split(",")} if args.rows else set(range(1, len(ROWS) + 1))
-    device = torch.device("cuda" if args.run.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.run.device == "auto" else args.run.device))
+    chosen_device = args.run.hardware.device
+    device = torch.device("cuda" if chosen_device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if chosen_device == "auto" else chosen_device))
     summary, results = {}, []
     for number, (name, row) in enumerate(ROWS.items(), 1):
         if number not in chosen:

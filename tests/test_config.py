@@ -111,7 +111,7 @@ def test_a_section_lends_its_options_flat():
 
 def test_types_from_text_and_from_files():
     cfg = PretrainConfig.merge({"batch_size": "16", "lr": "1e-3", "compile": True, "epochs": 3})
-    assert (cfg.batch_size, cfg.lr, cfg.compile, cfg.epochs) == (16, 1e-3, True, 3.0)
+    assert (cfg.batch_size, cfg.lr, cfg.hardware.compile, cfg.epochs) == (16, 1e-3, True, 3.0)
     assert isinstance(cfg.epochs, float)
     for values, message in [({"batch_size": 8.5}, "--batch-size: expected an integer, got 8.5"),
                             ({"batch_size": True}, "--batch-size: expected an integer, got True"),

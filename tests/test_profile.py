@@ -176,7 +176,7 @@ def test_benchmark_suite_writes_a_consistent_summary(synth_folder, tmp_path):
     done = subprocess.run([sys.executable, "-m", "benchmarks.suite", "--data", synth_folder, "--engines", "torch",
                            "--model", "supmae_vit_tiny_patch16", "--img-size", "64", "--batch-size", "8",
                            "--steps", "2", "--window", "2", "--warmup", "1", "--workers", "1", "--out", str(out),
-                           "--rows", "2,3,4,5,6,7,8,9"],  # not row 1, the CUDA tests: this is one of the suite's tests
+                           "--rows", "2,3,4,5,6,7,8,9,10"],  # not row 1, the CUDA tests: this is one of them
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     with open(out) as f:
@@ -184,7 +184,7 @@ def test_benchmark_suite_writes_a_consistent_summary(synth_folder, tmp_path):
     assert {"device", "commit", "versions", "rows", "goals", "summary"} <= set(report)
     status = {row["row"]: row["status"] for row in report["rows"]}
     on_gpu = torch.cuda.is_available()
-    assert list(status.values()).count("pass") == (6 if on_gpu else 3)  # dali and ffcv were not asked for
+    assert list(status.values()).count("pass") == (7 if on_gpu else 4)  # dali and ffcv were not asked for
     assert status["step under CUDA graphs"] == ("pass" if on_gpu else "skip")
     s = report["summary"]
     step = s["cuda_graphs_step" if on_gpu else "step_without_graphs"]
@@ -198,6 +198,9 @@ def test_benchmark_suite_writes_a_consistent_summary(synth_folder, tmp_path):
     goals = {g["goal"]: g for g in report["goals"]}
     assert goals["step_vs_official"]["measured"] == s["step_vs_official"]
     assert goals["dali_loader_images_per_s"]["met"] is None  # not measured: neither met nor missed
+    finetune = s["finetune_step"]
+    assert goals["finetune_step_vs_official"]["measured"] == finetune["finetune_step_vs_official"] == \
+        pytest.approx(finetune["images_per_s"] / finetune["official"]["images_per_s"]["median"])
     assert ("kernels" in s) == on_gpu
     flip = s["flip"]
     assert flip["config"]["model"] == "clip_vit_tiny_patch16" and len(flip["round_ratios"]) == 2

@@ -3,9 +3,9 @@ fine-tuning, robustness, few-shot transfer and visualisation. Nothing here impor
 import os
 
 from supmae.core.errors import SupmaeError
-from supmae.core.options import Config, configuration, items, option
+from supmae.core.options import Config, configuration, items, option, section
 from supmae.pipelines.config import SEED_MAX, loader_option
-from supmae.runtime.config import check_device, device_option
+from supmae.runtime.config import REDUCE_OVERHEAD_ACCUMULATES, HardwareOptions
 
 
 @configuration
@@ -30,10 +30,7 @@ class CheckpointConfig(Config):
     checkpoint: str = option(help="a pretraining checkpoint", exists=True)
     loader: str = loader_option()
     workers: int = option(2, "decoding processes", at_least=0)
-    device: str = device_option()
-
-    def check(self) -> None:
-        check_device(self.device)
+    hardware: HardwareOptions = section(HardwareOptions, ("device",))
 
 
 @configuration
@@ -124,9 +121,12 @@ class FinetuneConfig(SplitsConfig):
     seed: int = option(0, "seed of the head, data order and augmentation", at_least=0, at_most=SEED_MAX)
     output: str | None = option(None, "folder for the fine-tuned model.safetensors")
     force: bool = option(False, "replace an existing model.safetensors in --output")
+    hardware: HardwareOptions = section(HardwareOptions)  # the step's precision and compilation too
 
     def check(self) -> None:
         super().check()
+        if self.accum_iter > 1 and self.hardware.compile_mode == "reduce-overhead":
+            raise SupmaeError(REDUCE_OVERHEAD_ACCUMULATES)
         if self.batch_size % self.accum_iter:
             raise SupmaeError(f"--batch-size {self.batch_size} is not a whole number of --accum-iter "
                               f"{self.accum_iter} micro-batches")
@@ -145,7 +145,7 @@ class VisualizeConfig(Config):
     out: str = option(help="the PNG to write")
     images: int = option(6, "images shown", at_least=1)
     seed: int = option(0, "mask seed", at_least=0, at_most=SEED_MAX)
-    device: str = device_option()
+    hardware: HardwareOptions = section(HardwareOptions, ("device",))
 
     @property
     def image_format(self) -> str | None:
@@ -155,7 +155,6 @@ class VisualizeConfig(Config):
         return image_format if image_format in Image.SAVE else None
 
     def check(self) -> None:
-        check_device(self.device)
         if self.image_format is None:
             raise SupmaeError(f"--out {self.out}: give an image file name such as {os.path.splitext(self.out)[0]}.png")
 
@@ -187,11 +186,8 @@ class RobustnessConfig(Config):
     batch_size: int = option(64, "images per forward pass", at_least=1)
     loader: str = loader_option()
     workers: int = option(2, "decoding (and with --corrupt, corrupting) processes", at_least=0)
-    device: str = device_option()
+    hardware: HardwareOptions = section(HardwareOptions, ("device",))
     json: str | None = option(None, "also write the result here", metavar="FILE")
-
-    def check(self) -> None:
-        check_device(self.device)
 
 
 @configuration

@@ -8,6 +8,7 @@ over an effective batch of 1024, with the family's lr, depth-dependent decay and
 import logging
 import math
 import os
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -22,9 +23,11 @@ from supmae.evaluation.config import FinetuneConfig
 from supmae.evaluation.export import timm_state_dict
 from supmae.evaluation.pretrained import load_pretrained, open_splits, trained_config
 from supmae.models.families import recipe_of
+from supmae.pipelines.batch import Batch
 from supmae.pipelines.loader import LoaderSpec, create_loader, open_batches, ordered_batches
-from supmae.runtime.hardware import loader_workers, resolve_device
+from supmae.runtime.hardware import apply_compile, autocast_for, loader_workers, resolve_device, step_policy
 from supmae.training.optim import lr_at
+from supmae.training.step import train_step
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +65,34 @@ def layer_decay_groups(vit: VisionTransformer, weight_decay: float, layer_decay:
     return list(groups.values())
 
 
+class FinetuneOutput(NamedTuple):
+    loss: torch.Tensor
+
+    def losses(self) -> dict[str, torch.Tensor]:
+        return dict(loss=self.loss)
+
+
+class FinetuneObjective(nn.Module):
+    """The fine-tuning loss of a batch as one module, so the step compiles whole and runs through the same
+    `train_step` as pretraining's: the ViT's logits against the labels (label-smoothed) or, under mixup and
+    cutmix, against the mixed soft targets."""
+
+    def __init__(self, vit: VisionTransformer, smoothing: float, mixing: bool):
+        super().__init__()
+        self.vit = vit
+        self.criterion = SoftTargetCrossEntropy() if mixing else LabelSmoothingCrossEntropy(smoothing)
+
+    def forward(self, images: torch.Tensor, targets: torch.Tensor, masking=None) -> FinetuneOutput:
+        return FinetuneOutput(self.criterion(self.vit(images), targets))
+
+
+def finetune_optimizer(vit: VisionTransformer, lr: float, weight_decay: float, layer_decay: float, *,
+                       fused: bool = True) -> torch.optim.AdamW:
+    """The official fine-tuning optimiser: AdamW with PyTorch's default betas over the layer-decay groups
+    (fused into one kernel per step unless `fused` is off, as the official code's is)."""
+    return torch.optim.AdamW(layer_decay_groups(vit, weight_decay, layer_decay), lr=lr, fused=fused)
+
+
 @torch.no_grad()
 def top1(model: nn.Module, source, *, loader: str, img_size: int, batch_size: int, workers: int, device) -> float:
     model.eval()
@@ -75,7 +106,7 @@ def top1(model: nn.Module, source, *, loader: str, img_size: int, batch_size: in
 
 def finetune(cfg: FinetuneConfig) -> dict:
     path = classifier.output_path(cfg.output, classifier.FINETUNED, cfg.force)
-    device, workers = resolve_device(cfg.device), loader_workers(cfg.workers)
+    device, workers = resolve_device(cfg.hardware.device), loader_workers(cfg.workers)
     train, val = open_splits(cfg.train, cfg.val)
     num_classes = len(train.classes)
     trained = trained_config(cfg.checkpoint)
@@ -97,30 +128,30 @@ def finetune(cfg: FinetuneConfig) -> dict:
                           "--batch-size")
     total, warmup = max(1, math.ceil(epochs * steps_per_epoch)), round(cfg.warmup_epochs * steps_per_epoch)
     peak = blr * cfg.batch_size / 256
-    optimizer = torch.optim.AdamW(layer_decay_groups(vit, cfg.weight_decay, layer_decay), lr=peak)
-    mixing = cfg.mixup > 0 or cfg.cutmix > 0
-    mix = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing,
-                num_classes=num_classes) if mixing else None
-    criterion = SoftTargetCrossEntropy() if mixing else LabelSmoothingCrossEntropy(cfg.smoothing)
+    optimizer = finetune_optimizer(vit, peak, cfg.weight_decay, layer_decay)
+    mix = mixer(cfg, num_classes)
+    precision, compiled, mode = step_policy(device, cfg.hardware, accum_iter=cfg.accum_iter)
+    objective = FinetuneObjective(vit, cfg.smoothing, mixing=mix is not None)
+    forward = apply_compile(objective, mode) if compiled else objective
+    scaler, autocast = torch.amp.GradScaler(device.type, enabled=precision == "fp16"), autocast_for(device, precision)
     spec = LoaderSpec(batch_size=micro, img_size=img_size, mask_sampler=None, device=device, workers=workers,
                       seed=cfg.seed)
     logger.info(f"fine-tuning for {epochs:g} epochs ({total} steps of {cfg.batch_size}), lr {peak:.3g} (blr {blr:g}), "
-                f"layer decay {layer_decay:g}, drop path {drop_path:g}")
+                f"layer decay {layer_decay:g}, drop path {drop_path:g}; {precision}"
+                f"{f', compiled ({mode})' if compiled else ''}")
     vit.train()
+    losses = torch.zeros((), device=device)  # read once an epoch: no host sync a step
     with open_batches(create_loader(cfg.loader, train, spec)) as batches:
         for step in range(total):
             lr = lr_at(step, peak=peak, warmup=warmup, total=total, min_lr=cfg.min_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]
-            for _ in range(cfg.accum_iter):
-                batch = next(batches)
-                images, targets = mix(batch.images, batch.labels) if mix else (batch.images, batch.labels)
-                loss = criterion(vit(images), targets)
-                (loss / cfg.accum_iter).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            micro_batches = [mixed(next(batches), mix) for _ in range(cfg.accum_iter)]
+            losses += train_step(forward, micro_batches, optimizer, scaler, autocast)[0]
             if (step + 1) % max(1, steps_per_epoch) == 0 or step + 1 == total:
-                logger.info(f"step {step + 1}/{total}: loss {loss.item():.4f}, lr {lr:.3g}")
+                done = (step % max(1, steps_per_epoch)) + 1
+                logger.info(f"step {step + 1}/{total}: loss {losses.item() / done:.4f}, lr {lr:.3g}")
+                losses.zero_()
     accuracy = top1(vit, val, loader=cfg.loader, img_size=img_size, batch_size=micro, workers=workers,
                     device=device)
     logger.info(f"fine-tuned top-1: {accuracy:.2%} on {len(val)} images, {num_classes} classes "
@@ -128,3 +159,20 @@ def finetune(cfg: FinetuneConfig) -> dict:
     if path:
         classifier.save_finetuned(path, vit, model=trained.model, img_size=img_size, classes=train.classes)
     return dict(top1=accuracy, steps=total, val_images=len(val), num_classes=num_classes)
+
+
+def mixer(cfg, num_classes: int) -> Mixup | None:
+    """timm's mixup/cutmix as the official recipe sets it (one of the two per batch, switch probability 0.5,
+    label smoothing in the targets), or None when both are off. `cfg`: a FinetuneConfig."""
+    if cfg.mixup <= 0 and cfg.cutmix <= 0:
+        return None
+    return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing,
+                 num_classes=num_classes)
+
+
+def mixed(batch: Batch, mix: Mixup | None) -> Batch:
+    """A batch with its images mixed and its labels the soft targets, when mixing."""
+    if mix is None:
+        return batch
+    images, targets = mix(batch.images, batch.labels)
+    return batch._replace(images=images, labels=targets)

@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 def linear_probe(cfg: LinearConfig) -> dict:
     path = classifier.output_path(cfg.output, classifier.PROBE, cfg.force)
-    device, workers = resolve_device(cfg.device), loader_workers(cfg.workers)
+    device, workers = resolve_device(cfg.hardware.device), loader_workers(cfg.workers)
     model, trained = load_pretrained(cfg.checkpoint, device)
     train, val = open_splits(cfg.train, cfg.val)
     recipe = recipe_of(trained.model)

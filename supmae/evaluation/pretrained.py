@@ -46,7 +46,7 @@ def open_splits(train: str, val: str):
 def frozen_features(cfg, *, batch_size: int, pool: str = "avg", normalise: bool = True):
     """(model name, number of classes, (train features, labels), (val features, labels)) of the frozen
     encoder of `cfg` (a SplitsConfig)."""
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.hardware.device)
     model, trained = load_pretrained(cfg.checkpoint, device)
     sources = open_splits(cfg.train, cfg.val)
     return trained.model, len(sources[0].classes), *(

@@ -21,7 +21,7 @@ def recall_at(similarity: torch.Tensor, ks=(1, 5, 10)) -> dict:
 
 
 def eval_retrieval(cfg: RetrievalConfig) -> dict:
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.hardware.device)
     model, trained = load_text_model(cfg.checkpoint, device)
     source = open_source(cfg.data)
     images, texts = [], []

@@ -162,7 +162,7 @@ def corruption_errors(results: dict[str, dict[str, float]]) -> dict[str, float]:
 
 
 def eval_robustness(cfg: RobustnessConfig) -> dict:
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.hardware.device)
     model = load_classifier(cfg.classifier, device)
     result: dict = dict(classifier=cfg.classifier, data=cfg.data, classes=len(model.classes))
     layout = None if cfg.corrupt else imagenet_c_layout(cfg.data)

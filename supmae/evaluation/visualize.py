@@ -55,7 +55,7 @@ def to_pixels(images: torch.Tensor) -> np.ndarray:
 
 
 def visualize(cfg: VisualizeConfig) -> str:
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.hardware.device)
     model, trained = load_pretrained(cfg.checkpoint, device)
     if not model.reconstructs:
         raise SupmaeError(f"{trained.model} has no pixel decoder, so there is no reconstruction to show")

@@ -57,7 +57,7 @@ def class_embeddings(model, names: list[str], prompts: list, device) -> torch.Te
 
 
 def eval_zeroshot(cfg: ZeroshotConfig) -> dict:
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.hardware.device)
     model, trained = load_text_model(cfg.checkpoint, device)
     source = open_source(cfg.data)
     names = class_names(source.classes, cfg.class_names, cfg.data)

@@ -9,6 +9,7 @@ import shutil
 import torch
 
 from supmae.core.errors import SupmaeError
+from supmae.runtime.config import HardwareOptions
 
 logger = logging.getLogger(__name__)
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast's dtype per precision
@@ -88,6 +89,14 @@ def compile_mode_for(mode: str, device: torch.device, *, accum_iter: int = 1, di
     if mode != "auto":
         return mode
     return "reduce-overhead" if device.type == "cuda" and accum_iter == 1 and not distributed else "default"
+
+
+def step_policy(device: torch.device, options: HardwareOptions, *, accum_iter: int = 1,
+                distributed: bool = False) -> tuple[str, bool, str]:
+    """(precision, whether to compile, compile mode) of a step on `device`, options' "auto" resolved."""
+    precision, compiled = speed_defaults(device, options.precision, options.compile)
+    return precision, compiled, compile_mode_for(options.compile_mode, device, accum_iter=accum_iter,
+                                                 distributed=distributed)
 
 
 def apply_compile(forward, mode: str = "default"):

@@ -15,7 +15,7 @@ from supmae.models.families import (
     recipe_of,
 )
 from supmae.pipelines.config import ORDERS, SEED_MAX, loader_option
-from supmae.runtime.config import COMPILE_MODES, PRECISIONS, check_device, device_option
+from supmae.runtime.config import REDUCE_OVERHEAD_ACCUMULATES, HardwareOptions
 
 
 @configuration
@@ -49,15 +49,7 @@ class PretrainConfig(Config):
     workers: int | None = option(None, "loader processes", at_least=0, group="data loading", shown="cores - 1")
     seed: int = option(0, "seed of the weights, data order, crops and masks", at_least=0, at_most=SEED_MAX,
                        group="data loading", defines_run=True)
-    # hardware
-    device: str = device_option(group="hardware")
-    precision: str = option("auto", "auto: bf16 on GPU, fp32 on CPU; fp16 uses a GradScaler", choices=PRECISIONS,
-                            group="hardware")
-    compile: bool | None = option(None, "torch.compile the step", group="hardware",
-                                     shown="on for GPU, off for CPU")
-    compile_mode: str = option("auto", "torch.compile's mode; reduce-overhead replays the step as CUDA graphs; "
-                                       "auto: reduce-overhead on one GPU with --accum-iter 1, default otherwise",
-                               choices=COMPILE_MODES, group="hardware")
+    hardware: HardwareOptions = section(HardwareOptions)
     # model and objective: the run's own, then the sections the model families declare
     model: str = option("supmae_vit_base_patch16", "a name from `supmae models`", choices=list_models,
                         metavar="NAME", group="model and objective", defines_run=True)
@@ -79,11 +71,8 @@ class PretrainConfig(Config):
                                          group="optimisation")
 
     def check(self) -> None:
-        check_device(self.device)
-        if self.accum_iter > 1 and self.compile_mode == "reduce-overhead":
-            raise SupmaeError("--compile-mode reduce-overhead replays the step as CUDA graphs, whose next replay "
-                              "overwrites the gradients being accumulated: use --accum-iter 1 or another "
-                              "--compile-mode")
+        if self.accum_iter > 1 and self.hardware.compile_mode == "reduce-overhead":
+            raise SupmaeError(REDUCE_OVERHEAD_ACCUMULATES)
         if self.resume not in (None, "auto") and not os.path.isfile(self.resume):
             raise SupmaeError(f"--resume: checkpoint {self.resume} does not exist")
 

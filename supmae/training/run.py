@@ -17,10 +17,9 @@ from supmae.runtime.distributed import apply_ddp, apply_global_batchnorm, barrie
 from supmae.runtime.hardware import (
     apply_compile,
     check_batch_fits,
-    compile_mode_for,
     loader_workers,
     resolve_device,
-    speed_defaults,
+    step_policy,
 )
 from supmae.training.checkpoint import (
     checkpoint_bytes,
@@ -44,10 +43,9 @@ class Run:
 
     def __init__(self, cfg: PretrainConfig):
         self.cfg = cfg
-        self.world, self.device = init_world(resolve_device(cfg.device))
-        self.precision, self.compile = speed_defaults(self.device, cfg.precision, cfg.compile)
-        self.compile_mode = compile_mode_for(cfg.compile_mode, self.device, accum_iter=cfg.accum_iter,
-                                             distributed=self.world.distributed)
+        self.world, self.device = init_world(resolve_device(cfg.hardware.device))
+        self.precision, self.compile, self.compile_mode = step_policy(
+            self.device, cfg.hardware, accum_iter=cfg.accum_iter, distributed=self.world.distributed)
         self.workers = loader_workers(cfg.workers)
         check_batch_fits(batch_size=cfg.batch_size, img_size=cfg.trunk.img_size, device=self.device)
 
