@@ -119,6 +119,17 @@ def test_a_tiny_clip_learns_to_retrieve_its_own_captions():
     assert recall_at(similarity)["r@1"] == 1.0 and recall_at(similarity.T)["r@1"] == 1.0
 
 
+def test_recall_counts_a_tie_against_the_model():
+    """Three images, whose captions are the same sentence twice and one other: ranked by position, an image
+    whose caption is repeated finds the other copy at or above its own, so it is not retrieved at 1."""
+    texts = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])  # captions 0 and 1 are the same
+    images = torch.tensor([[1.0, 0.1], [1.0, 0.1], [0.0, 1.0]])
+    similarity = images @ texts.T
+    # by hand, image -> text: images 0 and 1 tie their own caption with the other copy (rank 1), image 2 is
+    # first (rank 0): R@1 = 1/3, R@2 = 3/3
+    assert recall_at(similarity, ks=(1, 2)) == {"r@1": pytest.approx(1 / 3), "r@2": 1.0}
+
+
 def _clip_model():
     torch.manual_seed(0)
     return create_model("maeclip_vit_tiny_patch16", **TINY, **MAECLIP)

@@ -15,8 +15,10 @@ logger = logging.getLogger(__name__)
 
 
 def recall_at(similarity: torch.Tensor, ks=(1, 5, 10)) -> dict:
-    """Recall@k of row i's match being column i, for each k (capped at the number of columns)."""
-    rank = (similarity > similarity.diagonal()[:, None]).sum(1)  # how many columns beat the match
+    """Recall@k of row i's match being column i, for each k (capped at the number of columns): the match's
+    position in the row ranked by score, a column scoring the same as the match (a repeated caption, say)
+    ranked ahead of it, so a tie never counts for the model."""
+    rank = (similarity >= similarity.diagonal()[:, None]).sum(1) - 1  # the other columns at or above the match
     return {f"r@{k}": (rank < k).float().mean().item() for k in ks}
 
 
