@@ -5,10 +5,22 @@ import os
 from supmae.core.errors import SupmaeError
 from supmae.core.options import Config, configuration, option, section
 from supmae.pipelines.engines import ENGINES
+from supmae.pipelines.shards import is_shards, shard_paths
 
 SEED_MAX = 2**32 - 1  # every generator the seed reaches (torch, numpy, DALI, FFCV) takes it whole
 ORDERS = ("random", "quasi_random")
 WRITE_MODES = ("jpg", "raw", "proportion", "smart")
+
+
+def data_exists(spec: str) -> str | None:
+    """What is missing of a data option's value, found before anything is read: None when it names a folder or
+    file that exists, or shards (a brace pattern or a comma list) of which one at least exists."""
+    if os.path.exists(spec):
+        return None
+    shards = shard_paths(spec) if is_shards(spec) else [spec]
+    if len(shards) == 1 or not any(os.path.isfile(shard) for shard in shards):
+        return "does not exist" if len(shards) == 1 else f"names {len(shards)} shard(s) and none of them exists"
+    return None
 
 
 def _loaders() -> tuple[str, ...]:
@@ -58,7 +70,9 @@ class ConvertOptions(Config):
 class ConvertConfig(Config):
     """Convert an image folder (root/<class>/...) or a CSV/TSV list of path,label to an FFCV .beton, with a
     JSON sidecar (classes, counts, options) and a report of the files skipped."""
-    src: str = option(positional=True, metavar="SRC", help="image folder, or .csv/.tsv file list")
+    src: str = option(positional=True, metavar="SRC", help="image folder, .csv/.tsv file list, or tar shards (a "
+                                                             "folder of them, a brace pattern or a comma list)",
+                      exists=data_exists)
     out: str = option(positional=True, metavar="OUT", help="the .beton to write")
     storage: ConvertOptions = section(ConvertOptions)
     workers: int | None = option(None, "processes", metavar="N", at_least=1, shown="all cores")

@@ -26,8 +26,8 @@ from supmae.core.errors import SupmaeError
 from supmae.core.lock import exclusive
 from supmae.pipelines.config import ConvertConfig
 from supmae.pipelines.decode import UNREADABLE, load_rgb, probe
-from supmae.pipelines.samples import CaptionError, image_input, read_caption
-from supmae.pipelines.sources import IMAGE_EXTENSIONS, scan_images, sidecar_path
+from supmae.pipelines.samples import IMAGE_EXTENSIONS, CaptionError, image_input, read_caption
+from supmae.pipelines.sources import scan_images, sidecar_path
 from supmae.pipelines.text import CONTEXT, encode, identity, tokenizer
 from supmae.pipelines.torch_threads import keep_torch_threads
 

@@ -35,6 +35,9 @@ Location = str | Member               # an image
 CaptionSource = str | TextFile | Member  # a caption
 
 
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp")  # of image files
+
+
 class LabelledImages(NamedTuple):
     root: str                                  # the folder, list file or shard pattern they were found from
     classes: list[str]                         # a label is an index into this list

@@ -7,6 +7,7 @@ by their offsets, so conversion reads them in place; nothing is extracted.
                                                               # one .tar, or several separated by commas
 """
 import json
+import logging
 import os
 import re
 import tarfile
@@ -14,18 +15,24 @@ import tarfile
 from braceexpand import braceexpand
 
 from supmae.core.errors import SupmaeError
-from supmae.pipelines.samples import LabelledImages, Member, unlabelled
+from supmae.pipelines.samples import IMAGE_EXTENSIONS, LabelledImages, Member, unlabelled
 
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
+logger = logging.getLogger(__name__)
 _KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's key: the name up to its first dot
 
 
 def is_shards(spec: str) -> bool:
-    """Whether `spec` names tar shards rather than an image folder or a file list."""
+    """Whether `spec` names tar shards rather than an image folder or a file list: a brace pattern, .tar files,
+    or a folder holding .tar files and no folder of images (a logs/ folder beside the shards is no class)."""
     if "{" in spec or all(part.strip().lower().endswith(".tar") for part in spec.split(",")):
         return True
     return os.path.isdir(spec) and any(name.endswith(".tar") for name in os.listdir(spec)) and not any(
-        entry.is_dir() for entry in os.scandir(spec))
+        entry.is_dir() and _holds_images(entry.path) for entry in os.scandir(spec))
+
+
+def _holds_images(folder: str) -> bool:
+    return any(name.lower().endswith(IMAGE_EXTENSIONS) for _, _, names in os.walk(folder) for name in names)
 
 
 def shard_paths(spec: str) -> list[str]:
@@ -67,9 +74,12 @@ def scan_shards(spec: str) -> LabelledImages:
     problems, samples = [], {}  # (shard, key) -> {"image": Member, "caption": Member, "label": int}
     shards = shard_paths(spec)
     present = [shard for shard in shards if os.path.isfile(shard)]
-    problems += [(shard, "no such shard") for shard in shards if shard not in present]
+    missing = [shard for shard in shards if shard not in present]
     if not present:
         raise SupmaeError(f"{spec} names {len(shards)} shard(s) and none of them exists")
+    if missing:  # a pattern wider than the shards written: said now, whatever reads them
+        logger.warning(f"{spec}: {len(missing)} of the {len(shards)} shards it names do not exist, first {missing[0]}")
+    problems += [(shard, "no such shard") for shard in missing]
     for shard in present:
         for tar, info, member in _members(shard, problems):
             match = _KEY.match(info.name)

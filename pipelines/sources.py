@@ -17,7 +17,15 @@ from PIL import Image
 
 from supmae.core.errors import SupmaeError
 from supmae.pipelines.decode import load_rgb, upright_size
-from supmae.pipelines.samples import LabelledImages, Member, TextFile, image_input, read_caption, unlabelled
+from supmae.pipelines.samples import (
+    IMAGE_EXTENSIONS,
+    LabelledImages,
+    Member,
+    TextFile,
+    image_input,
+    read_caption,
+    unlabelled,
+)
 from supmae.pipelines.shards import is_shards, scan_shards
 from supmae.pipelines.text import CONTEXT, check_identity, encode, tokenizer
 from supmae.pipelines.torch_threads import keep_torch_threads
@@ -25,7 +33,6 @@ from supmae.pipelines.torch_threads import keep_torch_threads
 logger = logging.getLogger(__name__)
 _INTEGER = re.compile(r"[+-]?[0-9]+")  # ASCII digits: "²" is a digit to str.isdigit, not to int()
 MAX_CLASSES = 1_000_000  # a label past this is a typo, not a class (ImageNet-21k has 21,843)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp")
 LIST_EXTENSIONS = (".csv", ".tsv")
 
 

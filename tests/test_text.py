@@ -214,6 +214,27 @@ def test_shards_in_the_cli(shards, tmp_path, capsys):
                                              str(tmp_path / "x.beton"), "--no-progress")
 
 
+def test_every_command_takes_shards_as_convert_does(shards, tmp_path, capsys):
+    """A brace pattern or a comma list of shards is --data to pretrain and the evaluations too; a folder of
+    shards with a logs/ folder beside them is still shards; a shard a pattern names but nobody wrote is said."""
+    pattern = f"{shards}/{{00000..00002}}.tar"  # one more than there are
+    run = tmp_path / "run"
+    assert main(["pretrain", "--data", pattern, "--model", "clip_vit_tiny_patch16", "--img-size", "32",
+                 "--batch-size", "4", "--steps", "1", "--workers", "0", "--output", str(run), "--no-progress",
+                 "--no-tensorboard"]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: {pattern}: 1 of the 3 shards it names do not exist, first {shards / '00002.tar'}" in err
+    listed = f"{shards}/00000.tar,{shards}/00001.tar"
+    assert main(["eval", "retrieval", "--checkpoint", str(run / "checkpoint-00000001.pt"), "--data", listed,
+                 "--workers", "0"]) == 0
+    assert "retrieval over 10 pairs" in capsys.readouterr().out
+    (shards / "logs").mkdir()
+    (shards / "logs" / "convert.log").write_text("a log, not a class")
+    assert len(open_source(str(shards))) == 10
+    assert error_of(capsys, "pretrain", "--data", f"{tmp_path}/none/{{0..1}}.tar").endswith(
+        "names 2 shard(s) and none of them exists")
+
+
 def test_a_few_stray_text_files_do_not_make_a_folder_image_text_data(tmp_path, caplog):
     root = tmp_path / "folder"
     (root / "a").mkdir(parents=True)

@@ -52,7 +52,8 @@ class Option:
     positional: bool = False
     group: str | None = None     # the --help section
     shown: str | None = None     # the default as --help words it, when its value alone would not say
-    exists: bool = False            # a path that must exist when given
+    # a path that must exist when given; or a function saying what of a value is missing (None: nothing)
+    exists: bool | Callable[[str], str | None] = False
     listed: bool = False            # text holding comma-separated choices, at least one
     defines_run: bool = False       # a resumed run may not change it (it fixes the model or the data)
 
@@ -90,8 +91,10 @@ class Option:
         if not all(ok(value, bound) for bound, _, ok in bounds if bound is not None):
             words = " and ".join(f"{word} {_number(bound)}" for bound, word, _ in bounds if bound is not None)
             raise SupmaeError(f"{self.display}: must be {words}, got {_number(value)}")
-        if self.exists and not os.path.exists(value):
-            raise SupmaeError(f"{self.display}: {value} does not exist")
+        missing = self.exists(value) if callable(self.exists) else \
+            ("does not exist" if self.exists and not os.path.exists(value) else None)
+        if missing:
+            raise SupmaeError(f"{self.display}: {value} {missing}")
         return value
 
     def _convert(self, value: Any) -> Any:

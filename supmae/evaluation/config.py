@@ -4,7 +4,7 @@ import os
 
 from supmae.core.errors import SupmaeError
 from supmae.core.options import Config, configuration, items, option, section
-from supmae.pipelines.config import SEED_MAX, loader_option
+from supmae.pipelines.config import SEED_MAX, data_exists, loader_option
 from supmae.runtime.config import REDUCE_OVERHEAD_ACCUMULATES, HardwareOptions
 
 
@@ -36,8 +36,9 @@ class CheckpointConfig(Config):
 @configuration
 class SplitsConfig(CheckpointConfig):
     """A pretrained encoder and the labelled splits it is scored on."""
-    train: str = option(help="image folder, file list or .beton with the labelled train split", exists=True)
-    val: str = option(help="the validation split, with the same classes", exists=True)
+    train: str = option(help="image folder, file list, tar shards or .beton with the labelled train split",
+                        exists=data_exists)
+    val: str = option(help="the validation split, with the same classes", exists=data_exists)
 
 
 @configuration
@@ -46,7 +47,7 @@ class ZeroshotConfig(CheckpointConfig):
     of its name in prompt templates, and each image takes the class its embedding is closest to. Class names
     are a file's (--class-names, or class_names.txt in the data folder, as the embedded dataset has),
     ImageNet's (open_clip's list) for a 1000-class set named by WordNet ids, or the class folders' names."""
-    data: str = option(help="image folder, file list or .beton with labels", exists=True)
+    data: str = option(help="image folder, file list, tar shards or .beton with labels", exists=data_exists)
     class_names: str | None = option(None, "a file with one class name per line, in label order",
                                         metavar="FILE", exists=True, shown="DATA/class_names.txt if there is one")
     templates: str = option("simple", "prompt templates: open_clip's 7 simple ones or OpenAI's 80",
@@ -59,7 +60,8 @@ class ZeroshotConfig(CheckpointConfig):
 class RetrievalConfig(CheckpointConfig):
     """Image-to-text and text-to-image retrieval (recall at 1, 5 and 10) by a CLIP-family model over a
     captioned set: each image's own caption is the one to find, and each caption's own image."""
-    data: str = option(help="image-text data: a captioned folder, file list, shards or .beton", exists=True)
+    data: str = option(help="image-text data: a captioned folder, file list, tar shards or .beton",
+                       exists=data_exists)
     batch_size: int = option(64, "pairs per forward pass", at_least=1)
     json: str | None = option(None, "also write the result here", metavar="FILE")
 
@@ -140,7 +142,8 @@ class VisualizeConfig(Config):
     """Write a PNG grid of a few images: the original, the visible patches, the reconstruction, and the
     reconstruction with the visible patches pasted back."""
     checkpoint: str = option(help="a pretraining checkpoint", exists=True)
-    data: str = option(help="image folder, file list or .beton; its first images are shown", exists=True)
+    data: str = option(help="image folder, file list, tar shards or .beton; its first images are shown",
+                       exists=data_exists)
     loader: str = loader_option()
     out: str = option(help="the PNG to write")
     images: int = option(6, "images shown", at_least=1)
@@ -175,7 +178,7 @@ class RobustnessConfig(Config):
     classifier: str = option(help="a classifier supmae wrote: a finetune or eval linear --output folder, or its "
                                   ".safetensors", exists=True)
     data: str = option(help="ImageNet-C's folder (corruption/severity/class/images), an ImageNet-A, -R or -Sketch "
-                            "folder, or with --corrupt any labelled set", exists=True)
+                            "folder, or with --corrupt any labelled set", exists=data_exists)
     corrupt: bool = option(False, "corrupt --data's centre crops on the fly with ImageNet-C's corruptions "
                                   "(imagecorruptions)")
     corruptions: str = option(",".join(CORRUPTIONS), "with --corrupt: the corruptions, comma-separated",

@@ -14,7 +14,7 @@ from supmae.models.families import (
     model_config,
     recipe_of,
 )
-from supmae.pipelines.config import ORDERS, SEED_MAX, loader_option
+from supmae.pipelines.config import ORDERS, SEED_MAX, data_exists, loader_option
 from supmae.runtime.config import REDUCE_OVERHEAD_ACCUMULATES, HardwareOptions
 
 
@@ -39,8 +39,8 @@ class PretrainConfig(Config):
     sync_bn: bool = option(False, "several ranks (torchrun): the classification head's BatchNorm over the global "
                                   "batch", group="run")
     # data
-    data: str | None = option(None, "image folder, CSV/TSV file list or .beton", group="data loading", exists=True,
-                                 shown="the embedded synthetic dataset")
+    data: str | None = option(None, "image folder, CSV/TSV file list, tar shards or .beton", group="data loading",
+                              exists=data_exists, shown="the embedded synthetic dataset")
     loader: str = loader_option(group="data loading")
     order: str = option("random", "sample order; quasi_random (ffcv) reads pages in near-random order, for data "
                                   "larger than memory", choices=ORDERS, group="data loading")
