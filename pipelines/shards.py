@@ -115,5 +115,7 @@ def scan_shards(spec: str) -> LabelledImages:
     if not kept:
         raise SupmaeError(f"{spec} holds no usable samples ({len(problems)} problems, first: "
                           f"{problems[0][0]}: {problems[0][1]})" if problems else f"{spec} holds no samples")
-    classes = [str(i) for i in range(max(y for _, y in kept) + 1)] if labelled else unlabelled()
+    # Every label the shards hold counts, a left-out sample's too: a class stays one when its samples do not.
+    highest = max(s["label"] for s in samples.values() if "label" in s) if labelled else 0
+    classes = [str(i) for i in range(highest + 1)] if labelled else unlabelled()
     return LabelledImages(spec, classes, kept, captions=captions if captioned else None, problems=tuple(problems))

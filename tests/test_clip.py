@@ -15,7 +15,7 @@ from supmae import create_model
 from supmae.cli.main import main
 from supmae.core.errors import SupmaeError
 from supmae.evaluation.retrieval import recall_at
-from supmae.evaluation.zeroshot import class_embeddings, class_names, templates
+from supmae.evaluation.zeroshot import class_embeddings, class_names, names_file, templates
 from supmae.models.clip import LOGIT_SCALE_MAX, contrastive_loss
 from supmae.models.fast import apply_kernels
 from supmae.pipelines.loader import LoaderSpec, create_loader, open_batches, ordered_batches
@@ -217,11 +217,48 @@ def test_a_short_run_on_the_embedded_data_classifies_zero_shot(tmp_path):
 def test_class_names_come_from_a_file_the_data_folder_or_the_folder_names(tmp_path):
     folder = tmp_path / "data"
     folder.mkdir()
-    assert class_names(["0000_red_fox", "0001_grey-wolf"], data=str(folder)) == ["red fox", "grey-wolf"]
+    assert names_file(str(folder)) is None
+    assert class_names(["0000_red_fox", "0001_grey-wolf"]) == (["red fox", "grey-wolf"], "the data's class names")
     (folder / CLASS_NAMES).write_text("a fox\na wolf\n")
-    assert class_names(["0000_red_fox", "0001_grey-wolf"], data=str(folder)) == ["a fox", "a wolf"]
+    assert names_file(str(folder)) == str(folder / CLASS_NAMES)
+    assert names_file(str(tmp_path / "data.beton")) is None  # beside a .beton: in the folder holding it
+    (tmp_path / CLASS_NAMES).write_text("a fox\na wolf\n")
+    assert names_file(str(tmp_path / "data.beton")) == str(tmp_path / CLASS_NAMES)
+    assert class_names(["0000_red_fox", "0001_grey-wolf"], names_file(str(folder)))[0] == ["a fox", "a wolf"]
     with pytest.raises(SupmaeError, match="names 2 classes; the data has 3"):
         class_names(["a", "b", "c"], str(folder / CLASS_NAMES))
+    # data labelled by number (shards) of which the highest class was cut: the full set's names are candidates
+    assert class_names(["0"], str(folder / CLASS_NAMES))[0] == ["a fox", "a wolf"]
+
+
+def test_zeroshot_names_a_beton_from_shards_by_the_file_beside_it(shards_with_names, tmp_path, capsys):
+    beton, checkpoint = shards_with_names
+    assert main(["eval", "zeroshot", "--checkpoint", checkpoint, "--data", beton, "--workers", "0", "--json",
+                 str(tmp_path / "zs.json")]) == 0
+    assert json.loads((tmp_path / "zs.json").read_text())["class_names"].endswith(CLASS_NAMES)
+    assert "class names: " in capsys.readouterr().out
+    os.remove(os.path.join(os.path.dirname(beton), CLASS_NAMES))
+    assert main(["eval", "zeroshot", "--checkpoint", checkpoint, "--data", beton, "--workers", "0"]) == 0
+    assert "warning: the classes of" in capsys.readouterr().err  # bare label numbers, said
+
+
+@pytest.fixture
+def shards_with_names(tmp_path):
+    """A .beton converted from captioned, labelled shards, a class_names.txt beside it, and a CLIP checkpoint."""
+    from test_text import jpeg
+    from webdataset.writer import TarWriter
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    with TarWriter(str(folder / "00000.tar")) as sink:
+        for i in range(8):
+            sink.write({"__key__": f"s{i}", "jpg": jpeg(i), "txt": f"a picture of thing {i % 2}", "cls": str(i % 2)})
+    beton = str(tmp_path / "things.beton")
+    assert main(["convert", str(folder), beton, "--no-progress"]) == 0
+    (tmp_path / CLASS_NAMES).write_text("red thing\nblue thing\n")
+    assert main(["pretrain", "--data", beton, "--model", "clip_vit_tiny_patch16", "--img-size", "32",
+                 "--batch-size", "4", "--steps", "1", "--workers", "0", "--no-progress", "--no-tensorboard",
+                 "--output", str(tmp_path / "run")]) == 0
+    return beton, str(tmp_path / "run" / "checkpoint-00000001.pt")
 
 
 def test_zeroshot_retrieval_and_export_from_the_cli(tmp_path, capsys):

@@ -214,6 +214,17 @@ def test_shards_in_the_cli(shards, tmp_path, capsys):
                                              str(tmp_path / "x.beton"), "--no-progress")
 
 
+def test_a_class_whose_samples_are_all_left_out_is_still_a_class(tmp_path):
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    with TarWriter(str(folder / "00000.tar")) as sink:
+        for i in range(4):
+            sink.write({"__key__": f"s{i}", "jpg": jpeg(i), "txt": f"caption {i}", "cls": str(i % 2)})
+        sink.write({"__key__": "last", "txt": "the only one of class 2, its image lost", "cls": "2"})
+    source = open_source(str(folder))
+    assert len(source) == 4 and source.classes == ["0", "1", "2"]
+
+
 def test_every_command_takes_shards_as_convert_does(shards, tmp_path, capsys):
     """A brace pattern or a comma list of shards is --data to pretrain and the evaluations too; a folder of
     shards with a logs/ folder beside them is still shards; a shard a pattern names but nobody wrote is said."""
