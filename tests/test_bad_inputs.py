@@ -2,6 +2,7 @@ import json
 import os
 
 import pytest
+import torch
 from test_cli import error_of
 
 from supmae.cli.main import main
@@ -39,6 +40,12 @@ def test_export_makes_the_folder_and_reports_failed_writes(capsys, checkpoint, t
     assert err.endswith(f"{tmp_path / 'file'} is a file, not a folder"), err
     too_long = str(tmp_path / ("x" * 300 + ".safetensors"))
     assert f"cannot write {too_long}" in error_of(capsys, "export", checkpoint, too_long)
+    state = torch.load(checkpoint, weights_only=True)  # a model that pooled otherwise than timm can
+    state["config"]["pool"] = "max"
+    torch.save(state, tmp_path / "max.pt")
+    assert error_of(capsys, "export", str(tmp_path / "max.pt"), str(tmp_path / "max.safetensors")).endswith(
+        "pooled with 'max', which timm's ViT computes differently: pass --global-pool avg or token")
+    assert main(["export", str(tmp_path / "max.pt"), str(tmp_path / "max.safetensors"), "--global-pool", "avg"]) == 0
 
 
 def test_finetune_checks_its_output_folder_before_training(capsys, monkeypatch, checkpoint, synth_folder,

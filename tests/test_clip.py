@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from test_cli import error_of
 from test_distributed import WORLD, free_port
 
@@ -277,6 +278,11 @@ def test_zeroshot_retrieval_and_export_from_the_cli(tmp_path, capsys):
     assert main(["eval", "retrieval", "--checkpoint", checkpoint, "--data", data, "--workers", "0"]) == 0
     assert "retrieval over 16 pairs: image->text r@1" in capsys.readouterr().out
     assert main(["export", checkpoint, str(tmp_path / "tower.safetensors")]) == 0  # the image tower, for timm
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "tower.safetensors"), "pt") as f:
+        assert (f.metadata() or {})["global_pool"] == "token"  # the pooling CLIP trained with
+    tensors = load_file(str(tmp_path / "tower.safetensors"))
+    assert "norm.weight" in tensors and "fc_norm.weight" not in tensors
     assert main(["eval", "knn", "--checkpoint", checkpoint, "--train", data, "--val", data, "--workers", "0"]) == 0
     sup = tmp_path / "sup"
     assert main(["pretrain", "--data", data, "--model", "supmae_vit_tiny_patch16", "--img-size", "32",

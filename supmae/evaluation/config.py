@@ -14,8 +14,10 @@ class ExportConfig(Config):
     for timm.create_model(..., pretrained=True, pretrained_cfg_overlay=dict(file=OUT))."""
     checkpoint: str = option(positional=True, metavar="CHECKPOINT", help="a pretraining checkpoint", exists=True)
     out: str = option(positional=True, metavar="OUT", help="the .safetensors file to write")
-    global_pool: str = option("avg", "the timm global_pool the weights are for (avg: the final norm becomes "
-                                     "fc_norm)", choices=("avg", "token"))
+    global_pool: str | None = option(None, "the timm global_pool the weights are for (avg: the final norm "
+                                              "becomes fc_norm)", choices=("avg", "token"),
+                                     shown="the pooling the model trained with: avg for SupMAE and MAE, token for "
+                                           "CLIP")
     force: bool = option(False, "replace OUT if it exists")
 
     def check(self) -> None:

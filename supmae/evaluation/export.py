@@ -13,7 +13,7 @@ import os
 from supmae.core.errors import SupmaeError
 from supmae.evaluation.classifier import write_safetensors
 from supmae.evaluation.config import ExportConfig
-from supmae.training.checkpoint import load_checkpoint
+from supmae.training.checkpoint import load_checkpoint, saved_config
 
 logger = logging.getLogger(__name__)
 _ENCODER = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
@@ -34,9 +34,14 @@ def export(cfg: ExportConfig) -> dict:
     if os.path.exists(out) and not cfg.force:
         raise SupmaeError(f"{out} exists; pass --force to replace it")
     state = load_checkpoint(cfg.checkpoint)
-    tensors = timm_state_dict(state["model"], cfg.global_pool)
+    trained = saved_config(state)
+    pool = cfg.global_pool or trained.effective("pool")
+    if pool not in ("avg", "token"):  # timm's max and map pool the normed tokens otherwise than the trunk does
+        raise SupmaeError(f"{trained.model} pooled with {pool!r}, which timm's ViT computes differently: pass "
+                          "--global-pool avg or token")
+    tensors = timm_state_dict(state["model"], pool)
     config = state.get("config", {})
-    metadata = {"format": "pt", "supmae_model": str(config.get("model")), "global_pool": cfg.global_pool,
+    metadata = {"format": "pt", "supmae_model": str(config.get("model")), "global_pool": pool,
                 "img_size": str(config.get("img_size")), "step": str(state.get("step"))}
     folder = os.path.dirname(os.path.abspath(out))
     try:
@@ -46,5 +51,5 @@ def export(cfg: ExportConfig) -> dict:
     write_safetensors(out, tensors, metadata)
     parameters = sum(t.numel() for t in tensors.values())
     logger.info(f"wrote {out}: {len(tensors)} tensors, {parameters / 1e6:.1f}M parameters of "
-                f"{metadata['supmae_model']} (step {metadata['step']}), for timm global_pool={cfg.global_pool!r}")
+                f"{metadata['supmae_model']} (step {metadata['step']}), for timm global_pool={pool!r}")
     return dict(tensors=len(tensors), parameters=parameters, **metadata)
