@@ -7,10 +7,12 @@ the other engines, but not reproducible from the seed.
 """
 import contextlib
 import gc
+import logging
 import sys
 import traceback
 from collections.abc import Iterator
 
+import numba
 import torch
 
 from supmae.pipelines.torch_threads import keep_torch_threads
@@ -30,6 +32,7 @@ from supmae.pipelines.batch import Batch, to_device_batches
 from supmae.pipelines.order import Schedule
 from supmae.pipelines.sources import BetonSource
 
+logger = logging.getLogger(__name__)
 _iterating = 0  # FFCV engines iterating now
 _previous_hook = sys.unraisablehook  # the process's hook when the first of them began
 
@@ -96,6 +99,11 @@ class FFCVLoader:
             raise SupmaeError("quasi_random order cannot be sharded across ranks; use random")
         self.source, self.spec = source, spec
         self.schedule = spec.schedule(len(source))
+        # FFCV's workers are numba threads, of which numba allows as many as it was started with (the cores).
+        self.workers = min(max(1, spec.workers), numba.config.NUMBA_NUM_THREADS)
+        if self.workers < spec.workers:
+            logger.warning(f"the ffcv loader runs at most {self.workers} threads here (numba's NUMBA_NUM_THREADS): "
+                           f"using {self.workers}, not {spec.workers}")
 
     def _loader(self, first_epoch: int, skip: int) -> Loader:
         spec, device = self.spec, torch.device(self.spec.device)
@@ -113,7 +121,7 @@ class FFCVLoader:
         if self.source.captioned:  # fields FFCV would otherwise decode too: the tokens when asked for, never the text
             pipelines.update(tokens=tokens if spec.text else None, text=None)
         with keep_torch_threads():
-            return Loader(self.source.path, batch_size=spec.batch_size, num_workers=max(1, spec.workers),
+            return Loader(self.source.path, batch_size=spec.batch_size, num_workers=self.workers,
                           os_cache=spec.os_cache, seed=spec.seed, drop_last=True,
                           order=_Order(self.schedule, first_epoch=first_epoch, skip=skip,
                                                quasi_random=spec.order == "quasi_random"),

@@ -218,6 +218,14 @@ def test_ffcv_leaves_torch_threads_alone(coordinates):
         torch.set_num_threads(before)
 
 
+def test_ffcv_takes_the_threads_numba_allows(coordinates, caplog):
+    """FFCV's workers are numba threads: asked for more than numba allows, it warns and uses what it may."""
+    import numba
+    most = numba.config.NUMBA_NUM_THREADS
+    assert len(take("ffcv", coordinates["raw"], 1, workers=most + 1)) == 1
+    assert f"runs at most {most} threads here" in caplog.text and f"not {most + 1}" in caplog.text
+
+
 def test_ffcv_needs_a_beton(coordinates):
     with pytest.raises(SupmaeError, match="reads .beton files"):
         create_loader("ffcv", open_source(coordinates["folder"]), spec())
