@@ -100,7 +100,7 @@ class FFCVLoader:
         self.source, self.spec = source, spec
         self.schedule = spec.schedule(len(source))
         # FFCV's workers are numba threads, of which numba allows as many as it was started with (the cores).
-        self.workers = min(max(1, spec.workers), numba.config.NUMBA_NUM_THREADS)
+        self.workers = min(max(1, spec.workers), numba.config.NUMBA_NUM_THREADS)  # pyright: ignore[reportAttributeAccessIssue]
         if self.workers < spec.workers:
             logger.warning(f"the ffcv loader runs at most {self.workers} threads here (numba's NUMBA_NUM_THREADS): "
                            f"using {self.workers}, not {spec.workers}")

@@ -221,7 +221,7 @@ def test_ffcv_leaves_torch_threads_alone(coordinates):
 def test_ffcv_takes_the_threads_numba_allows(coordinates, caplog):
     """FFCV's workers are numba threads: asked for more than numba allows, it warns and uses what it may."""
     import numba
-    most = numba.config.NUMBA_NUM_THREADS
+    most = numba.config.NUMBA_NUM_THREADS  # pyright: ignore[reportAttributeAccessIssue]  (set at import)
     assert len(take("ffcv", coordinates["raw"], 1, workers=most + 1)) == 1
     assert f"runs at most {most} threads here" in caplog.text and f"not {most + 1}" in caplog.text
 
