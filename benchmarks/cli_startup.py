@@ -6,11 +6,14 @@ as ratios to the CPU time of `python -c "import torch"`, all measured in one run
 Each command runs as its own process, `repeats` times in turn with the others; its figure is the median
 CPU time (user + system, children included) of those runs.
 """
+import os
 import resource
 import statistics
 import subprocess
 import sys
 
+if not __package__:  # run as a file, not with -m: the checkout's root holds benchmarks and supmae
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import main
 from supmae.core.options import Config, configuration, option
 from supmae.profiling.measure import commit, device_name, versions

@@ -8,9 +8,12 @@ The shards are written from the folder's files once (1,000 samples each), then e
 """
 import os
 import statistics
+import sys
 import tarfile
 import tempfile
 
+if not __package__:  # run as a file, not with -m: the checkout's root holds benchmarks and supmae
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import main
 from supmae.core.options import Config, configuration, option
 from supmae.pipelines.config import ConvertConfig, ConvertOptions

@@ -6,8 +6,12 @@ visible ones only (FLIP, mask ratio 0.5 by default), same model, batch and text 
 Each round times both in turn (the order alternating round by round); the figure is the median of the
 rounds' ratios. FLOPs are counted as the step benchmark counts them.
 """
+import os
 import statistics
+import sys
 
+if not __package__:  # run as a file, not with -m: the checkout's root holds benchmarks and supmae
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import main
 from benchmarks.step import StepBenchmark, benchmark_step
 from supmae.core.options import Config, configuration, option, section

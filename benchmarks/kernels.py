@@ -8,9 +8,14 @@ the kernel's time. Achieved GB/s counts the bytes a kernel must move (inputs rea
 once) against a device-to-device copy timed the same way in the same run.
 """
 
+import os
+import sys
+
 import torch
 import triton.testing
 
+if not __package__:  # run as a file, not with -m: the checkout's root holds benchmarks and supmae
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import main
 from supmae.core.options import Config, configuration, option
 from supmae.kernels.norm_pix_loss import norm_pix_mse_backward, norm_pix_mse_triton

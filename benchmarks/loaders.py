@@ -12,7 +12,10 @@ the figure is the median pass, with min and max beside it, and the CPU utilisati
 """
 import os
 import statistics
+import sys
 
+if not __package__:  # run as a file, not with -m: the checkout's root holds benchmarks and supmae
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import main
 from supmae.core.options import Config, configuration, items, option, section
 from supmae.pipelines.engines import ENGINES

@@ -10,11 +10,15 @@ a host sync per step), giving the speed-up as a ratio.
     python -m benchmarks.step --finetune --batch-size 128      # fine-tuning's step at the official recipe
 """
 import functools
+import os
+import sys
 from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 
+if not __package__:  # run as a file, not with -m: the checkout's root holds benchmarks and supmae
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import main
 from supmae.core.options import Config, configuration, option, section
 from supmae.evaluation import classifier

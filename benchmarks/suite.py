@@ -27,6 +27,8 @@ import traceback
 
 import torch
 
+if not __package__:  # run as a file, not with -m: the checkout's root holds benchmarks and supmae
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.flip import FlipBenchmark, benchmark_flip
 from benchmarks.kernels import KernelBenchmark, benchmark_kernels
 from benchmarks.step import StepBenchmark, benchmark_step, describe

@@ -11,7 +11,10 @@ the same comparison at the scale given, and says so.
 """
 import datetime
 import os
+import sys
 
+if not __package__:  # run as a file, not with -m: the checkout's root holds benchmarks and supmae
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import main
 from supmae.core.atomic import write_json
 from supmae.core.options import Config, configuration, option

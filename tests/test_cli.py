@@ -154,3 +154,11 @@ def test_a_resumed_run_takes_its_options_from_the_checkpoint(capsys, synth_folde
         assert [json.loads(line)["step"] for line in f] == [2, 3]  # each run logs its last step
     err = error_of(capsys, "pretrain", "--output", out, "--resume", "auto", "--steps", "4", "--batch-size", "4")
     assert "batch_size=8" in err
+
+
+@pytest.mark.parametrize("how", ["module", "file"])
+def test_a_benchmark_answers_help_however_it_is_started(tmp_path, how):
+    command = ["-m", "benchmarks.suite"] if how == "module" else [os.path.join(REPO, "benchmarks", "suite.py")]
+    done = subprocess.run([sys.executable, *command, "--help"], cwd=REPO if how == "module" else tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "the GPU check" in done.stdout, done.stderr
