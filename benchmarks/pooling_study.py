@@ -16,17 +16,15 @@ import sys
 if not __package__:  # run as a file, not with -m: the checkout's root holds benchmarks and supmae
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import main
+from benchmarks.study import StudyOptions, pretrained, splits
 from supmae.core.atomic import write_json
-from supmae.core.options import Config, configuration, items, option
+from supmae.core.options import Config, configuration, items, option, section
 from supmae.evaluation.config import KnnConfig, LinearConfig, ZeroshotConfig
 from supmae.evaluation.knn import eval_knn
 from supmae.evaluation.linear import linear_probe
 from supmae.evaluation.zeroshot import eval_zeroshot
 from supmae.models.families import family_of
-from supmae.pipelines.synthetic import default_dataset, write_synthetic
 from supmae.profiling.measure import commit, device_name, versions
-from supmae.training.config import PretrainConfig
-from supmae.training.loop import pretrain
 
 POOLS = ("token", "avg", "max", "map")
 
@@ -34,18 +32,9 @@ POOLS = ("token", "avg", "max", "map")
 @configuration
 class PoolingStudy(Config):
     """CLIP and MAE-CLIP by pooling, and SupMAE against MAE, at equal steps on equal data."""
-    data: str | None = option(None, "image-text training data", exists=True,
-                                 shown="the captioned embedded dataset")
-    val: str | None = option(None, "held-out data with the same classes", exists=True,
-                                shown="the embedded dataset drawn with another seed")
+    study: StudyOptions = section(StudyOptions)
     class_names: str | None = option(None, "zero-shot class names, one per line", exists=True,
-                                        shown="as eval zeroshot finds them")
-    size: str = option("tiny", "model size", choices=("tiny", "small", "base"))
-    img_size: int = option(64, "image side", at_least=16)
-    batch_size: int = option(32, "images per step", at_least=2)
-    steps: int = option(300, "optimizer steps per model", at_least=1)
-    lr: float = option(1e-3, "peak learning rate", above=0)
-    workers: int | None = option(None, "loader processes", at_least=0, shown="cores - 1")
+                                     shown="as eval zeroshot finds them")
     pools: str = option(",".join(POOLS), "the poolings studied", choices=POOLS, listed=True)
     out: str | None = option(None, "folder for the runs, study.json, table.md and study.png",
                                 shown="runs/pooling-study-<date>")
@@ -53,33 +42,27 @@ class PoolingStudy(Config):
 
 def _runs(cfg: PoolingStudy) -> list[tuple[str, str, str | None]]:
     """(label, model, pooling) of every run."""
-    runs: list[tuple[str, str, str | None]] = [(f"{family} {pool}", f"{family}_vit_{cfg.size}_patch16", pool)
+    size = cfg.study.size
+    runs: list[tuple[str, str, str | None]] = [(f"{family} {pool}", f"{family}_vit_{size}_patch16", pool)
                                                for family in ("clip", "maeclip") for pool in items(cfg.pools)]
-    return runs + [("supmae avg", f"supmae_vit_{cfg.size}_patch16", "avg"),
-                   ("mae", f"mae_vit_{cfg.size}_patch16", None)]
+    return runs + [("supmae avg", f"supmae_vit_{size}_patch16", "avg"), ("mae", f"mae_vit_{size}_patch16", None)]
 
 
 def run_study(cfg: PoolingStudy) -> dict:
     code = commit()  # now: the study runs for hours, and the checkout may move on meanwhile
     out = cfg.out or f"runs/pooling-study-{datetime.date.today()}"
     os.makedirs(out, exist_ok=True)
-    train = cfg.data or default_dataset()
-    val = cfg.val or write_synthetic(os.path.join(out, "val"), num_classes=10, images_per_class=20, seed=1,
-                                     force=True)
+    train, val = splits(cfg.study, out)
     rows = []
     for label, model, pool in _runs(cfg):
-        folder = os.path.join(out, label.replace(" ", "-"))
-        summary = pretrain(PretrainConfig.of(
-            data=train, model=model, pool=pool, img_size=cfg.img_size, batch_size=cfg.batch_size, steps=cfg.steps,
-            lr=cfg.lr, warmup_steps=max(1, cfg.steps // 10), workers=cfg.workers, output=folder,
-            resume="auto", log_every=max(1, cfg.steps // 5), progress=False, tensorboard=False))
-        checkpoint = summary["checkpoint"] or os.path.join(folder, f"checkpoint-{cfg.steps:08d}.pt")
+        checkpoint, summary = pretrained(cfg.study, model, train, os.path.join(out, label.replace(" ", "-")),
+                                         pool=pool)
         row = dict(run=label, model=model, pool=pool, images_per_s=summary["images_per_s"])
         row["knn_top1"] = eval_knn(KnnConfig(checkpoint=checkpoint, train=train, val=val, workers=0, k=10))["top1"]
         # the official probe's lr (3.2: blr 0.1 at SupMAE's batch of 8192) at this study's batch
         row["linear_top1"] = linear_probe(LinearConfig(checkpoint=checkpoint, train=train, val=val, workers=0,
-                                                       epochs=30, batch_size=cfg.batch_size,
-                                                       blr=0.1 * 8192 / cfg.batch_size))["top1"]
+                                                       epochs=30, batch_size=cfg.study.batch_size,
+                                                       blr=0.1 * 8192 / cfg.study.batch_size))["top1"]
         if family_of(model).uses_text:
             row["zeroshot_top1"] = eval_zeroshot(ZeroshotConfig(checkpoint=checkpoint, data=val,
                                                                 class_names=cfg.class_names, workers=0))["top1"]
@@ -87,8 +70,7 @@ def run_study(cfg: PoolingStudy) -> dict:
         print(f"{label}: " + ", ".join(f"{k} {row[k]:.1%}" for k in ("zeroshot_top1", "knn_top1", "linear_top1")
                                        if k in row), flush=True)
     report = dict(device=device_name("cpu"), commit=code, versions=versions("timm", "open-clip-torch"),
-                  config=dict(data=train, val=val, size=cfg.size, img_size=cfg.img_size, batch_size=cfg.batch_size,
-                              steps=cfg.steps, lr=cfg.lr), rows=rows,
+                  config=dict(cfg.values(), data=train, val=val), rows=rows,
                   maeclip_minus_clip={pool: _gap(rows, pool) for pool in items(cfg.pools)})
     write_json(os.path.join(out, "study.json"), report)
     with open(os.path.join(out, "table.md"), "w") as f:

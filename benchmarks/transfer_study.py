@@ -16,33 +16,23 @@ import sys
 if not __package__:  # run as a file, not with -m: the checkout's root holds benchmarks and supmae
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import main
+from benchmarks.study import StudyOptions, pretrained, splits
 from supmae.core.atomic import write_json
-from supmae.core.options import Config, configuration, option
+from supmae.core.options import Config, configuration, option, section
 from supmae.evaluation.config import CORRUPTIONS, FewshotConfig, LinearConfig, RobustnessConfig
 from supmae.evaluation.fewshot import eval_fewshot
 from supmae.evaluation.linear import linear_probe
 from supmae.evaluation.robustness import eval_robustness
-from supmae.pipelines.synthetic import default_dataset, write_synthetic
 from supmae.profiling.measure import commit, device_name, versions
-from supmae.training.config import PretrainConfig
-from supmae.training.loop import pretrain
 
 
 @configuration
 class TransferStudy(Config):
     """SupMAE against MAE at equal steps on equal data: linear probe, robustness and few-shot transfer."""
-    data: str | None = option(None, "labelled training data", exists=True, shown="the embedded dataset")
-    val: str | None = option(None, "held-out data with the same classes", exists=True,
-                             shown="the embedded dataset drawn with another seed")
-    size: str = option("tiny", "model size", choices=("tiny", "small", "base"))
-    img_size: int = option(64, "image side", at_least=32)
-    batch_size: int = option(32, "images per step, pretraining and probe", at_least=2)
-    steps: int = option(300, "pretraining steps per model", at_least=1)
-    lr: float = option(1e-3, "pretraining's peak learning rate", above=0)
+    study: StudyOptions = section(StudyOptions)
     probe_epochs: int = option(30, "the linear probe's epochs", at_least=1)
     shots: str = option("1,2,5,10", "few-shot k, comma-separated")
     seeds: int = option(5, "few-shot draws per k", at_least=1)
-    workers: int | None = option(None, "loader and corruption processes", at_least=0, shown="cores - 1")
     out: str | None = option(None, "folder for the runs, study.json and table.md",
                              shown="runs/transfer-study-<date>")
 
@@ -51,22 +41,17 @@ def run_study(cfg: TransferStudy) -> dict:
     code = commit()  # now: the study runs for long, and the checkout may move on meanwhile
     out = cfg.out or f"runs/transfer-study-{datetime.date.today()}"
     os.makedirs(out, exist_ok=True)
-    train = cfg.data or default_dataset()
-    val = cfg.val or write_synthetic(os.path.join(out, "val"), num_classes=10, images_per_class=20, seed=1,
-                                     force=True)
-    workers = 0 if cfg.workers is None else cfg.workers
+    study = cfg.study
+    train, val = splits(study, out)
+    workers = 0 if study.workers is None else study.workers
     rows = []
     for family in ("supmae", "mae"):
-        model, folder = f"{family}_vit_{cfg.size}_patch16", os.path.join(out, family)
-        summary = pretrain(PretrainConfig.of(
-            data=train, model=model, img_size=cfg.img_size, batch_size=cfg.batch_size, steps=cfg.steps, lr=cfg.lr,
-            warmup_steps=max(1, cfg.steps // 10), workers=cfg.workers, output=folder, resume="auto",
-            log_every=max(1, cfg.steps // 5), progress=False, tensorboard=False))
-        checkpoint = summary["checkpoint"] or os.path.join(folder, f"checkpoint-{cfg.steps:08d}.pt")
+        model, folder = f"{family}_vit_{study.size}_patch16", os.path.join(out, family)
+        checkpoint, _ = pretrained(study, model, train, folder)
         # the official probe's lr (3.2: blr 0.1 at SupMAE's batch of 8192) at this study's batch
         probe = linear_probe(LinearConfig.of(checkpoint=checkpoint, train=train, val=val, workers=workers,
-                                             epochs=cfg.probe_epochs, batch_size=cfg.batch_size,
-                                             blr=0.1 * 8192 / cfg.batch_size, output=os.path.join(folder, "probe"),
+                                             epochs=cfg.probe_epochs, batch_size=study.batch_size,
+                                             blr=0.1 * 8192 / study.batch_size, output=os.path.join(folder, "probe"),
                                              force=True))
         shifted = eval_robustness(RobustnessConfig.of(classifier=os.path.join(folder, "probe"), data=val,
                                                       corrupt=True, workers=workers))
