@@ -246,15 +246,12 @@ def test_zeroshot_names_a_beton_from_shards_by_the_file_beside_it(shards_with_na
 @pytest.fixture
 def shards_with_names(tmp_path):
     """A .beton converted from captioned, labelled shards, a class_names.txt beside it, and a CLIP checkpoint."""
-    from test_text import jpeg
-    from webdataset.writer import TarWriter
-    folder = tmp_path / "shards"
-    folder.mkdir()
-    with TarWriter(str(folder / "00000.tar")) as sink:
-        for i in range(8):
-            sink.write({"__key__": f"s{i}", "jpg": jpeg(i), "txt": f"a picture of thing {i % 2}", "cls": str(i % 2)})
+    from test_text import jpeg, write_shard
+    samples = [{"__key__": f"s{i}", "jpg": jpeg(i), "txt": f"a picture of thing {i % 2}", "cls": str(i % 2)}
+               for i in range(8)]
+    shard = write_shard(tmp_path / "shards" / "00000.tar", samples)
     beton = str(tmp_path / "things.beton")
-    assert main(["convert", str(folder), beton, "--no-progress"]) == 0
+    assert main(["convert", shard, beton, "--no-progress"]) == 0
     (tmp_path / CLASS_NAMES).write_text("red thing\nblue thing\n")
     assert main(["pretrain", "--data", beton, "--model", "clip_vit_tiny_patch16", "--img-size", "32",
                  "--batch-size", "4", "--steps", "1", "--workers", "0", "--no-progress", "--no-tensorboard",

@@ -214,13 +214,20 @@ def test_shards_in_the_cli(shards, tmp_path, capsys):
                                              str(tmp_path / "x.beton"), "--no-progress")
 
 
+def write_shard(path, samples: list[dict]) -> str:
+    """One webdataset shard of `samples`, written by webdataset's own TarWriter."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with TarWriter(str(path)) as sink:
+        for sample in samples:
+            sink.write(sample)
+    return str(path)
+
+
 def test_a_class_whose_samples_are_all_left_out_is_still_a_class(tmp_path):
     folder = tmp_path / "shards"
-    folder.mkdir()
-    with TarWriter(str(folder / "00000.tar")) as sink:
-        for i in range(4):
-            sink.write({"__key__": f"s{i}", "jpg": jpeg(i), "txt": f"caption {i}", "cls": str(i % 2)})
-        sink.write({"__key__": "last", "txt": "the only one of class 2, its image lost", "cls": "2"})
+    write_shard(folder / "00000.tar", [{"__key__": f"s{i}", "jpg": jpeg(i), "txt": f"caption {i}", "cls": str(i % 2)}
+                                       for i in range(4)]
+                + [{"__key__": "last", "txt": "the only one of class 2, its image lost", "cls": "2"}])
     source = open_source(str(folder))
     assert len(source) == 4 and source.classes == ["0", "1", "2"]
 
