@@ -1,6 +1,6 @@
-"""SupMAE's pretraining augmentation: RandomResizedCrop(scale 0.2-1, ratio 3/4-4/3, bicubic) + flip (the
-linear probe's crops scale 0.08-1, torchvision's default), and the evaluation view: the centre square of
-87.5% of the shorter side.
+"""SupMAE's pretraining augmentation: RandomResizedCrop(scale 0.2-1, ratio 3/4-4/3, bicubic) + flip (fine-tuning's
+and the linear probe's crops scale 0.08-1, timm's and torchvision's default), and the evaluation view: the
+centre square of 87.5% of the shorter side.
 
 Every engine crops with these semantics (torchvision's RandomResizedCrop; FFCV's centre crop), so their
 batches are statistically the same whichever engine decodes them; the torch and DALI engines draw the
@@ -11,8 +11,10 @@ import math
 import numpy as np
 from PIL import Image
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 CROP_SCALE = (0.2, 1.0)
-PROBE_CROP_SCALE = (0.08, 1.0)
+CLASSIFIER_CROP_SCALE = (0.08, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
 FLIP_PROBABILITY = 0.5
 EVAL_CROP_FRACTION = 0.875

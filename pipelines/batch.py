@@ -1,14 +1,12 @@
 """The batch every loader yields: on the training device, normalised, with its patch mask drawn there."""
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import NamedTuple
 
 import torch
 
+from supmae.pipelines.augment import IMAGENET_MEAN, IMAGENET_STD
 from supmae.pipelines.masking import Masking, MaskSampler, TextMaskSampler
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class Batch(NamedTuple):
@@ -19,12 +17,18 @@ class Batch(NamedTuple):
     text_mask: torch.Tensor | None = None  # (B, 77) bool: the tokens a masked-text objective hides
 
 
+# A per-batch augmentation on the device: (images, the batch's index) -> images, drawn from the index alone.
+BatchAugment = Callable[[torch.Tensor, int], torch.Tensor]
+
+
 def to_device_batches(pixel_batches: Iterable[tuple[torch.Tensor, ...]], device: torch.device,
                       mask_sampler: MaskSampler | None, *, start: int = 0, dtype: torch.dtype = torch.float32,
-                      text_mask_sampler: TextMaskSampler | None = None) -> Iterator[Batch]:
+                      text_mask_sampler: TextMaskSampler | None = None, augment: BatchAugment | None = None,
+                      erase: BatchAugment | None = None) -> Iterator[Batch]:
     """(uint8 (B, H, W, 3), labels[, tokens]) batches, on the host or already on `device` -> Batch; batch i gets
     mask i (none without a sampler: evaluation), and text mask i when it has tokens and a text mask sampler.
-    Floating-point images are taken as already normalised (B, 3, H, W).
+    Floating-point images are taken as already normalised (B, 3, H, W). `augment` changes uint8 (B, 3, H, W)
+    pixels before normalisation (RandAugment), `erase` the normalised images (random erasing).
 
     Pixels cross to the device as uint8 (a quarter of float32's bytes) and are normalised there. On a GPU,
     a host batch's copy, normalisation and mask run on a side stream, so they overlap the step that is
@@ -44,7 +48,11 @@ def to_device_batches(pixel_batches: Iterable[tuple[torch.Tensor, ...]], device:
             else:
                 # Transposed while still uint8 (a quarter of the bytes), then scaled in place: three passes, not six.
                 images = images.to(device, non_blocking=True).permute(0, 3, 1, 2).contiguous()
+                if augment is not None:
+                    images = augment(images, index)
                 images = images.to(torch.float32).mul_(scale).add_(shift).to(dtype)
+            if erase is not None:
+                images = erase(images, index)
             # Engines recycle their output buffers, so labels are copied even when already in place.
             masking = mask_sampler(images.shape[0], index) if mask_sampler is not None else None
             tokens = text[0].to(device, torch.int64, non_blocking=True, copy=True) if text else None

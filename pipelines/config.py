@@ -1,6 +1,10 @@
-"""The data side's options: the loader every command that reads images shares, and the `synth` and
-`convert` commands. Nothing here imports torch or an engine, so the CLI checks them before either loads."""
+"""The data side's options: the loader every command that reads images shares, the `synth` and `convert`
+commands, and RandAugment policies. Nothing here imports torch or an engine, so the CLI checks them before
+either loads."""
+import dataclasses
+import math
 import os
+import re
 
 from supmae.core.errors import SupmaeError
 from supmae.core.options import Config, configuration, option, section
@@ -85,3 +89,53 @@ class ConvertConfig(Config):
                               f"{self.out.rstrip('/')}.beton")
         if not self.out.lower().endswith(".beton"):  # --data tells a converted file from a folder by its name
             raise SupmaeError(f"OUT: {self.out} should end in .beton, as --data expects of a converted file")
+
+
+# timm's _RAND_INCREASING_TRANSFORMS (`inc1`) and _RAND_TRANSFORMS, in timm's order.
+INCREASING_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing", "SolarizeIncreasing",
+                  "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing",
+                  "SharpnessIncreasing", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+ORIGINAL_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd", "Color",
+                "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+LEVEL_DENOM = 10.0      # timm's magnitude scale: M10 is an op's full strength
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """A RandAugment policy in timm's terms: `layers` ops per image, drawn with replacement from `ops`, each
+    applied with probability `prob` at a magnitude drawn around `magnitude` (normal with `std`, uniform on
+    [0, magnitude] for an infinite one) and clipped to [0, max_magnitude]."""
+    ops: tuple[str, ...] = INCREASING_OPS
+    magnitude: float = 10.0
+    layers: int = 2
+    prob: float = 0.5
+    std: float = 0.0
+    max_magnitude: float = LEVEL_DENOM
+
+
+def parse_policy(text: str) -> Policy:
+    """timm's RandAugment notation ('rand-m9-mstd0.5-inc1': magnitude 9, its std 0.5, the increasing ops;
+    also n, the ops per image, p, each op's probability, and mmax, the magnitude's bound)."""
+    sections = text.split("-")
+    if sections[0] != "rand":
+        raise SupmaeError(f"--aa {text!r} is not a RandAugment policy: write it as timm does, e.g. "
+                          "rand-m9-mstd0.5-inc1 (or none)")
+    values = dict(magnitude=LEVEL_DENOM)
+    increasing = False
+    keys = dict(m="magnitude", n="layers", p="prob", mstd="std", mmax="max_magnitude")
+    for part in sections[1:]:
+        found = re.fullmatch(r"([a-z]+)(\d+(?:\.\d*)?)", part)
+        if not found or found[1] not in (*keys, "inc"):
+            raise SupmaeError(f"--aa {text!r}: unknown section {part!r} (known: m, n, p, mstd, mmax, inc)")
+        key, number = found[1], float(found[2])
+        if key == "inc":
+            increasing = bool(number)
+        else:
+            values[keys[key]] = number
+    std = values.get("std", 0.0)
+    policy = Policy(ops=INCREASING_OPS if increasing else ORIGINAL_OPS, magnitude=values["magnitude"],
+                    layers=int(values.get("layers", 2)), prob=values.get("prob", 0.5),
+                    std=math.inf if std > 100 else std, max_magnitude=values.get("max_magnitude", LEVEL_DENOM))
+    if policy.layers < 1 or not 0 < policy.prob <= 1:
+        raise SupmaeError(f"--aa {text!r}: n must be at least 1 and p in (0, 1]")
+    return policy

@@ -1,6 +1,7 @@
 """The DALI engine: encoded bytes (image files or .beton samples) go to DALI, which decodes only each
 sample's crop (nvJPEG and the hardware JPEG decoder on a GPU, libjpeg-turbo on CPU), resizes, and flips
-and normalises into (B, 3, H, W) in one pass, handing batches over on the device.
+and normalises into (B, 3, H, W) in one pass, handing batches over on the device (with RandAugment, flipped
+uint8 pixels, which are augmented on the device and normalised there).
 
 Crop boxes and flips are drawn in Python by the same function as the torch engine's, from
 (seed, epoch, index), so the two engines produce the same views; only decoder and resampler differ.
@@ -19,8 +20,8 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from supmae.core.errors import SupmaeError
-from supmae.pipelines.augment import crop_and_flip
-from supmae.pipelines.batch import IMAGENET_MEAN, IMAGENET_STD, Batch, to_device_batches
+from supmae.pipelines.augment import IMAGENET_MEAN, IMAGENET_STD, crop_and_flip
+from supmae.pipelines.batch import Batch, to_device_batches
 from supmae.pipelines.decode import without_png_profile
 from supmae.pipelines.order import Schedule
 
@@ -84,7 +85,7 @@ HW_DECODER_LOAD = 0.75
 
 
 @pipeline_def
-def _views(samples: _Samples, size: int, on_gpu: bool, parallel: bool, half: bool):
+def _views(samples: _Samples, size: int, on_gpu: bool, parallel: bool, half: bool, normalize: bool):
     data, labels, anchor, shape, flip = fn.external_source(
         samples, num_outputs=5, batch=False, parallel=parallel,
         dtype=[types.UINT8, types.INT64, types.FLOAT, types.FLOAT, types.INT32])
@@ -92,6 +93,8 @@ def _views(samples: _Samples, size: int, on_gpu: bool, parallel: bool, half: boo
     images = fn.decoders.image_slice(data, anchor, shape, axis_names="WH", normalized_anchor=False,
                                      normalized_shape=False, output_type=types.RGB, **decoder)
     images = fn.resize(images, size=[size, size], interp_type=types.INTERP_CUBIC, antialias=True)
+    if not normalize:  # flipped uint8 pixels, for RandAugment on the device before normalisation
+        return fn.flip(images, horizontal=flip), labels.gpu() if on_gpu else labels
     # Flip, normalise and transpose in one pass, in half precision when the step computes in 16 bits.
     images = fn.crop_mirror_normalize(images, mirror=flip, output_layout="CHW",
                                       dtype=types.FLOAT16 if half else types.FLOAT,
@@ -104,7 +107,7 @@ class DALILoader:
         self.source, self.spec = source, spec
         self.schedule = spec.schedule(len(source))
 
-    def _pixels(self):
+    def _pixels(self, normalize: bool):
         spec, device = self.spec, torch.device(self.spec.device)
         on_gpu = device.type == "cuda"
         samples = _Samples(self.source, self.schedule, start=spec.start, seed=spec.seed, train=spec.train,
@@ -112,8 +115,8 @@ class DALILoader:
         start = _start_method(on_gpu)
         callback_file = _CallbackFile() if start == "spawn" else None
         pipe = _views(samples, size=spec.img_size, on_gpu=on_gpu, parallel=spec.workers > 0,
-                      half=spec.dtype.itemsize == 2, batch_size=spec.batch_size, num_threads=max(1, spec.workers),
-                      seed=spec.seed,
+                      half=spec.dtype.itemsize == 2, normalize=normalize, batch_size=spec.batch_size,
+                      num_threads=max(1, spec.workers), seed=spec.seed,
                       device_id=(device.index if device.index is not None else torch.cuda.current_device())
                       if on_gpu else None,
                       py_num_workers=max(1, spec.workers), py_start_method=start, py_callback_pickler=callback_file)
@@ -138,8 +141,10 @@ class DALILoader:
 
     def __iter__(self) -> Iterator[Batch]:
         spec = self.spec
-        return to_device_batches(self._pixels(), spec.device, spec.mask_sampler, start=spec.start,
-                                 dtype=spec.dtype, text_mask_sampler=spec.text_mask_sampler)
+        augment = spec.device_rand_augment()
+        return to_device_batches(self._pixels(normalize=augment is None), spec.device, spec.mask_sampler,
+                                 start=spec.start, dtype=spec.dtype, text_mask_sampler=spec.text_mask_sampler,
+                                 augment=augment, erase=spec.random_erasing())
 
 
 def _first_line(error: Exception) -> str:

@@ -1,5 +1,5 @@
 """The FFCV engine: .beton samples decoded and random-resized-cropped in one pass by FFCV's JIT-compiled
-threads, flipped, moved to the device as uint8 and normalised there.
+threads, flipped, moved to the device as uint8, augmented (RandAugment, random erasing) and normalised there.
 
 It follows the shared `Schedule` (FFCV's own quasi-random order is offered for process-cached datasets
 larger than memory). Crops and flips come from FFCV's per-thread generators: the same distribution as
@@ -141,7 +141,8 @@ class FFCVLoader:
     def __iter__(self) -> Iterator[Batch]:
         spec = self.spec
         return _quieted(to_device_batches(self._pixels(), spec.device, spec.mask_sampler, start=spec.start,
-                                          dtype=spec.dtype, text_mask_sampler=spec.text_mask_sampler))
+                                          dtype=spec.dtype, text_mask_sampler=spec.text_mask_sampler,
+                                          augment=spec.device_rand_augment(), erase=spec.random_erasing()))
 
 
 def _quieted(batches):

@@ -19,6 +19,8 @@ from PIL import Image
 from supmae.core.errors import SupmaeError
 from supmae.pipelines.augment import CROP_SCALE, EVAL_CROP_FRACTION
 from supmae.pipelines.batch import Batch
+from supmae.pipelines.config import parse_policy
+from supmae.pipelines.device_augment import RandAugment, RandomErasing
 from supmae.pipelines.engines import ENGINES, PACKAGES
 from supmae.pipelines.masking import MaskSampler, TextMaskSampler
 from supmae.pipelines.order import Schedule
@@ -81,6 +83,15 @@ class LoaderSpec:
     os_cache: bool = True       # ffcv: rely on the OS page cache (False: its own process cache)
     text: bool = False          # deliver each sample's caption tokens (the source must have captions)
     text_mask_sampler: TextMaskSampler | None = None  # with text: a text mask per batch
+    rand_augment: str = ""      # a RandAugment policy in timm's notation for every view ("": none)
+    erase: float = 0.0          # the share of views given a randomly erased box (timm's, pixel mode)
+
+    def device_rand_augment(self) -> RandAugment | None:
+        """RandAugment on the device, for engines whose views never pass through Python one by one."""
+        return RandAugment(parse_policy(self.rand_augment), self.seed) if self.rand_augment else None
+
+    def random_erasing(self) -> RandomErasing | None:
+        return RandomErasing(self.erase, self.seed) if self.erase > 0 else None
 
     def schedule(self, num_samples: int) -> Schedule:
         schedule = Schedule(num_samples, self.batch_size, seed=self.seed, rank=self.rank, world_size=self.world_size,

@@ -1,4 +1,5 @@
-"""The reference engine: PIL decoding and augmentation in DataLoader workers, as the official code does.
+"""The reference engine: PIL decoding and augmentation in DataLoader workers, as the official code does
+(RandAugment too, through timm's own transform).
 
 Each sample's view is a function of (seed, epoch, index) alone, so a run restarted at any batch sees
 exactly the data it would have seen, whatever the worker count.
@@ -18,6 +19,7 @@ from supmae.pipelines.batch import Batch, to_device_batches
 from supmae.pipelines.decode import UNREADABLE
 from supmae.pipelines.loader import PREFETCH_PER_WORKER
 from supmae.pipelines.order import Schedule
+from supmae.pipelines.randaugment import seeded, timm_rand_augment
 from supmae.pipelines.samples import CaptionError
 
 
@@ -28,9 +30,10 @@ class _Unreadable(NamedTuple):
 
 class _Views(Dataset):
     def __init__(self, source, *, size: int, seed: int, train: bool, scale: tuple[float, float], fraction: float,
-                 text: bool = False):
+                 text: bool = False, rand_augment: str = ""):
         self.source, self.size, self.seed, self.text = source, size, seed, text
         self.train, self.scale, self.fraction = train, scale, fraction
+        self.rand_augment = timm_rand_augment(rand_augment, size) if rand_augment else None
 
     def __len__(self):
         return len(self.source)
@@ -43,7 +46,11 @@ class _Views(Dataset):
             return _Unreadable(f"image {self.source.describe(index)}", str(error) or type(error).__name__)
         box, flip = crop_and_flip(image.width, image.height, seed=self.seed, epoch=epoch, index=index,
                                   train=self.train, scale=self.scale, fraction=self.fraction)
-        view = torch.from_numpy(np.array(crop_resize_flip(image, size=self.size, box=box, flip=flip)))
+        view = crop_resize_flip(image, size=self.size, box=box, flip=flip)
+        if self.rand_augment is not None:
+            with seeded((self.seed, epoch, index)):
+                view = self.rand_augment(view)
+        view = torch.from_numpy(np.array(view))
         if not self.text:
             return view, int(self.source.labels[index])
         try:
@@ -95,7 +102,7 @@ class TorchLoader:
         spec = self.spec
         loader = DataLoader(
             _Views(self.source, size=spec.img_size, seed=spec.seed, train=spec.train, scale=spec.crop_scale,
-                   fraction=spec.center_fraction, text=spec.text),
+                   fraction=spec.center_fraction, text=spec.text, rand_augment=spec.rand_augment),
             batch_sampler=_Keys(self.schedule, spec.start),
             num_workers=spec.workers,
             collate_fn=_collate,
@@ -104,7 +111,8 @@ class TorchLoader:
             prefetch_factor=PREFETCH_PER_WORKER if spec.workers else None,
         )
         return to_device_batches(_raise_unreadable(loader), spec.device, spec.mask_sampler, start=spec.start,
-                                 dtype=spec.dtype, text_mask_sampler=spec.text_mask_sampler)
+                                 dtype=spec.dtype, text_mask_sampler=spec.text_mask_sampler,
+                                 erase=spec.random_erasing())
 
 
 def _raise_unreadable(batches):

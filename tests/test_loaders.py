@@ -15,8 +15,7 @@ from PIL import Image
 from test_cli import error_of
 
 from supmae.core.errors import SupmaeError
-from supmae.pipelines.augment import sample_crop
-from supmae.pipelines.batch import IMAGENET_MEAN, IMAGENET_STD
+from supmae.pipelines.augment import IMAGENET_MEAN, IMAGENET_STD, sample_crop
 from supmae.pipelines.config import ConvertConfig, ConvertOptions
 from supmae.pipelines.convert import convert
 from supmae.pipelines.decode import without_png_profile

@@ -7,8 +7,7 @@ import torch
 from PIL import Image
 
 from supmae.core.errors import SupmaeError
-from supmae.pipelines.augment import crop_and_flip, crop_resize_flip, sample_crop
-from supmae.pipelines.batch import IMAGENET_MEAN, IMAGENET_STD
+from supmae.pipelines.augment import IMAGENET_MEAN, IMAGENET_STD, crop_and_flip, crop_resize_flip, sample_crop
 from supmae.pipelines.loader import LoaderSpec, create_loader
 from supmae.pipelines.masking import MaskSampler
 from supmae.pipelines.sources import open_source, scan_image_folder

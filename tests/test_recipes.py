@@ -9,6 +9,7 @@ from timm.models.vision_transformer import VisionTransformer
 from supmae.evaluation.config import FinetuneConfig, LinearConfig
 from supmae.evaluation.finetune import layer_decay_groups
 from supmae.models.families import recipe_of
+from supmae.pipelines.augment import CLASSIFIER_CROP_SCALE
 from supmae.training.config import PretrainConfig
 from supmae.training.optim import LARS, build_optimizer, lr_at
 
@@ -30,6 +31,9 @@ def test_every_default_is_the_official_recipe():
     tune = FinetuneConfig.of(**SPLITS)
     assert (tune.batch_size, tune.accum_iter, tune.weight_decay, tune.min_lr, tune.smoothing, tune.mixup,
             tune.cutmix, tune.warmup_epochs) == (1024, 1, 0.05, 1e-6, 0.1, 0.8, 1.0, 5)
+    # util/datasets.py: timm's create_transform with --aa rand-m9-mstd0.5-inc1, --reprob 0.25 (pixel, one box),
+    # bicubic, and timm's default crop scale
+    assert (tune.aa, tune.reprob, CLASSIFIER_CROP_SCALE) == ("rand-m9-mstd0.5-inc1", 0.25, (0.08, 1.0))
     assert tune.epochs is tune.blr is tune.layer_decay is tune.drop_path is None  # the family's, below
     recipes = {name: recipe_of(f"{name}_patch16") for name in ("supmae_vit_base", "mae_vit_base", "mae_vit_large",
                                                                 "mae_vit_huge")}

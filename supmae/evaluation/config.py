@@ -4,7 +4,7 @@ import os
 
 from supmae.core.errors import SupmaeError
 from supmae.core.options import Config, configuration, items, option, section
-from supmae.pipelines.config import SEED_MAX, data_exists, loader_option
+from supmae.pipelines.config import SEED_MAX, data_exists, loader_option, parse_policy
 from supmae.runtime.config import REDUCE_OVERHEAD_ACCUMULATES, HardwareOptions
 
 
@@ -121,6 +121,9 @@ class FinetuneConfig(SplitsConfig):
     smoothing: float = option(0.1, "label smoothing", at_least=0, below=1)
     mixup: float = option(0.8, "mixup alpha (0: off)", at_least=0)
     cutmix: float = option(1.0, "cutmix alpha (0: off)", at_least=0)
+    aa: str = option("rand-m9-mstd0.5-inc1", "RandAugment policy in timm's notation (none: off)")
+    reprob: float = option(0.25, "share of training images given a randomly erased box (timm's, pixel mode)",
+                           at_least=0, at_most=1)
     warmup_epochs: float = option(5, "epochs of linear lr warm-up", at_least=0)
     seed: int = option(0, "seed of the head, data order and augmentation", at_least=0, at_most=SEED_MAX)
     output: str | None = option(None, "folder for the fine-tuned model.safetensors")
@@ -134,6 +137,8 @@ class FinetuneConfig(SplitsConfig):
         if self.batch_size % self.accum_iter:
             raise SupmaeError(f"--batch-size {self.batch_size} is not a whole number of --accum-iter "
                               f"{self.accum_iter} micro-batches")
+        if self.aa != "none":
+            parse_policy(self.aa)
         if (self.mixup > 0 or self.cutmix > 0) and (self.batch_size // self.accum_iter) % 2:
             raise SupmaeError("mixup and cutmix pair each image with another in its micro-batch: use an even "
                               "--batch-size / --accum-iter, or --mixup 0 --cutmix 0")

@@ -1,9 +1,10 @@
 """`supmae finetune`: the encoder, trained further on labels, scored by top-1.
 
 Fine-tuning runs the exported encoder as a timm VisionTransformer (global average pooling, a fresh
-head) with the official recipe (main_finetune.py, FINETUNE.md) as defaults: AdamW, layer-wise lr decay, drop
-path, label smoothing 0.1, mixup 0.8 / cutmix 1.0, a per-step linear warm-up then half-cycle cosine to 1e-6,
-over an effective batch of 1024, with the family's lr, depth-dependent decay and drop path.
+head) with the official recipe (main_finetune.py, FINETUNE.md) as defaults: random resized crops of 0.08-1 and flips,
+RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25, AdamW, layer-wise lr decay, drop path, label smoothing 0.1,
+mixup 0.8 / cutmix 1.0, a per-step linear warm-up then half-cycle cosine to 1e-6, over an effective batch of
+1024, with the family's lr, depth-dependent decay and drop path.
 """
 import logging
 import math
@@ -23,6 +24,7 @@ from supmae.evaluation.config import FinetuneConfig
 from supmae.evaluation.export import timm_state_dict
 from supmae.evaluation.pretrained import load_pretrained, open_splits, trained_config
 from supmae.models.families import recipe_of
+from supmae.pipelines.augment import CLASSIFIER_CROP_SCALE
 from supmae.pipelines.batch import Batch
 from supmae.pipelines.loader import LoaderSpec, create_loader, open_batches, ordered_batches
 from supmae.runtime.hardware import apply_compile, autocast_for, loader_workers, resolve_device, step_policy
@@ -135,7 +137,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
     forward = apply_compile(objective, mode) if compiled else objective
     scaler, autocast = torch.amp.GradScaler(device.type, enabled=precision == "fp16"), autocast_for(device, precision)
     spec = LoaderSpec(batch_size=micro, img_size=img_size, mask_sampler=None, device=device, workers=workers,
-                      seed=cfg.seed)
+                      seed=cfg.seed, crop_scale=CLASSIFIER_CROP_SCALE, rand_augment="" if cfg.aa == "none" else cfg.aa,
+                      erase=cfg.reprob)
     logger.info(f"fine-tuning for {epochs:g} epochs ({total} steps of {cfg.batch_size}), lr {peak:.3g} (blr {blr:g}), "
                 f"layer decay {layer_decay:g}, drop path {drop_path:g}; {precision}"
                 f"{f', compiled ({mode})' if compiled else ''}")

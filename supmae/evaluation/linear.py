@@ -14,7 +14,7 @@ from supmae.evaluation import classifier
 from supmae.evaluation.config import LinearConfig
 from supmae.evaluation.pretrained import extract, load_pretrained, open_splits
 from supmae.models.families import recipe_of
-from supmae.pipelines.augment import PROBE_CROP_SCALE
+from supmae.pipelines.augment import CLASSIFIER_CROP_SCALE
 from supmae.pipelines.loader import LoaderSpec, create_loader, open_batches
 from supmae.runtime.hardware import autocast_for, loader_workers, resolve_device, speed_defaults
 from supmae.training.optim import LARS, lr_at
@@ -45,7 +45,7 @@ def linear_probe(cfg: LinearConfig) -> dict:
     optimizer = LARS(head.parameters(), lr=peak, weight_decay=cfg.weight_decay)
     autocast = autocast_for(device, speed_defaults(device)[0])
     spec = LoaderSpec(batch_size=micro, img_size=model.img_size, mask_sampler=None, device=device, workers=workers,
-                      seed=cfg.seed, crop_scale=PROBE_CROP_SCALE)
+                      seed=cfg.seed, crop_scale=CLASSIFIER_CROP_SCALE)
     logger.info(f"linear probe of {trained.model}'s {cfg.pool} feature: {epochs} epochs of {steps_per_epoch} LARS "
                 f"steps of {batch} ({accum} x {micro}), lr {peak:.3g}")
     head.train()

@@ -15,7 +15,7 @@ from supmae.core.errors import SupmaeError
 from supmae.evaluation.config import VisualizeConfig
 from supmae.evaluation.pretrained import load_pretrained
 from supmae.models.objective import patchify
-from supmae.pipelines.batch import IMAGENET_MEAN, IMAGENET_STD
+from supmae.pipelines.augment import IMAGENET_MEAN, IMAGENET_STD
 from supmae.pipelines.loader import ordered_batches
 from supmae.pipelines.masking import MaskSampler
 from supmae.pipelines.sources import open_source
