@@ -1,7 +1,7 @@
 """Loader throughput: images/s each engine delivers to the device (decode -> augment -> normalise -> mask),
 with no model, on the same dataset, measured in one run so the engines can be compared as ratios. On
-image-text data each engine is also measured delivering the captions' tokens and text masks, beside the
-same engine without them.
+image-text data each engine is also measured delivering the captions' tokens and text masks, and with
+--augment under fine-tuning's RandAugment and random erasing, each beside the same engine without them.
 
     python -m benchmarks.loaders --data train.beton --engines torch,ffcv,dali --workers 8 --batch-size 256 \\
         --json loaders.json
@@ -18,6 +18,7 @@ if not __package__:  # run as a file, not with -m: the checkout's root holds ben
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import main
 from supmae.core.options import Config, configuration, items, option, section
+from supmae.evaluation.config import FinetuneConfig
 from supmae.pipelines.engines import ENGINES
 from supmae.pipelines.loader import LoaderSpec
 from supmae.pipelines.masking import MaskSampler, TextMaskSampler
@@ -28,6 +29,8 @@ from supmae.profiling.measure import commit, device_name, versions
 from supmae.profiling.profiler import measure_loader
 from supmae.runtime.hardware import loader_workers, resolve_device
 from supmae.training.config import PretrainConfig
+
+FINETUNE_RAND_AUGMENT, FINETUNE_ERASE = FinetuneConfig.aa, FinetuneConfig.reprob
 
 
 @configuration
@@ -43,6 +46,8 @@ class LoaderBenchmark(Config):
     passes: int = option(5, "timed passes; the figure is their median", at_least=1)
     rounds: int = option(1, "rounds over every engine and setting, in turn, so a slow spell of the machine falls on "
                             "all of them; the figure is the median round", at_least=1)
+    augment: bool = option(False, "also measure each engine with fine-tuning's augmentation (RandAugment "
+                                  f"{FINETUNE_RAND_AUGMENT}, random erasing {FINETUNE_ERASE}), beside it without")
     json: str | None = option(None, "write the results here", metavar="FILE")
 
 
@@ -54,45 +59,52 @@ def benchmark_loaders(cfg: LoaderBenchmark) -> dict:
     workers = loader_workers(run.workers)
     patches = (run.trunk.img_size // 16) ** 2
     results = {}
-    # Image-text data is read twice per engine, in turn: with its captions' tokens and without.
-    # Every other round takes each engine's two settings in the other order: the second of two loaders
-    # built back to back can run slower while the first one's workers wind down.
-    texts = (False, True) if source.captioned else (False,)
-    for engine, text in [(e, t) for r in range(cfg.rounds) for e in items(cfg.engines)
-                         for t in (texts if r % 2 == 0 else texts[::-1])]:
+    # Each engine is read in every setting, in turn: plain, with its captions' tokens (image-text data), with
+    # fine-tuning's augmentation (--augment). Every other round takes an engine's settings in the other order:
+    # the second of two loaders built back to back can run slower while the first one's workers wind down.
+    settings = ["images"] + (["text"] if source.captioned else []) + (["augment"] if cfg.augment else [])
+    for engine, setting in [(e, s) for r in range(cfg.rounds) for e in items(cfg.engines)
+                            for s in (settings if r % 2 == 0 else settings[::-1])]:
+        text = setting == "text"
         text_masks = TextMaskSampler(run.clip.text_mask_ratio, special=special_tokens(), seed=run.seed,
                                      device=device) if text else None
+        augment = setting == "augment"
         spec = LoaderSpec(batch_size=run.batch_size, img_size=run.trunk.img_size, device=device, workers=workers,
                           mask_sampler=MaskSampler(patches, run.effective("mask_ratio"), seed=run.seed, device=device),
                           seed=run.seed, order=run.order, os_cache=run.os_cache, text=text,
-                          text_mask_sampler=text_masks)
-        name = f"{engine}+text" if text else engine
+                          text_mask_sampler=text_masks,
+                          rand_augment=FINETUNE_RAND_AUGMENT if augment else "",
+                          erase=FINETUNE_ERASE if augment else 0.0)
+        name = engine if setting == "images" else f"{engine}+{setting}"
         r = measure_loader(engine, source, spec, steps=cfg.batches * cfg.passes, warmup=cfg.warmup + 1,
                            window=cfg.batches)
         results.setdefault(name, dict(rounds=[]))["rounds"].append(r)
         rate = r["images_per_s"]
-        print(f"{name:>10}: {rate['median']:8.1f} images/s (min {rate['min']:.1f}, max {rate['max']:.1f}); "
+        print(f"{name:>13}: {rate['median']:8.1f} images/s (min {rate['min']:.1f}, max {rate['max']:.1f}); "
               f"first batch {r['first_call_s']:.1f} s; CPU {r['cpu_percent']:.0f}%", flush=True)
     for r in results.values():
         r["images_per_s"] = statistics.median(run["images_per_s"]["median"] for run in r["rounds"])
     baseline = results.get("torch")
     ratios = {f"{e}_vs_torch": r["images_per_s"] / baseline["images_per_s"]
               for e, r in results.items() if baseline and e != "torch" and "+" not in e}
-    # With and without text are compared round by round, each pair measured back to back.
-    ratios.update({f"{e}_text_vs_images": statistics.median(
+    if baseline and "torch+augment" in results:
+        ratios.update({f"{e}_augment_vs_torch_augment": results[f"{e}+augment"]["images_per_s"]
+                       / results["torch+augment"]["images_per_s"]
+                       for e in items(cfg.engines) if e != "torch" and f"{e}+augment" in results})
+    # A setting and the plain images are compared round by round, each pair measured back to back.
+    ratios.update({f"{e}_{setting}_vs_images": statistics.median(
         t["images_per_s"]["median"] / i["images_per_s"]["median"]
-        for t, i in zip(results[f"{e}+text"]["rounds"], results[e]["rounds"]))
-        for e in items(cfg.engines) if f"{e}+text" in results})
+        for t, i in zip(results[f"{e}+{setting}"]["rounds"], results[e]["rounds"]))
+        for e in items(cfg.engines) for setting in settings[1:] if f"{e}+{setting}" in results})
     for name, r in results.items():
-        print(f"{name:>10}: {r['images_per_s']:8.1f} images/s, the median of {len(r['rounds'])} round(s)")
+        print(f"{name:>13}: {r['images_per_s']:8.1f} images/s, the median of {len(r['rounds'])} round(s)")
     for name, ratio in ratios.items():
         print(f"{name}: {ratio:.2f}x", flush=True)
     return dict(device=device_name(device), commit=commit(),
                 versions=versions("ffcv", "nvidia-dali-cuda130", "pillow", "numba"),
                 config=dict(data=os.path.abspath(data), num_samples=len(source), workers=workers,
                             batch_size=run.batch_size, img_size=run.trunk.img_size, warmup=cfg.warmup,
-                            batches=cfg.batches,
-                            passes=cfg.passes, rounds=cfg.rounds, cpu_count=os.cpu_count()),
+                            batches=cfg.batches, passes=cfg.passes, rounds=cfg.rounds, cpu_count=os.cpu_count()),
                 engines=results, ratios=ratios)
 
 

@@ -6,7 +6,8 @@ Rows: the tests that need CUDA; each Triton kernel against its eager twin at the
 passes (ViT-B/16 at batch 256, bf16); each kernel's bandwidth against a device copy; the compiled bf16
 step with kernels (fullgraph) and its MFU and ratio to the official-style step; the step under CUDA
 graphs; each installed loader engine, alone and end to end, on the embedded dataset; and the CLIP
-family's steps (FLIP against CLIP, MAE-CLIP) at the same model size. Beside the rows, the goals a GPU
+family's steps (FLIP against CLIP, MAE-CLIP) at the same model size; the fine-tuning step; and each
+engine under fine-tuning's augmentation against the same engine without. Beside the rows, the goals a GPU
 run is held to, measured against their targets. On a machine without CUDA the GPU rows are skipped and
 the rest runs, so nothing here first runs on a GPU.
 
@@ -31,6 +32,7 @@ if not __package__:  # run as a file, not with -m: the checkout's root holds ben
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.flip import FlipBenchmark, benchmark_flip
 from benchmarks.kernels import KernelBenchmark, benchmark_kernels
+from benchmarks.loaders import LoaderBenchmark, benchmark_loaders
 from benchmarks.step import StepBenchmark, benchmark_step, describe
 from supmae.core.atomic import write_json
 from supmae.core.options import Config, configuration, from_command_line, items, option, section
@@ -53,6 +55,7 @@ GOALS = [
     ("dali_end_to_end_fraction_of_step", 0.90, "DALI end to end against the step alone"),
     ("flip_vs_clip", 1.6, "FLIP (mask ratio 0.5) against CLIP, images/s of the same step"),
     ("finetune_step_vs_official", 2.0, "the fine-tuning step against the official-style eager fp16 one"),
+    ("finetune_loader_vs_step", 1.0, "the fastest engine under fine-tuning's augmentation against its step"),
 ]
 
 
@@ -258,6 +261,28 @@ def row_engine(engine):
     return row
 
 
+def row_finetune_loaders(args, summary) -> str:
+    """Each installed engine alone, with fine-tuning's augmentation (RandAugment, random erasing) and without,
+    back to back on the embedded .beton, and the fastest under augmentation against the fine-tuning step."""
+    engines = [e for e in items(args.engines) if e == "torch" or importlib.util.find_spec(
+        "nvidia.dali" if e == "dali" else ENGINE_PACKAGES[e]) is not None]
+    run = args.run
+    report = benchmark_loaders(LoaderBenchmark.build(dict(
+        data=run.data or _embedded_data("ffcv", args.images_per_class), engines=",".join(engines),
+        batch_size=run.batch_size, img_size=run.trunk.img_size, device=run.hardware.device, workers=run.workers,
+        augment=True, warmup=args.warmup, batches=args.window, passes=max(1, args.steps // args.window))))
+    summary["finetune_loaders"] = report
+    rates = {e: report["engines"][f"{e}+augment"]["images_per_s"] for e in engines}
+    fastest = max(rates, key=lambda e: rates[e])
+    text = ", ".join(f"{e} {rates[e]:.0f} img/s ({report['ratios'][f'{e}_augment_vs_images']:.2f}x plain)"
+                     for e in engines)
+    step = summary.get("finetune_step")
+    if step:
+        summary["finetune_loader_vs_step"] = rates[fastest] / step["images_per_s"]
+        text += f"; {fastest} {summary['finetune_loader_vs_step']:.2f}x the fine-tuning step"
+    return text
+
+
 def _embedded_data(engine: str, images_per_class: int) -> str:
     """The embedded dataset: its JPEG folder for the torch engine, one .beton (longest side 256) for the others."""
     from supmae.pipelines.synthetic import default_dataset
@@ -282,6 +307,7 @@ ROWS = {
     "ffcv loader, alone and end to end": row_engine("ffcv"),
     "CLIP, FLIP and MAE-CLIP steps": row_clip_family,
     "fine-tuning step": row_finetune_step,
+    "fine-tuning loaders (RandAugment, erasing)": row_finetune_loaders,
 }
 
 
