@@ -7,6 +7,7 @@ import torch
 
 from supmae.pipelines.augment import IMAGENET_MEAN, IMAGENET_STD
 from supmae.pipelines.masking import Masking, MaskSampler, TextMaskSampler
+from supmae.pipelines.resolution import ResolutionSchedule
 
 
 class Batch(NamedTuple):
@@ -24,11 +25,13 @@ BatchAugment = Callable[[torch.Tensor, int], torch.Tensor]
 def to_device_batches(pixel_batches: Iterable[tuple[torch.Tensor, ...]], device: torch.device,
                       mask_sampler: MaskSampler | None, *, start: int = 0, dtype: torch.dtype = torch.float32,
                       text_mask_sampler: TextMaskSampler | None = None, augment: BatchAugment | None = None,
-                      erase: BatchAugment | None = None) -> Iterator[Batch]:
+                      erase: BatchAugment | None = None,
+                      resolution: ResolutionSchedule | None = None) -> Iterator[Batch]:
     """(uint8 (B, H, W, 3), labels[, tokens]) batches, on the host or already on `device` -> Batch; batch i gets
     mask i (none without a sampler: evaluation), and text mask i when it has tokens and a text mask sampler.
     Floating-point images are taken as already normalised (B, 3, H, W). `augment` changes uint8 (B, 3, H, W)
-    pixels before normalisation (RandAugment), `erase` the normalised images (random erasing).
+    pixels before normalisation (RandAugment), `erase` the normalised images (random erasing). Under a
+    `resolution` schedule, each mask is drawn over its batch's own patch grid.
 
     Pixels cross to the device as uint8 (a quarter of float32's bytes) and are normalised there. On a GPU,
     a host batch's copy, normalisation and mask run on a side stream, so they overlap the step that is
@@ -54,7 +57,8 @@ def to_device_batches(pixel_batches: Iterable[tuple[torch.Tensor, ...]], device:
             if erase is not None:
                 images = erase(images, index)
             # Engines recycle their output buffers, so labels are copied even when already in place.
-            masking = mask_sampler(images.shape[0], index) if mask_sampler is not None else None
+            patches = resolution.patches(images.shape[-1]) if resolution is not None else None
+            masking = mask_sampler(images.shape[0], index, patches) if mask_sampler is not None else None
             tokens = text[0].to(device, torch.int64, non_blocking=True, copy=True) if text else None
             text_mask = text_mask_sampler(tokens, index) if tokens is not None and text_mask_sampler else None
             batch = Batch(images, labels.to(device, non_blocking=True, copy=True), masking, tokens, text_mask)

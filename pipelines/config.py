@@ -36,6 +36,13 @@ def loader_option(group: str | None = None) -> str:
                   choices=_loaders, metavar="{" + ",".join(_loaders()) + "}", group=group)
 
 
+def resolution_option(**spec) -> str | None:
+    """`--resolution-schedule` (resolution.py parses it, on the model's patch size)."""
+    return option(None, "image side by epoch, in steps of the patch size: a ramp START-END@FROM-TO (as FFCV's "
+                        "ImageNet recipe; e.g. 160-224@0-300) or stages SIZE@EPOCH,... (e.g. 128@0,192@200,224@350)",
+                  shown="--img-size throughout", metavar="SCHEDULE", **spec)
+
+
 @configuration
 class SynthConfig(Config):
     """Write a synthetic ImageFolder dataset of real JPEG files with learnable classes.

@@ -21,9 +21,10 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from supmae.core.errors import SupmaeError
 from supmae.pipelines.augment import IMAGENET_MEAN, IMAGENET_STD, crop_and_flip
-from supmae.pipelines.batch import Batch, to_device_batches
+from supmae.pipelines.batch import Batch
 from supmae.pipelines.decode import without_png_profile
 from supmae.pipelines.order import Schedule
+from supmae.pipelines.resolution import ResolutionSchedule, side_at
 
 
 class _Samples:
@@ -32,9 +33,10 @@ class _Samples:
     Runs in DALI's Python worker processes, which is where the file reads and crop draws happen."""
 
     def __init__(self, source, schedule: Schedule, *, start: int, seed: int, train: bool, scale: tuple[float, float],
-                 fraction: float):
+                 fraction: float, size: int, resolution: ResolutionSchedule | None):
         self.source, self.schedule, self.start, self.seed = source, schedule, start, seed
         self.train, self.scale, self.fraction = train, scale, fraction
+        self.size, self.resolution = size, resolution
 
     def __call__(self, info):
         epoch, indices = self.schedule.batch(self.start + info.iteration)
@@ -43,8 +45,9 @@ class _Samples:
         data = without_png_profile(data)
         (left, top, w, h), flip = crop_and_flip(width, height, seed=self.seed, epoch=epoch, index=index,
                                                 train=self.train, scale=self.scale, fraction=self.fraction)
+        side = side_at(self.resolution, self.size, epoch)
         return (data, np.array(self.source.labels[index], np.int64), np.array([left, top], np.float32),
-                np.array([w, h], np.float32), np.array(flip, np.int32))
+                np.array([w, h], np.float32), np.array(flip, np.int32), np.array([side, side], np.float32))
 
 
 class _CallbackFile:
@@ -85,14 +88,14 @@ HW_DECODER_LOAD = 0.75
 
 
 @pipeline_def
-def _views(samples: _Samples, size: int, on_gpu: bool, parallel: bool, half: bool, normalize: bool):
-    data, labels, anchor, shape, flip = fn.external_source(
-        samples, num_outputs=5, batch=False, parallel=parallel,
-        dtype=[types.UINT8, types.INT64, types.FLOAT, types.FLOAT, types.INT32])
+def _views(samples: _Samples, on_gpu: bool, parallel: bool, half: bool, normalize: bool):
+    data, labels, anchor, shape, flip, size = fn.external_source(
+        samples, num_outputs=6, batch=False, parallel=parallel,
+        dtype=[types.UINT8, types.INT64, types.FLOAT, types.FLOAT, types.INT32, types.FLOAT])
     decoder = dict(device="mixed", hw_decoder_load=HW_DECODER_LOAD) if on_gpu else dict(device="cpu")
     images = fn.decoders.image_slice(data, anchor, shape, axis_names="WH", normalized_anchor=False,
                                      normalized_shape=False, output_type=types.RGB, **decoder)
-    images = fn.resize(images, size=[size, size], interp_type=types.INTERP_CUBIC, antialias=True)
+    images = fn.resize(images, size=size, interp_type=types.INTERP_CUBIC, antialias=True)  # the epoch's side
     if not normalize:  # flipped uint8 pixels, for RandAugment on the device before normalisation
         return fn.flip(images, horizontal=flip), labels.gpu() if on_gpu else labels
     # Flip, normalise and transpose in one pass, in half precision when the step computes in 16 bits.
@@ -111,10 +114,11 @@ class DALILoader:
         spec, device = self.spec, torch.device(self.spec.device)
         on_gpu = device.type == "cuda"
         samples = _Samples(self.source, self.schedule, start=spec.start, seed=spec.seed, train=spec.train,
-                           scale=spec.crop_scale, fraction=spec.center_fraction)
+                           scale=spec.crop_scale, fraction=spec.center_fraction, size=spec.img_size,
+                           resolution=spec.resolution)
         start = _start_method(on_gpu)
         callback_file = _CallbackFile() if start == "spawn" else None
-        pipe = _views(samples, size=spec.img_size, on_gpu=on_gpu, parallel=spec.workers > 0,
+        pipe = _views(samples, on_gpu=on_gpu, parallel=spec.workers > 0,
                       half=spec.dtype.itemsize == 2, normalize=normalize, batch_size=spec.batch_size,
                       num_threads=max(1, spec.workers), seed=spec.seed,
                       device_id=(device.index if device.index is not None else torch.cuda.current_device())
@@ -141,10 +145,7 @@ class DALILoader:
 
     def __iter__(self) -> Iterator[Batch]:
         spec = self.spec
-        augment = spec.device_rand_augment()
-        return to_device_batches(self._pixels(normalize=augment is None), spec.device, spec.mask_sampler,
-                                 start=spec.start, dtype=spec.dtype, text_mask_sampler=spec.text_mask_sampler,
-                                 augment=augment, erase=spec.random_erasing())
+        return spec.device_batches(self._pixels(normalize=not spec.rand_augment))
 
 
 def _first_line(error: Exception) -> str:

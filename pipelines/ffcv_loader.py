@@ -20,7 +20,11 @@ from supmae.pipelines.torch_threads import keep_torch_threads
 with keep_torch_threads():
     from ffcv.fields.basics import IntDecoder
     from ffcv.fields.ndarray import NDArrayDecoder
-    from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
+    from ffcv.fields.rgb_image import (
+        CenterCropRGBImageDecoder,
+        RandomResizedCropRGBImageDecoder,
+        ResizedCropRGBImageDecoder,
+    )
     from ffcv.loader import Loader
     from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor
     from ffcv.traversal_order.base import TraversalOrder
@@ -28,7 +32,7 @@ with keep_torch_threads():
 
 from supmae.core.errors import SupmaeError
 from supmae.pipelines.augment import CROP_RATIO, FLIP_PROBABILITY
-from supmae.pipelines.batch import Batch, to_device_batches
+from supmae.pipelines.batch import Batch
 from supmae.pipelines.order import Schedule
 from supmae.pipelines.sources import BetonSource
 
@@ -105,14 +109,16 @@ class FFCVLoader:
             logger.warning(f"the ffcv loader runs at most {self.workers} threads here (numba's NUMBA_NUM_THREADS): "
                            f"using {self.workers}, not {spec.workers}")
 
-    def _loader(self, first_epoch: int, skip: int) -> Loader:
+    def _loader(self, first_epoch: int, skip: int) -> tuple[Loader, ResizedCropRGBImageDecoder]:
+        """A loader from `first_epoch` on, less its first `skip` batches, and its decoder."""
         spec, device = self.spec, torch.device(self.spec.device)
         size = (spec.img_size, spec.img_size)
         if spec.train:
-            images = [RandomResizedCropRGBImageDecoder(size, scale=spec.crop_scale, ratio=CROP_RATIO),
-                      RandomHorizontalFlip(FLIP_PROBABILITY)]
+            decoder = RandomResizedCropRGBImageDecoder(size, scale=spec.crop_scale, ratio=CROP_RATIO)
+            images = [decoder, RandomHorizontalFlip(FLIP_PROBABILITY)]
         else:
-            images = [CenterCropRGBImageDecoder(size, ratio=spec.center_fraction)]
+            decoder = CenterCropRGBImageDecoder(size, ratio=spec.center_fraction)
+            images = [decoder]
         images, labels = images + [ToTensor()], [IntDecoder(), ToTensor(), Squeeze(1)]
         tokens = [NDArrayDecoder(), ToTensor()]
         if device.type == "cuda":  # uint8 crosses on FFCV's own copy streams
@@ -125,32 +131,34 @@ class FFCVLoader:
                           os_cache=spec.os_cache, seed=spec.seed, drop_last=True,
                           order=_Order(self.schedule, first_epoch=first_epoch, skip=skip,
                                                quasi_random=spec.order == "quasi_random"),
-                          pipelines=pipelines)
+                          pipelines=pipelines), decoder
 
     def _pixels(self):
         epoch, skip = divmod(self.spec.start, self.schedule.batches_per_epoch)
         if skip:  # FFCV fixes an epoch's length at construction, so a part epoch gets a loader of its own
-            yield from _one_epoch(self._loader(epoch, skip))
+            yield from self._epoch(*self._loader(epoch, skip), epoch)
             epoch += 1
-        loader = self._loader(epoch, 0)
+        loader, decoder = self._loader(epoch, 0)
         while True:
-            yield from _one_epoch(loader)
+            yield from self._epoch(loader, decoder, epoch)
             if self.schedule.total_batches is not None:  # a single pass
                 return
+            epoch += 1
+
+    def _epoch(self, loader: Loader, decoder: ResizedCropRGBImageDecoder, epoch: int):
+        # FFCV sizes its buffers from the decoder's output size as each epoch starts (as FFCV's ImageNet
+        # recipe changes resolution between epochs), so the scheduled side needs no loader of its own.
+        side = self.spec.side(epoch)
+        decoder.output_size = (side, side)
+        with keep_torch_threads():  # FFCV sets them again for every epoch
+            batches = iter(loader)
+        yield from batches
 
     def __iter__(self) -> Iterator[Batch]:
         spec = self.spec
-        return _quieted(to_device_batches(self._pixels(), spec.device, spec.mask_sampler, start=spec.start,
-                                          dtype=spec.dtype, text_mask_sampler=spec.text_mask_sampler,
-                                          augment=spec.device_rand_augment(), erase=spec.random_erasing()))
+        return _quieted(spec.device_batches(self._pixels()))
 
 
 def _quieted(batches):
     with _numba_finalizer_errors_ignored():
         yield from batches
-
-
-def _one_epoch(loader: Loader):
-    with keep_torch_threads():  # FFCV sets them again for every epoch
-        batches = iter(loader)
-    yield from batches

@@ -18,12 +18,13 @@ from PIL import Image
 
 from supmae.core.errors import SupmaeError
 from supmae.pipelines.augment import CROP_SCALE, EVAL_CROP_FRACTION
-from supmae.pipelines.batch import Batch
+from supmae.pipelines.batch import Batch, to_device_batches
 from supmae.pipelines.config import parse_policy
 from supmae.pipelines.device_augment import RandAugment, RandomErasing
 from supmae.pipelines.engines import ENGINES, PACKAGES
 from supmae.pipelines.masking import MaskSampler, TextMaskSampler
 from supmae.pipelines.order import Schedule
+from supmae.pipelines.resolution import ResolutionSchedule, side_at
 
 PREFETCH_PER_WORKER = 4  # batches each torch worker prepares ahead; DALI (2) and FFCV (3) hold fewer
 
@@ -85,13 +86,22 @@ class LoaderSpec:
     text_mask_sampler: TextMaskSampler | None = None  # with text: a text mask per batch
     rand_augment: str = ""      # a RandAugment policy in timm's notation for every view ("": none)
     erase: float = 0.0          # the share of views given a randomly erased box (timm's, pixel mode)
+    resolution: ResolutionSchedule | None = None  # the side of each epoch's views (None: img_size throughout)
 
-    def device_rand_augment(self) -> RandAugment | None:
-        """RandAugment on the device, for engines whose views never pass through Python one by one."""
-        return RandAugment(parse_policy(self.rand_augment), self.seed) if self.rand_augment else None
+    def side(self, epoch: int) -> int:
+        """The side of epoch `epoch`'s views."""
+        return side_at(self.resolution, self.img_size, epoch)
 
-    def random_erasing(self) -> RandomErasing | None:
-        return RandomErasing(self.erase, self.seed) if self.erase > 0 else None
+    def device_batches(self, pixel_batches, *, augmented: bool = False) -> Iterator[Batch]:
+        """An engine's pixel batches as `Batch`es on the device, with what is drawn there: masks and text masks,
+        random erasing, and RandAugment unless the engine has `augmented` its views itself (as the torch engine
+        does, through timm's transform, in its workers)."""
+        augment = RandAugment(parse_policy(self.rand_augment), self.seed) if self.rand_augment and not augmented \
+            else None
+        return to_device_batches(pixel_batches, self.device, self.mask_sampler, start=self.start, dtype=self.dtype,
+                                 text_mask_sampler=self.text_mask_sampler, augment=augment,
+                                 erase=RandomErasing(self.erase, self.seed) if self.erase > 0 else None,
+                                 resolution=self.resolution)
 
     def schedule(self, num_samples: int) -> Schedule:
         schedule = Schedule(num_samples, self.batch_size, seed=self.seed, rank=self.rank, world_size=self.world_size,

@@ -47,17 +47,18 @@ class MaskSampler:
 
     def __init__(self, num_patches: int, mask_ratio: float, *, seed: int, device: torch.device | str, rank: int = 0,
                  world_size: int = 1):
-        self.num_patches = num_patches
-        self.num_kept = num_kept(num_patches, mask_ratio)
+        self.num_patches, self.mask_ratio = num_patches, mask_ratio
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.device = torch.device(device)
         self._generator = torch.Generator(device=self.device)
 
-    def __call__(self, batch_size: int, index: int) -> Masking:
+    def __call__(self, batch_size: int, index: int, num_patches: int | None = None) -> Masking:
+        """Batch `index`'s masks over `num_patches` patches (the sampler's own count by default: a smaller
+        image's grid, at the same ratio)."""
+        length = num_patches or self.num_patches
         self._generator.manual_seed(_generator_seed(self.seed, index))
-        noise = torch.rand(batch_size * self.world_size, self.num_patches, generator=self._generator,
-                           device=self.device)
-        return random_masking(noise[self.rank::self.world_size], self.num_kept)
+        noise = torch.rand(batch_size * self.world_size, length, generator=self._generator, device=self.device)
+        return random_masking(noise[self.rank::self.world_size], num_kept(length, self.mask_ratio))
 
 
 class TextMaskSampler:

@@ -15,11 +15,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from supmae.core.errors import SupmaeError
 from supmae.pipelines.augment import crop_and_flip, crop_resize_flip
-from supmae.pipelines.batch import Batch, to_device_batches
+from supmae.pipelines.batch import Batch
 from supmae.pipelines.decode import UNREADABLE
 from supmae.pipelines.loader import PREFETCH_PER_WORKER
 from supmae.pipelines.order import Schedule
 from supmae.pipelines.randaugment import seeded, timm_rand_augment
+from supmae.pipelines.resolution import ResolutionSchedule, side_at
 from supmae.pipelines.samples import CaptionError
 
 
@@ -30,8 +31,8 @@ class _Unreadable(NamedTuple):
 
 class _Views(Dataset):
     def __init__(self, source, *, size: int, seed: int, train: bool, scale: tuple[float, float], fraction: float,
-                 text: bool = False, rand_augment: str = ""):
-        self.source, self.size, self.seed, self.text = source, size, seed, text
+                 text: bool = False, rand_augment: str = "", resolution: ResolutionSchedule | None = None):
+        self.source, self.size, self.seed, self.text, self.resolution = source, size, seed, text, resolution
         self.train, self.scale, self.fraction = train, scale, fraction
         self.rand_augment = timm_rand_augment(rand_augment, size) if rand_augment else None
 
@@ -46,7 +47,7 @@ class _Views(Dataset):
             return _Unreadable(f"image {self.source.describe(index)}", str(error) or type(error).__name__)
         box, flip = crop_and_flip(image.width, image.height, seed=self.seed, epoch=epoch, index=index,
                                   train=self.train, scale=self.scale, fraction=self.fraction)
-        view = crop_resize_flip(image, size=self.size, box=box, flip=flip)
+        view = crop_resize_flip(image, size=side_at(self.resolution, self.size, epoch), box=box, flip=flip)
         if self.rand_augment is not None:
             with seeded((self.seed, epoch, index)):
                 view = self.rand_augment(view)
@@ -102,7 +103,8 @@ class TorchLoader:
         spec = self.spec
         loader = DataLoader(
             _Views(self.source, size=spec.img_size, seed=spec.seed, train=spec.train, scale=spec.crop_scale,
-                   fraction=spec.center_fraction, text=spec.text, rand_augment=spec.rand_augment),
+                   fraction=spec.center_fraction, text=spec.text, rand_augment=spec.rand_augment,
+                   resolution=spec.resolution),
             batch_sampler=_Keys(self.schedule, spec.start),
             num_workers=spec.workers,
             collate_fn=_collate,
@@ -110,9 +112,7 @@ class TorchLoader:
             pin_memory=torch.device(spec.device).type == "cuda",
             prefetch_factor=PREFETCH_PER_WORKER if spec.workers else None,
         )
-        return to_device_batches(_raise_unreadable(loader), spec.device, spec.mask_sampler, start=spec.start,
-                                 dtype=spec.dtype, text_mask_sampler=spec.text_mask_sampler,
-                                 erase=spec.random_erasing())
+        return spec.device_batches(_raise_unreadable(loader), augmented=True)
 
 
 def _raise_unreadable(batches):

@@ -1,12 +1,16 @@
 import os
 import subprocess
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 if not torch.cuda.is_available():  # Triton kernels run in Triton's interpreter on CPU (set before they load)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from supmae.pipelines.config import ConvertConfig, ConvertOptions
+from supmae.pipelines.convert import convert
 from supmae.pipelines.synthetic import render, write_synthetic
 
 # A model small enough to train in a test: 32x32 images, 8x8 patches (16 of them), two 32-wide blocks.
@@ -68,3 +72,35 @@ def checkpoint(tmp_path):
     path = str(tmp_path / "checkpoint-00000001.pt")
     save_checkpoint(dict(model=model.state_dict(), config=cfg.values(), classes=list("abcde"), step=1), path)
     return path
+
+
+# Coordinate maps (red = x, green = y): the pixels of a view say which box of the source it shows.
+WIDTH, HEIGHT = 240, 160
+
+
+def coordinate_image(label: int) -> Image.Image:
+    y, x = np.mgrid[0:HEIGHT, 0:WIDTH]
+    return Image.fromarray(np.stack([np.rint(x * 255 / (WIDTH - 1)), np.rint(y * 255 / (HEIGHT - 1)),
+                                     np.full_like(x, 40 * label)], -1).astype(np.uint8))
+
+
+@pytest.fixture(scope="session")
+def coordinate_folder(tmp_path_factory):
+    """4 classes x 8 coordinate images as PNGs."""
+    root = tmp_path_factory.mktemp("coordinates")
+    for label in range(4):
+        (root / "folder" / f"c{label}").mkdir(parents=True)
+        for i in range(8):
+            coordinate_image(label).save(root / "folder" / f"c{label}" / f"{i}.png")
+    return str(root / "folder")
+
+
+@pytest.fixture(scope="session")
+def coordinates(coordinate_folder):
+    """The same images as a PNG folder, a raw .beton and a JPEG .beton."""
+    paths = {"folder": coordinate_folder}
+    for mode in ("raw", "jpg"):
+        paths[mode] = f"{coordinate_folder}-{mode}.beton"
+        convert(ConvertConfig(src=coordinate_folder, out=paths[mode], storage=ConvertOptions(write_mode=mode),
+                              workers=2, progress=False))
+    return paths

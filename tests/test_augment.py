@@ -200,8 +200,9 @@ def test_dali_hands_over_the_same_views_for_augmenting(synth_folder, monkeypatch
     normalisation, whatever the crops and flips."""
     spec = LoaderSpec(batch_size=16, img_size=32, mask_sampler=None, workers=2, seed=0)
     plain = next(iter(create_loader("dali", open_source(synth_folder), spec))).images
-    monkeypatch.setattr(LoaderSpec, "device_rand_augment", lambda self: lambda images, index: images)
-    handed = next(iter(create_loader("dali", open_source(synth_folder), spec))).images
+    monkeypatch.setattr("supmae.pipelines.loader.RandAugment", lambda policy, seed: lambda images, index: images)
+    augmented = dataclasses.replace(spec, rand_augment="rand-m9-mstd0.5-inc1")  # augmented as the identity
+    handed = next(iter(create_loader("dali", open_source(synth_folder), augmented))).images
     torch.testing.assert_close(handed, plain, atol=1e-5, rtol=0)
 
 

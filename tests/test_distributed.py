@@ -97,9 +97,10 @@ def pretrain_cli(*args, ranks=1):
 
 
 def test_two_ranks_follow_the_one_process_loss_curve(synth_folder, tmp_path):
-    common = ["--data", synth_folder, "--model", "supmae_vit_tiny_patch16", "--img-size", "32", "--steps", "6",
-              "--warmup-steps", "2", "--lr", "1e-3", "--workers", "0", "--log-every", "1", "--no-progress",
-              "--sync-bn", "--no-tensorboard"]
+    """Under a resolution schedule too: 48 images make 6 steps an epoch, the first at side 32."""
+    common = ["--data", synth_folder, "--model", "supmae_vit_tiny_patch16", "--img-size", "64", "--steps", "8",
+              "--resolution-schedule", "32@0,64@1", "--warmup-steps", "2", "--lr", "1e-3", "--workers", "0",
+              "--log-every", "1", "--no-progress", "--sync-bn", "--no-tensorboard"]
     one = pretrain_cli(*common, "--batch-size", "8", "--output", str(tmp_path / "one"))
     two = pretrain_cli(*common, "--batch-size", "4", "--output", str(tmp_path / "two"), ranks=WORLD)
     assert one.returncode == 0, one.stderr
@@ -109,11 +110,12 @@ def test_two_ranks_follow_the_one_process_loss_curve(synth_folder, tmp_path):
     for run in ("one", "two"):
         with open(tmp_path / run / "metrics.jsonl") as f:
             curves.append([json.loads(line) for line in f])
-    assert [r["step"] for r in curves[1]] == list(range(1, 7))
-    for a, b in zip(*curves):
+    assert [r["step"] for r in curves[1]] == list(range(1, 9))
+    assert [r["img_size"] for r in curves[1]] == [32] * 6 + [64] * 2
+    for a, b in zip(*curves, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
         assert b["cls_loss"] == pytest.approx(a["cls_loss"], rel=1e-4)
-    final = [load_checkpoint(str(tmp_path / run / "checkpoint-00000006.pt")) for run in ("one", "two")]
+    final = [load_checkpoint(str(tmp_path / run / "checkpoint-00000008.pt")) for run in ("one", "two")]
     assert final[1]["world_size"] == WORLD
     # Adam scales every gradient to about lr per step, so where the true gradient is zero (attention's key
     # bias) rounding-level differences become steps of up to lr: weights agree to a few lr, no closer.

@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import HEIGHT, WIDTH, coordinate_image
 from PIL import Image
 from test_cli import error_of
 
@@ -24,36 +25,8 @@ from supmae.pipelines.masking import MaskSampler
 from supmae.pipelines.sources import open_source
 from supmae.training.config import PretrainConfig
 
-WIDTH, HEIGHT, SIZE, BATCH = 240, 160, 32, 16
+SIZE, BATCH = 32, 16
 ENGINES = [("torch", "folder"), ("torch", "raw"), ("ffcv", "raw"), ("dali", "folder"), ("dali", "raw")]
-
-
-def coordinate_image(label: int) -> Image.Image:
-    y, x = np.mgrid[0:HEIGHT, 0:WIDTH]
-    return Image.fromarray(np.stack([np.rint(x * 255 / (WIDTH - 1)), np.rint(y * 255 / (HEIGHT - 1)),
-                                     np.full_like(x, 40 * label)], -1).astype(np.uint8))
-
-
-@pytest.fixture(scope="session")
-def coordinate_folder(tmp_path_factory):
-    """4 classes x 8 coordinate images as PNGs."""
-    root = tmp_path_factory.mktemp("coordinates")
-    for label in range(4):
-        (root / "folder" / f"c{label}").mkdir(parents=True)
-        for i in range(8):
-            coordinate_image(label).save(root / "folder" / f"c{label}" / f"{i}.png")
-    return str(root / "folder")
-
-
-@pytest.fixture(scope="session")
-def coordinates(coordinate_folder):
-    """The same images as a PNG folder, a raw .beton and a JPEG .beton."""
-    paths = {"folder": coordinate_folder}
-    for mode in ("raw", "jpg"):
-        paths[mode] = f"{coordinate_folder}-{mode}.beton"
-        convert(ConvertConfig(src=coordinate_folder, out=paths[mode], storage=ConvertOptions(write_mode=mode),
-                              workers=2, progress=False))
-    return paths
 
 
 def spec(**overrides) -> LoaderSpec:

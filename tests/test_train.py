@@ -12,7 +12,7 @@ from conftest import TINY
 from supmae import create_model
 from supmae.core.errors import SupmaeError
 from supmae.pipelines.batch import Batch
-from supmae.pipelines.masking import random_masking
+from supmae.pipelines.masking import num_kept, random_masking
 from supmae.profiling.config import ProfileConfig
 from supmae.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from supmae.training.config import PretrainConfig
@@ -91,7 +91,7 @@ def test_gradient_accumulation_matches_the_full_batch():
     split_model = create_model("mae_vit_tiny_patch16", **TINY)
     split_model.load_state_dict(full_model.state_dict())
     images, labels = torch.randn(8, 3, 32, 32), torch.zeros(8, dtype=torch.long)
-    masking = random_masking(torch.rand(8, 16), full_model.num_kept)
+    masking = random_masking(torch.rand(8, 16), num_kept(16, full_model.mask_ratio))
     halves = [Batch(images[s], labels[s], type(masking)(*(t[s] for t in masking))) for s in (slice(0, 4), slice(4, 8))]
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     losses = []
@@ -178,9 +178,10 @@ def test_compiled_bf16_runs_on_gpu_with_and_without_cuda_graphs(synth_folder, tm
 def test_the_compile_mode_reaches_torch_compile(synth_folder, tmp_path, monkeypatch):
     from supmae.training.run import Run
     modes = []
-    monkeypatch.setattr(torch, "compile", lambda module, mode, fullgraph: modes.append((mode, fullgraph)) or module)
+    monkeypatch.setattr(torch, "compile", lambda module, mode, fullgraph, dynamic: modes.append(
+        (mode, fullgraph, dynamic)) or module)
     run = Run(config(synth_folder, tmp_path, compile=True, compile_mode="max-autotune"))
-    assert modes == [("max-autotune", True)] and run.speed == "fp32, compiled, max-autotune"
+    assert modes == [("max-autotune", True, False)] and run.speed == "fp32, compiled, max-autotune"
 
 
 def test_compiled_run_follows_the_eager_run(synth_folder, tmp_path):

@@ -25,12 +25,15 @@ class Classifier(NamedTuple):
     img_size: int         # the side its images are read at
 
 
-def timm_vit(name: str, img_size: int, num_classes: int, drop_path: float = 0.0) -> VisionTransformer:
-    """A timm ViT with global average pooling of the named model's encoder architecture, at `img_size`."""
+def timm_vit(name: str, img_size: int, num_classes: int, drop_path: float = 0.0,
+             dynamic_img_size: bool = False) -> VisionTransformer:
+    """A timm ViT with global average pooling of the named model's encoder architecture, at `img_size` (and,
+    with `dynamic_img_size`, at smaller sides too, its positions resampled by timm)."""
     arch = model_config(name, img_size=img_size)
     return VisionTransformer(img_size=img_size, patch_size=arch["patch_size"], embed_dim=arch["embed_dim"],
                              depth=arch["depth"], num_heads=arch["num_heads"], mlp_ratio=arch["mlp_ratio"],
-                             qkv_bias=True, num_classes=num_classes, global_pool="avg", drop_path_rate=drop_path)
+                             qkv_bias=True, num_classes=num_classes, global_pool="avg", drop_path_rate=drop_path,
+                             dynamic_img_size=dynamic_img_size)
 
 
 class ProbedEncoder(nn.Module):

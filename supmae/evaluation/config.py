@@ -4,7 +4,7 @@ import os
 
 from supmae.core.errors import SupmaeError
 from supmae.core.options import Config, configuration, items, option, section
-from supmae.pipelines.config import SEED_MAX, data_exists, loader_option, parse_policy
+from supmae.pipelines.config import SEED_MAX, data_exists, loader_option, parse_policy, resolution_option
 from supmae.runtime.config import REDUCE_OVERHEAD_ACCUMULATES, HardwareOptions
 
 
@@ -125,6 +125,7 @@ class FinetuneConfig(SplitsConfig):
     reprob: float = option(0.25, "share of training images given a randomly erased box (timm's, pixel mode)",
                            at_least=0, at_most=1)
     warmup_epochs: float = option(5, "epochs of linear lr warm-up", at_least=0)
+    resolution_schedule: str | None = resolution_option()
     seed: int = option(0, "seed of the head, data order and augmentation", at_least=0, at_most=SEED_MAX)
     output: str | None = option(None, "folder for the fine-tuned model.safetensors")
     force: bool = option(False, "replace an existing model.safetensors in --output")

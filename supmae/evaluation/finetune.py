@@ -23,10 +23,11 @@ from supmae.evaluation import classifier
 from supmae.evaluation.config import FinetuneConfig
 from supmae.evaluation.export import timm_state_dict
 from supmae.evaluation.pretrained import load_pretrained, open_splits, trained_config
-from supmae.models.families import recipe_of
+from supmae.models.families import model_config, recipe_of
 from supmae.pipelines.augment import CLASSIFIER_CROP_SCALE
 from supmae.pipelines.batch import Batch
 from supmae.pipelines.loader import LoaderSpec, create_loader, open_batches, ordered_batches
+from supmae.pipelines.resolution import parse_resolution_schedule
 from supmae.runtime.hardware import apply_compile, autocast_for, loader_workers, resolve_device, step_policy
 from supmae.training.optim import lr_at
 from supmae.training.step import train_step
@@ -34,10 +35,11 @@ from supmae.training.step import train_step
 logger = logging.getLogger(__name__)
 
 
-def timm_vit(checkpoint: str, num_classes: int, drop_path: float = 0.0) -> VisionTransformer:
+def timm_vit(checkpoint: str, num_classes: int, drop_path: float = 0.0,
+             dynamic_img_size: bool = False) -> VisionTransformer:
     """The checkpoint's encoder as timm's ViT with global average pooling and a fresh head."""
     model, trained = load_pretrained(checkpoint, "cpu")
-    vit = classifier.timm_vit(trained.model, model.img_size, num_classes, drop_path)
+    vit = classifier.timm_vit(trained.model, model.img_size, num_classes, drop_path, dynamic_img_size)
     missing = set(vit.load_state_dict(timm_state_dict(model.state_dict(), "avg"), strict=False).missing_keys)
     if missing != {"head.weight", "head.bias"}:
         raise SupmaeError(f"{checkpoint}'s encoder does not fill a timm ViT: missing {', '.join(sorted(missing))}")
@@ -117,8 +119,12 @@ def finetune(cfg: FinetuneConfig) -> dict:
     blr = recipe.finetune_blr if cfg.blr is None else cfg.blr
     layer_decay = recipe.finetune_layer_decay if cfg.layer_decay is None else cfg.layer_decay
     drop_path = recipe.finetune_drop_path if cfg.drop_path is None else cfg.drop_path
+    resolution = None
+    if cfg.resolution_schedule:
+        resolution = parse_resolution_schedule(cfg.resolution_schedule, model_config(trained.model)["patch_size"])
+        resolution.check(trained.trunk.img_size, epochs)
     torch.manual_seed(cfg.seed)
-    vit = timm_vit(cfg.checkpoint, num_classes, drop_path).to(device)
+    vit = timm_vit(cfg.checkpoint, num_classes, drop_path, dynamic_img_size=resolution is not None).to(device)
     if path:
         check_space(os.path.dirname(path), sum(p.numel() * p.element_size() for p in vit.parameters()),
                     "the fine-tuned model")
@@ -138,7 +144,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     scaler, autocast = torch.amp.GradScaler(device.type, enabled=precision == "fp16"), autocast_for(device, precision)
     spec = LoaderSpec(batch_size=micro, img_size=img_size, mask_sampler=None, device=device, workers=workers,
                       seed=cfg.seed, crop_scale=CLASSIFIER_CROP_SCALE, rand_augment="" if cfg.aa == "none" else cfg.aa,
-                      erase=cfg.reprob)
+                      erase=cfg.reprob, resolution=resolution)
     logger.info(f"fine-tuning for {epochs:g} epochs ({total} steps of {cfg.batch_size}), lr {peak:.3g} (blr {blr:g}), "
                 f"layer decay {layer_decay:g}, drop path {drop_path:g}; {precision}"
                 f"{f', compiled ({mode})' if compiled else ''}")
@@ -153,7 +159,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
             losses += train_step(forward, micro_batches, optimizer, scaler, autocast)[0]
             if (step + 1) % max(1, steps_per_epoch) == 0 or step + 1 == total:
                 done = (step % max(1, steps_per_epoch)) + 1
-                logger.info(f"step {step + 1}/{total}: loss {losses.item() / done:.4f}, lr {lr:.3g}")
+                logger.info(f"step {step + 1}/{total}: loss {losses.item() / done:.4f}, lr {lr:.3g}, side "
+                            f"{micro_batches[-1].images.shape[-1]}")
                 losses.zero_()
     accuracy = top1(vit, val, loader=cfg.loader, img_size=img_size, batch_size=micro, workers=workers,
                     device=device)

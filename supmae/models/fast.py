@@ -53,7 +53,7 @@ class FastOps:
     def embed_visible(self, model, images, ids_keep):
         proj = model.patch_embed.proj
         patches = self._gather(images, ids_keep, model.patch_size, _compute_dtype(images.device, proj.weight))
-        return F.linear(patches, proj.weight.flatten(1), proj.bias) + model.pos_embed[0, 1:][ids_keep]
+        return F.linear(patches, proj.weight.flatten(1), proj.bias) + model.positions(images)[0, 1:][ids_keep]
 
     def unshuffle(self, tokens, mask_token, masking):
         return self._unshuffle(tokens, mask_token, masking.ids_restore, masking.ids_keep)

@@ -23,3 +23,16 @@ def sincos_2d(dim: int, grid_size: int, cls_token: bool = True) -> torch.Tensor:
     if cls_token:
         emb = torch.cat([torch.zeros(1, dim, dtype=emb.dtype), emb], dim=0)
     return emb.float()
+
+
+def on_grid(table: torch.Tensor, full: int, grid: int) -> torch.Tensor:
+    """The rows of a (1, [1 +] full**2, D) position table that a grid x grid image takes: the cls row, if any,
+    then its patches'. Both grids number their patches from the top left, so for grid <= full these rows
+    are exactly `sincos_2d(D, grid)`: a smaller image takes the positions of its own patches, no
+    interpolation."""
+    if grid == full:
+        return table
+    cls = table.shape[1] - full * full
+    coords = torch.arange(grid, device=table.device)
+    rows = table[:, (coords[:, None] * full + coords).flatten() + cls]
+    return torch.cat([table[:, :cls], rows], dim=1) if cls else rows

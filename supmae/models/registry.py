@@ -49,8 +49,20 @@ def _check_architecture(*, img_size: int, patch_size: int, embed_dim: int, num_h
          f"decoder_embed_dim {decoder_embed_dim} is not divisible by decoder_num_heads {decoder_num_heads}")
     need(embed_dim % 4 == 0 and decoder_embed_dim % 4 == 0,
          "embed_dim and decoder_embed_dim must be divisible by 4 (sin-cos position embeddings)")
-    num_patches = (img_size // patch_size) ** 2
+    _check_mask((img_size // patch_size) ** 2, mask_ratio, decoder_depth > 0)
+
+
+def check_sides(model: MaskedViT, sides) -> None:
+    """That `model` trains at each of `sides` (a resolution schedule's): its mask keeps and removes patches
+    on each side's grid too. The schedule has put them on the patch grid, at most img_size."""
+    for side in sides:
+        _check_mask((side // model.patch_size) ** 2, model.mask_ratio, model.reconstructs, f" at side {side}")
+
+
+def _check_mask(num_patches: int, mask_ratio: float, reconstructs: bool, where: str = "") -> None:
     kept = num_kept(num_patches, mask_ratio)
-    need(kept > 0, f"mask_ratio {mask_ratio} must keep at least one of {num_patches} patches")
-    need(not decoder_depth or kept < num_patches,
-         f"mask_ratio {mask_ratio} must remove at least one of {num_patches} patches for the decoder to reconstruct")
+    if kept == 0:
+        raise SupmaeError(f"mask_ratio {mask_ratio} must keep at least one of {num_patches} patches{where}")
+    if reconstructs and kept == num_patches:
+        raise SupmaeError(f"mask_ratio {mask_ratio} must remove at least one of {num_patches} patches{where} for the "
+                          "decoder to reconstruct")

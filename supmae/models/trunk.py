@@ -12,7 +12,7 @@ from timm.layers import AttentionPoolLatent
 from timm.models.vision_transformer import Block, PatchEmbed
 
 from supmae.models.objective import norm_pix, patchify, reconstruction_loss
-from supmae.models.pos_embed import sincos_2d
+from supmae.models.pos_embed import on_grid, sincos_2d
 from supmae.pipelines.masking import Masking, MaskSampler, TextMaskSampler, num_kept, random_masking
 
 
@@ -42,9 +42,10 @@ class MaskedViT(nn.Module):
         self.norm_pix_loss = norm_pix_loss
         self.reconstructs = decoder_depth > 0  # has the pixel decoder
 
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        # Any side on the patch grid up to img_size (a resolution schedule's smaller epochs), not only img_size.
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, strict_img_size=False)
         self.num_patches = self.patch_embed.num_patches
-        grid = img_size // patch_size
+        self.grid = grid = img_size // patch_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         # Parameters, not buffers, to keep the official checkpoint layout; they are never trained.
         self.pos_embed = nn.Parameter(sincos_2d(embed_dim, grid)[None], requires_grad=False)
@@ -64,9 +65,13 @@ class MaskedViT(nn.Module):
             self.attn_pool = AttentionPoolLatent(embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio,
                                                  norm_layer=self.norm_layer)
 
-    @property
-    def num_kept(self) -> int:
-        return num_kept(self.num_patches, self.mask_ratio)
+    def grid_of(self, images: torch.Tensor) -> int:
+        """The side of `images`' patch grid: `grid` at img_size, fewer at a smaller side."""
+        return images.shape[-1] // self.patch_size
+
+    def positions(self, images: torch.Tensor, decoder: bool = False) -> torch.Tensor:
+        """The encoder's (or the decoder's) (1, 1 + L, D) position table for `images`' grid."""
+        return on_grid(self.decoder_pos_embed if decoder else self.pos_embed, self.grid, self.grid_of(images))
 
     def _init_weights(self):
         """MAE's initialisation, called by each model once its heads are in place."""
@@ -89,8 +94,8 @@ class MaskedViT(nn.Module):
         if masking is not None:
             return masking
         if noise is None:
-            noise = torch.rand(images.shape[0], self.num_patches, device=images.device)
-        return random_masking(noise, self.num_kept)
+            noise = torch.rand(images.shape[0], self.grid_of(images) ** 2, device=images.device)
+        return random_masking(noise, num_kept(noise.shape[1], self.mask_ratio))
 
     def mask_samplers(self, *, seed: int, device: torch.device, rank: int = 0,
                       world_size: int = 1) -> tuple[MaskSampler | None, TextMaskSampler | None]:
@@ -103,7 +108,7 @@ class MaskedViT(nn.Module):
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, L, D): every patch embedded, its position added."""
-        return self.patch_embed(images) + self.pos_embed[:, 1:]
+        return self.patch_embed(images) + self.positions(images)[:, 1:]
 
     def encode(self, visible: torch.Tensor) -> torch.Tensor:
         """Embedded visible patches (B, num_kept, D), position included -> encoder output with cls token."""
@@ -130,14 +135,16 @@ class MaskedViT(nn.Module):
         reconstruction loss, the predictions (as `ops.reconstruct` gives them) and the decoder's (B, T, D')
         features of `extra`."""
         x = self.decoder_embed(latent)
-        x = torch.cat([x[:, :1], ops.unshuffle(x[:, 1:], self.mask_token, masking)], dim=1) + self.decoder_pos_embed
+        x = torch.cat([x[:, :1], ops.unshuffle(x[:, 1:], self.mask_token, masking)], dim=1)
+        x = x + self.positions(images, decoder=True)
         if extra is not None:
             x = torch.cat([x, extra], dim=1)
         for blk in self.decoder_blocks:
             x = blk(x)
         features = self.decoder_norm(x)[:, 1:]
-        rec_loss, pred = ops.reconstruct(self, features[:, :self.num_patches], images, masking)
-        return rec_loss, pred, features[:, self.num_patches:]
+        patches = masking.mask.shape[1]
+        rec_loss, pred = ops.reconstruct(self, features[:, :patches], images, masking)
+        return rec_loss, pred, features[:, patches:]
 
     def pooled(self, latent: torch.Tensor) -> torch.Tensor:
         """(B, 1 + n, D) encoder output -> (B, D), pooled as `pool` says: the cls token, or the mean, the maximum

@@ -30,10 +30,11 @@ LABELS = dict(loader="loader alone", step="step alone", end_to_end="end to end")
 
 
 def synthetic_batch(model: MaskedViT, *, batch_size: int, num_classes: int, device: torch.device,
-                    caption_tokens: int = 20) -> Batch:
+                    caption_tokens: int = 20, side: int | None = None) -> Batch:
     """A normalised random batch with what `model` trains on (labels, a patch mask, captions of
-    `caption_tokens` random tokens and their text mask), made on the device: the step with no loader."""
-    img_size = model.img_size
+    `caption_tokens` random tokens and their text mask), made on the device: the step with no loader.
+    `side`: the images' side (the model's img_size by default), the mask drawn over its grid."""
+    img_size = side or model.img_size
     masks, text_masks = model.mask_samplers(seed=0, device=device)
     tokens = None
     if model.uses_text:
@@ -43,7 +44,7 @@ def synthetic_batch(model: MaskedViT, *, batch_size: int, num_classes: int, devi
         tokens[:, 1:caption_tokens + 1] = torch.randint(1, start, (batch_size, caption_tokens), device=device)
     return Batch(torch.randn(batch_size, 3, img_size, img_size, device=device),
                  torch.randint(0, max(1, num_classes), (batch_size,), device=device),
-                 masks(batch_size, 0) if masks else None, tokens,
+                 masks(batch_size, 0, (img_size // model.patch_size) ** 2) if masks else None, tokens,
                  text_masks(tokens, 0) if text_masks is not None and tokens is not None else None)
 
 
@@ -58,16 +59,20 @@ def measure_loader(engine: str, source, spec: LoaderSpec, *, steps: int, warmup:
 
 
 def _stage(run: Run, stage: str, options: ProfileConfig) -> dict:
+    """One stage's figures, with the image side it ran at (each step's, end to end: a resolution schedule may
+    change it between epochs)."""
     cfg = run.cfg
+    spec = run.loader_spec()
+    side = spec.side(spec.schedule(len(run.source)).batch(spec.start)[0])  # the side of the run's next epoch
     if stage == "loader":
-        return measure_loader(run.engine, run.source, run.loader_spec(), steps=options.steps, warmup=options.warmup,
-                              window=options.window)
+        return dict(measure_loader(run.engine, run.source, spec, steps=options.steps, warmup=options.warmup,
+                                   window=options.window), img_size=side)
     autocast = autocast_for(run.device, run.precision)
     timed = functools.partial(measure, device=run.device, steps=options.steps, warmup=options.warmup,
                               window=options.window)
     if stage == "step":
         batch = synthetic_batch(run.model, batch_size=cfg.batch_size, num_classes=len(run.source.classes),
-                                device=run.device)
+                                device=run.device, side=side)
 
         def synthetic_step(forward=run.forward) -> None:
             train_step(forward, [batch] * cfg.accum_iter, run.optimizer, run.scaler, autocast)
@@ -77,15 +82,18 @@ def _stage(run: Run, stage: str, options: ProfileConfig) -> dict:
         peak = matmul_rate(run.device, DTYPES[run.precision] or torch.float32,
                            8192 if run.device.type == "cuda" else 1024)
         return dict(figures, gflops_per_image=flops / 1e9, matmul_tflops=peak / 1e12,
-                    mfu=figures["images_per_s"]["median"] * flops / peak)
+                    mfu=figures["images_per_s"]["median"] * flops / peak, img_size=side)
+    sides = []
     with open_batches(run.loader()) as batches:
         def step() -> float:
             start = time.perf_counter()
             micro_batches = [next(batches) for _ in range(cfg.accum_iter)]
             waited = time.perf_counter() - start
+            sides.append(micro_batches[-1].images.shape[-1])
             train_step(run.forward, micro_batches, run.optimizer, run.scaler, autocast)
             return waited
-        return timed(step, run.effective_batch)
+        figures = timed(step, run.effective_batch)
+    return dict(figures, img_size_by_step=sides)
 
 
 def _workers(n: int) -> str:

@@ -101,8 +101,10 @@ def step_policy(device: torch.device, options: HardwareOptions, *, accum_iter: i
 
 def apply_compile(forward, mode: str = "default"):
     """torch.compile the step's forward (and, through AOTAutograd, its backward). fullgraph: a graph break
-    would silently split the step and cost speed, so it is an error instead."""
-    return torch.compile(forward, mode=mode, fullgraph=True)
+    would silently split the step and cost speed, so it is an error instead. Static shapes: each image side a
+    resolution schedule trains at gets its own graph (and CUDA graph), compiled once, rather than one graph
+    generic in the side; `resolution.MAX_SIZES` keeps them within dynamo's cache."""
+    return torch.compile(forward, mode=mode, fullgraph=True, dynamic=False)
 
 
 def autocast_for(device: torch.device, precision: str):

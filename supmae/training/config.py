@@ -14,7 +14,8 @@ from supmae.models.families import (
     model_config,
     recipe_of,
 )
-from supmae.pipelines.config import ORDERS, SEED_MAX, data_exists, loader_option
+from supmae.pipelines.config import ORDERS, SEED_MAX, data_exists, loader_option, resolution_option
+from supmae.pipelines.resolution import ResolutionSchedule, parse_resolution_schedule
 from supmae.runtime.config import REDUCE_OVERHEAD_ACCUMULATES, HardwareOptions
 
 
@@ -49,6 +50,7 @@ class PretrainConfig(Config):
     workers: int | None = option(None, "loader processes", at_least=0, group="data loading", shown="cores - 1")
     seed: int = option(0, "seed of the weights, data order, crops and masks", at_least=0, at_most=SEED_MAX,
                        group="data loading", defines_run=True)
+    resolution_schedule: str | None = resolution_option(group="data loading", defines_run=True)
     hardware: HardwareOptions = section(HardwareOptions)
     # model and objective: the run's own, then the sections the model families declare
     model: str = option("supmae_vit_base_patch16", "a name from `supmae models`", choices=list_models,
@@ -75,6 +77,12 @@ class PretrainConfig(Config):
             raise SupmaeError(REDUCE_OVERHEAD_ACCUMULATES)
         if self.resume not in (None, "auto") and not os.path.isfile(self.resume):
             raise SupmaeError(f"--resume: checkpoint {self.resume} does not exist")
+        self.resolution()  # parsed now, so a bad schedule is refused before torch loads
+
+    def resolution(self) -> ResolutionSchedule | None:
+        """The resolution schedule, on the model's patch grid (None: --img-size throughout)."""
+        text = self.resolution_schedule
+        return parse_resolution_schedule(text, model_config(self.model)["patch_size"]) if text else None
 
     @property
     def recipe(self) -> Recipe:
@@ -82,6 +90,7 @@ class PretrainConfig(Config):
         return recipe_of(self.model)
 
     def effective(self, name: str) -> Any:
-        """Option `name`'s value, or where it is left unset, the value the run's model takes."""
+        """Option `name`'s value, or where it is left unset, the value the run's model takes (None for an option
+        the model has no value of: unset means none, as for --resolution-schedule)."""
         value = self.values()[name]
-        return model_config(self.model)[name] if value is None else value
+        return model_config(self.model).get(name) if value is None else value

@@ -86,15 +86,34 @@ def _loop(run: Run, metrics: Metrics, stop: StopRequests) -> dict:
     run.model.train()
     windows = []  # (images, seconds) per log interval
     window_start, window_steps, checkpoint, done, stopped = time.perf_counter(), 0, None, run.step, None
+    lr, side = 0.0, 0
+
+    def log() -> None:
+        """One metrics line for the steps since the last."""
+        nonlocal window_start, window_steps
+        means = mean_over_ranks(loss_sums / window_steps, run.world).tolist()  # the one sync
+        windows.append((window_steps * run.effective_batch, time.perf_counter() - window_start))
+        record = dict(step=done, epoch=round(done / run.steps_per_epoch, 4), lr=lr, img_size=side,
+                      **dict(zip(run.model.loss_names, means)), images_per_s=windows[-1][0] / windows[-1][1])
+        metrics.write(record)
+        if not math.isfinite(means[0]):
+            _stop_if_diverged(first_bad, run.world)
+        bar.set_postfix(loss=f"{means[0]:.4f}", img_s=f"{record['images_per_s']:.1f}")
+        loss_sums.zero_()
+        window_start, window_steps = time.perf_counter(), 0
+
     with open_batches(run.loader()) as batches, tqdm(
             total=run.total_steps, initial=run.step, unit="step", file=sys.stderr, dynamic_ncols=True,
             disable=not (cfg.progress and run.world.is_main)) as bar:
         for step in range(run.step, run.total_steps):
+            micro_batches = [next(batches) for _ in range(cfg.accum_iter)]
+            if window_steps and micro_batches[-1].images.shape[-1] != side:
+                log()  # a resolution schedule changed the side: each metrics line holds steps of one side
+            side = micro_batches[-1].images.shape[-1]
             lr = lr_at(step, peak=run.peak_lr, warmup=run.warmup_steps, total=run.total_steps, min_lr=cfg.min_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            losses = train_step(run.forward, [next(batches) for _ in range(cfg.accum_iter)], optimizer, run.scaler,
-                                autocast)
+            losses = train_step(run.forward, micro_batches, optimizer, run.scaler, autocast)
             loss_sums += losses
             first_bad.masked_fill_((first_bad < 0) & ~torch.isfinite(losses[0]), step + 1)
             bar.update(1)
@@ -102,18 +121,7 @@ def _loop(run: Run, metrics: Metrics, stop: StopRequests) -> dict:
             done = step + 1
             stopping = any_rank(stop.requested(), run.world)
             if done % cfg.log_every == 0 or done == run.total_steps or stopping:
-                means = mean_over_ranks(loss_sums / window_steps, run.world).tolist()  # the one sync
-                loss = means[0]
-                now = time.perf_counter()
-                windows.append((window_steps * run.effective_batch, now - window_start))
-                record = dict(step=done, epoch=round(done / run.steps_per_epoch, 4), lr=lr,
-                              **dict(zip(run.model.loss_names, means)), images_per_s=windows[-1][0] / windows[-1][1])
-                metrics.write(record)
-                if not math.isfinite(loss):
-                    _stop_if_diverged(first_bad, run.world)
-                bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{record['images_per_s']:.1f}")
-                loss_sums.zero_()
-                window_start, window_steps = time.perf_counter(), 0
+                log()
             if (done == run.total_steps or stopping
                     or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)):
                 _stop_if_diverged(first_bad, run.world)  # diverged weights must never replace good checkpoints

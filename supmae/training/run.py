@@ -9,7 +9,7 @@ import torch
 
 from supmae.core.errors import SupmaeError
 from supmae.models.fast import apply_kernels
-from supmae.models.registry import build_model
+from supmae.models.registry import build_model, check_sides
 from supmae.pipelines.loader import LoaderSpec, choose_engine, create_loader
 from supmae.pipelines.sources import open_source
 from supmae.pipelines.synthetic import default_dataset
@@ -77,6 +77,10 @@ class Run:
         self.warmup_steps = (cfg.warmup_steps if cfg.warmup_steps is not None
                              else round(warmup_epochs * self.steps_per_epoch))
         self.effective_batch = cfg.batch_size * cfg.accum_iter * self.world.world_size
+        self.resolution = cfg.resolution()
+        if self.resolution is not None:
+            self.resolution.check(cfg.trunk.img_size, self.total_steps * cfg.accum_iter / self.batches_per_epoch)
+            check_sides(self.model, self.resolution.sizes)
         self.peak_lr = cfg.lr if cfg.lr is not None else cfg.blr * self.effective_batch / 256
 
         self.optimizer = build_optimizer(self.model, self.peak_lr, cfg.weight_decay)
@@ -165,7 +169,7 @@ class Run:
         return LoaderSpec(batch_size=cfg.batch_size, img_size=cfg.trunk.img_size, mask_sampler=masks,
                           device=self.device, workers=self.workers, seed=cfg.seed, start=self.step * cfg.accum_iter,
                           order=cfg.order, os_cache=cfg.os_cache, rank=rank, world_size=world_size,
-                          text=self.model.uses_text, text_mask_sampler=text_masks)
+                          text=self.model.uses_text, text_mask_sampler=text_masks, resolution=self.resolution)
 
     def loader(self):
         return create_loader(self.engine, self.source, self.loader_spec())
