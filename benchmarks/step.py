@@ -8,6 +8,7 @@ a host sync per step), giving the speed-up as a ratio.
 
     python -m benchmarks.step --model supmae_vit_base_patch16 --batch-size 256 --json step.json
     python -m benchmarks.step --finetune --batch-size 128      # fine-tuning's step at the official recipe
+    python -m benchmarks.step --sizes 128,160,192,224          # the step at each side, and a schedule's saving
 """
 import functools
 import os
@@ -20,14 +21,16 @@ import torch
 if not __package__:  # run as a file, not with -m: the checkout's root holds benchmarks and supmae
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import main
+from supmae.core.errors import SupmaeError
 from supmae.core.options import Config, configuration, option, section
 from supmae.evaluation import classifier
 from supmae.evaluation.config import FinetuneConfig
 from supmae.evaluation.finetune import FinetuneObjective, finetune_optimizer, mixed, mixer
-from supmae.models.families import recipe_of
+from supmae.models.families import model_config, recipe_of
 from supmae.models.fast import apply_kernels
 from supmae.models.registry import build_model
 from supmae.pipelines.batch import Batch
+from supmae.pipelines.resolution import parse_resolution_schedule
 from supmae.profiling.measure import commit, device_name, flops_of, matmul_rate, measure, sync, versions
 from supmae.profiling.profiler import synthetic_batch
 from supmae.runtime.hardware import (
@@ -41,6 +44,10 @@ from supmae.training.config import PretrainConfig
 from supmae.training.optim import build_optimizer
 from supmae.training.step import text_inputs, train_step
 
+# A ramp placed where FFCV's ResNet-50 ImageNet recipe places its own (160 -> 192 over epochs 65-76 of 88), over
+# SupMAE's 400 epochs, ending at the side the model is evaluated at.
+PROJECTED_SCHEDULE = "160-224@295-345"
+
 
 @configuration
 class StepBenchmark(Config):
@@ -53,6 +60,11 @@ class StepBenchmark(Config):
     finetune: bool = option(False, "time fine-tuning's step (a timm ViT of --model's encoder at the official "
                                    "recipe, mixup and cutmix included) instead of pretraining's")
     breakdown: bool = option(False, "on a GPU, GPU time per step by kernel (profiler)")
+    sizes: str = option("", "time pretraining's step at each of these image sides instead (e.g. 128,160,192,224), "
+                            "with its counted FLOPs, and project --project's time from them", metavar="SIDES")
+    project: str = option(PROJECTED_SCHEDULE, "with --sizes: the resolution schedule whose pretraining time, over "
+                                              "the family's epochs, is projected against --img-size throughout",
+                          metavar="SCHEDULE")
     json: str | None = option(None, "write the results here", metavar="FILE")
 
 
@@ -108,15 +120,17 @@ def _official_style(step_once: Callable[[torch.amp.GradScaler, object], torch.Te
     return precision, step
 
 
-def _pretrain_steps(cfg: StepBenchmark, device: torch.device, precision: str, forward_of) -> Steps:
+def _pretrain_steps(cfg: StepBenchmark, device: torch.device, precision: str, forward_of,
+                    side: int | None = None) -> Steps:
+    """Pretraining's step on `side` x `side` images (--img-size by default)."""
     run = cfg.run
     model = build_model(run.model, run, num_classes=1000).to(device).train()
     optimizer = build_optimizer(model, 1e-4, 0.05)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     autocast = autocast_for(device, precision)
     forward = forward_of(apply_kernels(model))  # the training loop's forward: Triton kernels on CUDA
-    micro_batches = [synthetic_batch(model, batch_size=run.batch_size, num_classes=1000, device=device)] * \
-        run.accum_iter
+    micro_batches = [synthetic_batch(model, batch_size=run.batch_size, num_classes=1000, device=device,
+                                     side=side)] * run.accum_iter
     official_optimizer = build_optimizer(model, 1e-4, 0.05, fused=False)
 
     def official(scaler, autocast) -> torch.Tensor:
@@ -187,6 +201,8 @@ def benchmark_step(cfg: StepBenchmark) -> dict:
 
     def forward_of(module):
         return apply_compile(module, compile_mode) if compiled else module
+    if cfg.sizes:
+        return _benchmark_sizes(cfg, device, precision, forward_of)
     steps = (_finetune_steps if cfg.finetune else _pretrain_steps)(cfg, device, precision, forward_of)
     images = steps.images
     timed = functools.partial(measure, device=device, steps=cfg.steps * cfg.windows, warmup=cfg.warmup,
@@ -213,7 +229,56 @@ def benchmark_step(cfg: StepBenchmark) -> dict:
         **{"finetune_step_vs_official" if cfg.finetune else "step_vs_official": ratio})
 
 
+def _benchmark_sizes(cfg: StepBenchmark, device: torch.device, precision: str, forward_of) -> dict:
+    """Pretraining's step at each side of --sizes (and of --project's schedule), one after another in one run,
+    and --project's schedule timed from them: its time over the family's epochs against --img-size's."""
+    run = cfg.run
+    if cfg.finetune:
+        raise SupmaeError("--sizes times pretraining's step; leave out --finetune")
+    patch = model_config(run.model)["patch_size"]
+    try:
+        sides = [int(side) for side in cfg.sizes.split(",")]
+    except ValueError:
+        raise SupmaeError(f"--sizes {cfg.sizes!r} is not a comma-separated list of image sides") from None
+    schedule = parse_resolution_schedule(cfg.project, patch)
+    sides = sorted(set(sides) | set(schedule.sizes) | {run.trunk.img_size})
+    by_size, flops = {}, {}
+    for side in sides:
+        if side % patch or not 0 < side <= run.trunk.img_size:
+            raise SupmaeError(f"--sizes: {side} is not a multiple of the patch size {patch} up to --img-size "
+                              f"{run.trunk.img_size}")
+        steps = _pretrain_steps(cfg, device, precision, forward_of, side)
+        flops[side] = flops_of(steps.counted) / steps.images / 1e9
+        by_size[side] = measure(_returning_nothing(steps.fast), steps.images, device=device,
+                                steps=cfg.steps * cfg.windows, warmup=cfg.warmup, window=cfg.steps)
+        print(f"  {side}: {by_size[side]['images_per_s']['median']:.1f} images/s, {flops[side]:.1f} GFLOP/image",
+              flush=True)
+    rate = {side: r["images_per_s"]["median"] for side, r in by_size.items()}
+    epochs = recipe_of(run.model).pretrain_epochs
+    scheduled = sum(1 / rate[schedule.size_at(epoch)] for epoch in range(int(epochs)))
+    fixed = epochs / rate[run.trunk.img_size]
+    return dict(
+        device=device_name(device), commit=commit(), versions=versions("timm", "triton"),
+        config=dict(model=run.model, step="pretrain", batch_size=run.batch_size, accum_iter=run.accum_iter,
+                    img_size=run.trunk.img_size, precision=precision, warmup=cfg.warmup, steps=cfg.steps,
+                    windows=cfg.windows),
+        images_per_s_by_size={str(side): r for side, r in rate.items()},
+        gflops_per_image_by_size={str(side): f for side, f in flops.items()}, steps_by_size=by_size,
+        projection=dict(schedule=cfg.project, epochs=epochs, time_vs_fixed=scheduled / fixed,
+                        speedup=fixed / scheduled))
+
+
 def describe(result: dict) -> str:
+    if "images_per_s_by_size" in result:
+        c, p = result["config"], result["projection"]
+        rates, flops = result["images_per_s_by_size"], result["gflops_per_image_by_size"]
+        full = rates[str(c["img_size"])]
+        lines = [f"{c['model']} batch {c['batch_size']} {c['precision']} on {result['device']}, by image side:"]
+        lines += [f"  {side:>4}: {rate:8.1f} images/s ({rate / full:.2f}x {c['img_size']}), "
+                  f"{flops[side]:.1f} GFLOP/image" for side, rate in rates.items()]
+        lines.append(f"  {p['schedule']} over {p['epochs']:g} epochs: {p['time_vs_fixed']:.1%} of the time at "
+                     f"{c['img_size']} throughout ({p['speedup']:.2f}x)")
+        return "\n".join(lines)
     c, rates = result["config"], result["step"]["images_per_s"]
     compiled = f" compiled ({c['compile_mode']})" if c["compile"] else ""
     lines = [f"{c['model']} batch {c['batch_size']} {c['precision']}{compiled} on {result['device']}",

@@ -6,10 +6,10 @@ Rows: the tests that need CUDA; each Triton kernel against its eager twin at the
 passes (ViT-B/16 at batch 256, bf16); each kernel's bandwidth against a device copy; the compiled bf16
 step with kernels (fullgraph) and its MFU and ratio to the official-style step; the step under CUDA
 graphs; each installed loader engine, alone and end to end, on the embedded dataset; and the CLIP
-family's steps (FLIP against CLIP, MAE-CLIP) at the same model size; the fine-tuning step; and each
-engine under fine-tuning's augmentation against the same engine without. Beside the rows, the goals a GPU
-run is held to, measured against their targets. On a machine without CUDA the GPU rows are skipped and
-the rest runs, so nothing here first runs on a GPU.
+family's steps (FLIP against CLIP, MAE-CLIP) at the same model size; the fine-tuning step; each engine
+under fine-tuning's augmentation against the same engine without; and the step at each side a resolution
+schedule trains at. Beside the rows, the goals a GPU run is held to, measured against their targets. On a
+machine without CUDA the GPU rows are skipped and the rest runs, so nothing here first runs on a GPU.
 
 Writes benchmarks/results/<device>-<date>.json (device, versions, commit, every row and figure).
 Exit status 1 when a row failed; a missed goal is reported, not a failure.
@@ -56,6 +56,7 @@ GOALS = [
     ("flip_vs_clip", 1.6, "FLIP (mask ratio 0.5) against CLIP, images/s of the same step"),
     ("finetune_step_vs_official", 2.0, "the fine-tuning step against the official-style eager fp16 one"),
     ("finetune_loader_vs_step", 1.0, "the fastest engine under fine-tuning's augmentation against its step"),
+    ("step_160_vs_224", 1.6, "the step at 160x160 against 224x224, images/s (a resolution schedule's small epochs)"),
 ]
 
 
@@ -236,6 +237,18 @@ def row_finetune_step(args, summary) -> str:
             f"{result['finetune_step_vs_official']:.2f}x official")
 
 
+def row_step_by_size(args, summary) -> str:
+    """The step at each side a resolution schedule would train at, and the projected schedule's time."""
+    if args.run.trunk.img_size != 224:
+        raise Skip("times sides up to 224: run the suite at --img-size 224")
+    result = benchmark_step(_step_options(args, compile_mode="auto", sizes="128,160,192,224"))
+    print(describe(result), flush=True)
+    rates = result["images_per_s_by_size"]
+    summary.update(step_by_size=result, step_160_vs_224=rates["160"] / rates["224"])
+    return (", ".join(f"{side}: {rate:.0f}" for side, rate in rates.items()) + " img/s; "
+            f"{result['projection']['schedule']} takes {result['projection']['time_vs_fixed']:.0%} of 224's time")
+
+
 def row_engine(engine):
     def row(args, summary) -> str:
         if engine not in items(args.engines):
@@ -308,6 +321,7 @@ ROWS = {
     "CLIP, FLIP and MAE-CLIP steps": row_clip_family,
     "fine-tuning step": row_finetune_step,
     "fine-tuning loaders (RandAugment, erasing)": row_finetune_loaders,
+    "step by image side (resolution schedules)": row_step_by_size,
 }
 
 
