@@ -17,6 +17,7 @@ import sys
 if not __package__:  # run as a file, not with -m: the checkout's root holds benchmarks and supmae
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import main
+from benchmarks.photos import photo_beton
 from supmae.core.options import Config, configuration, items, option, section
 from supmae.evaluation.config import FinetuneConfig
 from supmae.pipelines.engines import ENGINES
@@ -31,6 +32,14 @@ from supmae.runtime.hardware import loader_workers, resolve_device
 from supmae.training.config import PretrainConfig
 
 FINETUNE_RAND_AUGMENT, FINETUNE_ERASE = FinetuneConfig.aa, FinetuneConfig.reprob
+NODE_CORES_PER_GPU = 14  # an 8-GPU node with 112 cores
+
+
+def per_core(measured: dict) -> float:
+    """Images/s per core the engine kept busy: its own process tree's CPU time over the timed passes (as the
+    profiler counts it: `cpu_percent` is its share of all the machine's cores)."""
+    busy = measured["cpu_percent"] / 100 * len(measured["cpu_percent_per_core"])
+    return measured["images_per_s"]["median"] / max(busy, 1e-9)
 
 
 @configuration
@@ -48,15 +57,21 @@ class LoaderBenchmark(Config):
                             "all of them; the figure is the median round", at_least=1)
     augment: bool = option(False, "also measure each engine with fine-tuning's augmentation (RandAugment "
                                   f"{FINETUNE_RAND_AUGMENT}, random erasing {FINETUNE_ERASE}), beside it without")
+    corpus: str = option("synthetic", "without --data: the embedded synthetic dataset, or photos (ImageNet-like "
+                                      "JPEGs made from scikit-image's photographs, as a .beton)",
+                         choices=("synthetic", "photos"))
+    photos_per_class: int = option(250, "photos: images per class (8 classes)", at_least=1)
+    max_res: int = option(320, "photos: the .beton's longest side", flag="--max-res", metavar="PIXELS", at_least=8)
     json: str | None = option(None, "write the results here", metavar="FILE")
 
 
 def benchmark_loaders(cfg: LoaderBenchmark) -> dict:
     run = cfg.run
     device = resolve_device(run.hardware.device)
-    data = run.data or default_dataset()
-    source = open_source(data)
     workers = loader_workers(run.workers)
+    data = run.data or (photo_beton(cfg.photos_per_class, cfg.max_res, workers) if cfg.corpus == "photos"
+                        else default_dataset())
+    source = open_source(data)
     patches = (run.trunk.img_size // 16) ** 2
     results = {}
     # Each engine is read in every setting, in turn: plain, with its captions' tokens (image-text data), with
@@ -81,9 +96,11 @@ def benchmark_loaders(cfg: LoaderBenchmark) -> dict:
         results.setdefault(name, dict(rounds=[]))["rounds"].append(r)
         rate = r["images_per_s"]
         print(f"{name:>13}: {rate['median']:8.1f} images/s (min {rate['min']:.1f}, max {rate['max']:.1f}); "
-              f"first batch {r['first_call_s']:.1f} s; CPU {r['cpu_percent']:.0f}%", flush=True)
+              f"first batch {r['first_call_s']:.1f} s; CPU {r['cpu_percent']:.0f}%, "
+              f"{per_core(r):.0f} images/s per busy core", flush=True)
     for r in results.values():
         r["images_per_s"] = statistics.median(run["images_per_s"]["median"] for run in r["rounds"])
+        r["images_per_s_per_core"] = statistics.median(per_core(run) for run in r["rounds"])
     baseline = results.get("torch")
     ratios = {f"{e}_vs_torch": r["images_per_s"] / baseline["images_per_s"]
               for e, r in results.items() if baseline and e != "torch" and "+" not in e}
@@ -97,12 +114,16 @@ def benchmark_loaders(cfg: LoaderBenchmark) -> dict:
         for t, i in zip(results[f"{e}+{setting}"]["rounds"], results[e]["rounds"]))
         for e in items(cfg.engines) for setting in settings[1:] if f"{e}+{setting}" in results})
     for name, r in results.items():
-        print(f"{name:>13}: {r['images_per_s']:8.1f} images/s, the median of {len(r['rounds'])} round(s)")
+        print(f"{name:>13}: {r['images_per_s']:8.1f} images/s, {r['images_per_s_per_core']:.0f} per busy core "
+              f"(a GPU of an 8-GPU node with {NODE_CORES_PER_GPU} cores each: "
+              f"{r['images_per_s_per_core'] * NODE_CORES_PER_GPU:.0f}), the median of {len(r['rounds'])} round(s)")
     for name, ratio in ratios.items():
         print(f"{name}: {ratio:.2f}x", flush=True)
     return dict(device=device_name(device), commit=commit(),
                 versions=versions("ffcv", "nvidia-dali-cuda130", "pillow", "numba"),
-                config=dict(data=os.path.abspath(data), num_samples=len(source), workers=workers,
+                config=dict(data=os.path.abspath(data), corpus=None if run.data else cfg.corpus,
+                            max_res=cfg.max_res if cfg.corpus == "photos" and not run.data else None,
+                            num_samples=len(source), workers=workers,
                             batch_size=run.batch_size, img_size=run.trunk.img_size, warmup=cfg.warmup,
                             batches=cfg.batches, passes=cfg.passes, rounds=cfg.rounds, cpu_count=os.cpu_count()),
                 engines=results, ratios=ratios)

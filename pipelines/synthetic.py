@@ -284,10 +284,14 @@ def synth(cfg: SynthConfig) -> str:
     return cfg.out_dir
 
 
+def supmae_home() -> str:
+    """Where supmae keeps what it makes once: $SUPMAE_HOME, default ~/.cache/supmae."""
+    return os.environ.get("SUPMAE_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "supmae")
+
+
 def default_dataset(num_classes: int = 10, images_per_class: int = 100) -> str:
-    """The embedded dataset under $SUPMAE_HOME (default ~/.cache/supmae), written on first use."""
-    home = os.environ.get("SUPMAE_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "supmae")
-    path = os.path.join(home, f"synthetic-{num_classes}x{images_per_class}-captioned")  # named apart from
+    """The embedded dataset under `supmae_home()`, written on first use."""
+    path = os.path.join(supmae_home(), f"synthetic-{num_classes}x{images_per_class}-captioned")  # named apart from
     # the first version's folders, which hold no captions and are never replaced
     if not os.path.exists(os.path.join(path, MANIFEST)):
         write_synthetic(path, num_classes=num_classes, images_per_class=images_per_class, shared=True)

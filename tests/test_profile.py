@@ -208,3 +208,23 @@ def test_benchmark_suite_writes_a_consistent_summary(synth_folder, tmp_path):
     assert flip["gflops_per_image"]["flip"] < flip["gflops_per_image"]["clip"]
     assert s["maeclip_step"]["config"]["model"] == "maeclip_vit_tiny_patch16" and s["maeclip_step"]["mfu"] > 0
     assert "goal" in done.stdout and "step under CUDA graphs" in done.stdout  # the table
+
+
+def test_the_photo_corpus_is_imagenet_like_and_loaders_report_per_core(tmp_path, monkeypatch):
+    from PIL import Image
+    monkeypatch.syspath_prepend(REPO)  # the benchmarks live beside the package, as `python -m` finds them
+    from benchmarks.loaders import LoaderBenchmark, benchmark_loaders
+    from benchmarks.photos import PHOTOS, SIDES
+    monkeypatch.setenv("SUPMAE_HOME", str(tmp_path))
+    report = benchmark_loaders(LoaderBenchmark.build(dict(
+        corpus="photos", photos_per_class=6, max_res=256, engines="torch", workers=1, batch_size=8, warmup=1,
+        batches=2, passes=1)))
+    folder = tmp_path / f"photos-{len(PHOTOS)}x6" / "images"
+    images = [Image.open(path) for path in sorted(folder.glob("*/*.jpg"))]
+    assert len(images) == 6 * len(PHOTOS) and {i.format for i in images} == {"JPEG"}
+    assert all(SIDES[0] <= max(i.size) <= SIDES[1] for i in images) and len({i.size for i in images}) > 10
+    assert report["config"]["corpus"] == "photos" and report["config"]["data"].endswith("photos-256.beton")
+    torch_engine = report["engines"]["torch"]
+    measured = torch_engine["rounds"][0]
+    busy = measured["cpu_percent"] / 100 * len(measured["cpu_percent_per_core"])
+    assert torch_engine["images_per_s_per_core"] == pytest.approx(measured["images_per_s"]["median"] / busy)
