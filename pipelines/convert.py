@@ -1,9 +1,12 @@
 """`supmae convert`: an image folder or file list -> an FFCV .beton, a JSON sidecar and a skip report.
 
-Two passes over the files, both on every core: the first reads each file through (a JPEG at 1/8 scale,
-which still reads all its data) to sort out what cannot be decoded and to size FFCV's pages; the second
-is FFCV's DatasetWriter, fed upright RGB. The .beton is written under a temporary name and renamed into
-place last, so an interrupted conversion never leaves a complete-looking file.
+Two passes over the files, both on every core: the first reads each file's header (and caption) to sort
+out what is not an image and to size FFCV's pages; the second is FFCV's DatasetWriter, fed upright RGB,
+which decodes each file once, as FFCV's own writer does. A file that fails to decode there (truncated or
+corrupt past its header, or changed since the first pass) is skipped with its reason and the .beton
+written again without it, so a clean folder costs one decode per image. The .beton is written under a
+temporary name and renamed into place last, so an interrupted conversion never leaves a
+complete-looking file.
 """
 import contextlib
 import dataclasses
@@ -25,7 +28,7 @@ from supmae.core.atomic import leftovers, replaced, write_text
 from supmae.core.errors import SupmaeError
 from supmae.core.lock import exclusive
 from supmae.pipelines.config import ConvertConfig
-from supmae.pipelines.decode import UNREADABLE, load_rgb, probe
+from supmae.pipelines.decode import UNREADABLE, load_rgb, upright_size
 from supmae.pipelines.samples import IMAGE_EXTENSIONS, CaptionError, image_input, read_caption
 from supmae.pipelines.sources import scan_images, sidecar_path
 from supmae.pipelines.text import CONTEXT, encode, identity, tokenizer
@@ -119,10 +122,11 @@ def _unwinds_cleanly(frame) -> bool:
 
 
 def _check(job) -> "tuple[tuple[int, int], bool] | str":
-    """((width, height), whether the caption was truncated) of a usable sample, or why it is not usable."""
+    """((width, height), whether the caption was truncated) of a sample whose header and caption read, or why
+    it is not usable."""
     location, caption = job
     try:
-        size = probe(image_input(location))
+        size = upright_size(image_input(location))
     except UNREADABLE as error:
         return f"{type(error).__name__}: {error}"
     if caption is None:
@@ -150,9 +154,9 @@ class _Images:
     """The indexable dataset FFCV's writer processes read: (upright RGB pixels, label), and for image-text data
     also (caption tokens, caption text as UTF-8).
 
-    A file that changed after the first pass cannot be dropped here (FFCV has already laid out one
-    record per sample, and a worker that raised would hang the writer), so it is written as one black
-    pixel and flagged; the conversion then fails."""
+    A file that fails to decode cannot be dropped here (FFCV has already laid out one record per sample,
+    and a worker that raised would hang the writer), so it is written as one black pixel and flagged; the
+    .beton is then written again without it."""
 
     def __init__(self, samples: list, captions: "list | None", failed):
         self.samples, self.captions, self.failed = samples, captions, failed
@@ -208,18 +212,24 @@ def _write(cfg: ConvertConfig) -> dict:
     started = time.perf_counter()
     checked = _checked(images, workers, cfg.progress)
     report = report_path(out)
-    rows = "path\treason\n" + "".join(f"{_tsv(p)}\t{_tsv(why)}\n" for p, why in checked.skipped) + \
-        "".join(f"{_tsv(p)}\tnot an image file name ({', '.join(IMAGE_EXTENSIONS)})\n" for p in images.ignored)
-    if not checked.samples:
-        skipped = checked.skipped
-        if os.path.exists(out):  # the report describes the .beton beside it, which stays as it was
-            raise SupmaeError(f"none of the {len(images.samples)} files in {src} could be read, first "
-                              f"{_tsv(skipped[0][0])}: {skipped[0][1]}; {out} is left as it was")
-        write_text(report, rows)
-        raise SupmaeError(f"none of the {len(images.samples)} files in {src} could be read; reasons in {report}")
-
     with replaced(out) as tmp:
-        _write_beton(tmp, checked, cfg.storage, workers=workers, record=record, progress=cfg.progress, out=out)
+        while checked.samples:
+            failed = _write_beton(tmp, checked, cfg.storage, workers=workers, record=record, progress=cfg.progress)
+            if not failed:
+                break
+            logger.info(f"{len(failed)} file(s) did not decode, first {checked.samples[failed[0]][0]}; writing "
+                        f"{out} again without them")
+            checked = _without(checked, failed)
+        rows = "path\treason\n" + "".join(f"{_tsv(p)}\t{_tsv(why)}\n" for p, why in checked.skipped) + \
+            "".join(f"{_tsv(p)}\tnot an image file name ({', '.join(IMAGE_EXTENSIONS)})\n" for p in images.ignored)
+        if not checked.samples:
+            skipped = checked.skipped
+            if os.path.exists(out):  # the report describes the .beton beside it, which stays as it was
+                raise SupmaeError(f"none of the {len(images.samples)} files in {src} could be read, first "
+                                  f"{_tsv(skipped[0][0])}: {skipped[0][1]}; {out} is left as it was")
+            write_text(report, rows)
+            raise SupmaeError(f"none of the {len(images.samples)} files in {src} could be read; reasons in "
+                              f"{report}")
         seconds = time.perf_counter() - started
         sidecar = _sidecar(cfg, images, checked, seconds, report=report)
         write_text(report, rows)
@@ -274,9 +284,35 @@ def _checked(images, workers: int, progress: bool) -> _Checked:
     return kept._replace(truncated=sum(not isinstance(result, str) and result[1] for result in checks))
 
 
-def _write_beton(tmp: str, checked: _Checked, options, *, workers: int, record: str, progress: bool, out: str) -> None:
-    """FFCV's writer over the kept samples, into `tmp`. Ctrl-C or SIGTERM stops it cleanly, and on any failure
-    its processes and its shared-memory table go with it."""
+def _without(checked: _Checked, failed: list[int]) -> _Checked:
+    """`checked` less the samples at `failed`, each skipped with the reason it does not decode."""
+    gone = set(failed)
+    keep = [i for i in range(len(checked.samples)) if i not in gone]
+    reasons = [(str(checked.samples[i][0]), _decode_error(checked.samples[i][0],
+                                                            None if checked.captions is None else checked.captions[i]))
+               for i in failed]
+    return checked._replace(samples=[checked.samples[i] for i in keep], sizes=[checked.sizes[i] for i in keep],
+                            captions=None if checked.captions is None else [checked.captions[i] for i in keep],
+                            skipped=checked.skipped + reasons)
+
+
+def _decode_error(location, caption) -> str:
+    """Why a sample whose header read did not decode."""
+    try:
+        load_rgb(image_input(location))
+        if caption is not None:
+            read_caption(caption)
+    except CaptionError as error:
+        return str(error)
+    except UNREADABLE as error:
+        return f"{type(error).__name__}: {error}"
+    return "it did not decode while the .beton was written (changed since?)"
+
+
+def _write_beton(tmp: str, checked: _Checked, options, *, workers: int, record: str, progress: bool) -> list[int]:
+    """FFCV's writer over the kept samples, into `tmp`; returns the indices of those that did not decode (each
+    written as one black pixel). Ctrl-C or SIGTERM stops it cleanly, and on any failure its processes and
+    its shared-memory table go with it."""
     samples, captions = checked.samples, checked.captions
     failed = multiprocessing.Array("b", len(samples), lock=False)
     fields = {"image": RGBImageField(write_mode=options.write_mode,
@@ -295,12 +331,9 @@ def _write_beton(tmp: str, checked: _Checked, options, *, workers: int, record: 
         # FFCV draws its own progress bar on stderr; without --progress it is not shown.
         with contextlib.nullcontext() if progress else contextlib.redirect_stderr(io.StringIO()):
             writer.from_indexed_dataset(_Images(samples, captions, failed))
-        changed = [samples[i][0] for i in np.flatnonzero(np.frombuffer(failed, np.int8))]
-        if changed:
-            raise SupmaeError(f"{len(changed)} file(s) could not be read on the second pass (changed during "
-                              f"the conversion?), first {changed[0]}; nothing was written to {out}")
         if interrupted:
             raise KeyboardInterrupt
+        return [int(i) for i in np.flatnonzero(np.frombuffer(failed, np.int8))]
     except BaseException:
         for child in set(multiprocessing.active_children()) - already_running:
             child.terminate()

@@ -14,7 +14,7 @@ _TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Upright RGB: EXIF rotation applied, CMYK/grey/palette converted, 16-bit scaled, alpha laid on white."""
-    image = ImageOps.exif_transpose(image)
+    image = ImageOps.exif_transpose(image) if image.getexif().get(_ORIENTATION, 1) != 1 else image
     if image.mode in _SIXTEEN_BIT:
         # convert("RGB") would clip 16-bit values at 255, turning almost every pixel white.
         grey = np.asarray(image, dtype=np.float64) / 257
@@ -26,10 +26,16 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
+def _source(path_or_bytes):
+    """What PIL opens: a path as it is, encoded bytes (or a uint8 array of them) as a file."""
+    if isinstance(path_or_bytes, np.ndarray):
+        return io.BytesIO(path_or_bytes.data)
+    return io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, (bytes, bytearray, memoryview)) else path_or_bytes
+
+
 def load_rgb(path_or_bytes) -> Image.Image:
     """Decode a file (path) or encoded bytes fully; raises one of UNREADABLE for anything broken."""
-    source = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, (bytes, bytearray, memoryview)) else path_or_bytes
-    with Image.open(source) as image:
+    with Image.open(_source(path_or_bytes)) as image:
         image.load()
         return to_rgb(image)
 
@@ -39,23 +45,10 @@ def _upright_size(image: Image.Image) -> tuple[int, int]:
     return (height, width) if image.getexif().get(_ORIENTATION) in _TRANSPOSED else (width, height)
 
 
-def probe(path_or_bytes) -> tuple[int, int]:
-    """(width, height) of the upright image, after reading every byte so truncation shows; raises UNREADABLE.
-
-    JPEGs decode at 1/8 scale: the entropy-coded data is still read in full, at a fraction of the cost.
-    """
-    source = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, (bytes, bytearray, memoryview)) else path_or_bytes
-    with Image.open(source) as image:
-        size = _upright_size(image)
-        if image.format == "JPEG":
-            image.draft(image.mode, (max(1, image.width // 8), max(1, image.height // 8)))
-        image.load()
-    return size
-
-
-def upright_size(data) -> tuple[int, int]:
-    """(width, height) of encoded bytes after EXIF rotation, from the header alone."""
-    with Image.open(io.BytesIO(data)) as image:
+def upright_size(path_or_bytes) -> tuple[int, int]:
+    """(width, height) of a file (path) or encoded bytes after EXIF rotation, from the header alone; raises
+    one of UNREADABLE for what is not an image."""
+    with Image.open(_source(path_or_bytes)) as image:
         return _upright_size(image)
 
 

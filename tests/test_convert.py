@@ -306,3 +306,27 @@ def test_what_a_killed_conversion_left_is_removed_by_the_next(synth_folder, tmp_
     with pytest.raises(FileNotFoundError):
         shared_memory.SharedMemory(name=table.name)
     assert not (tmp_path / ".data.beton.table").exists()
+
+
+def test_a_file_that_fails_to_decode_while_written_is_skipped_and_the_beton_written_again(
+        synth_folder, tmp_path, monkeypatch, caplog):
+    """The first pass reads headers only, so a file truncated past its header (here: cut after that pass)
+    shows only when the writer decodes it: it is skipped with its reason, and the rest written again."""
+    from supmae.pipelines import convert as module
+    folder = tmp_path / "data"
+    shutil.copytree(synth_folder, folder)
+    victim = sorted(folder.glob("*/*.jpg"))[5]
+    first_pass = module._checked
+
+    def then_truncated(*args, **kwargs):
+        checked = first_pass(*args, **kwargs)
+        victim.write_bytes(victim.read_bytes()[:300])
+        return checked
+    monkeypatch.setattr(module, "_checked", then_truncated)
+    with caplog.at_level(logging.INFO, logger="supmae"):
+        sidecar = quiet_convert(folder, tmp_path / "out.beton")
+    assert (sidecar["num_samples"], sidecar["skipped"]) == (47, 1)
+    assert any("did not decode" in m and "again without them" in m for m in caplog.messages)
+    rows = (tmp_path / "out.beton.skipped.tsv").read_text().splitlines()[1:]
+    assert len(rows) == 1 and rows[0].startswith(str(victim)) and "truncated" in rows[0].lower()
+    assert len(open_source(str(tmp_path / "out.beton"))) == 47
