@@ -1,20 +1,30 @@
-"""Conversion throughput: the same captioned images converted from an image folder (with .txt captions beside
-them) and from webdataset tar shards of them, in one run, alternating, so the two compare as a ratio.
+"""Conversion throughput, two comparisons, each in one run, alternating, so they compare as ratios:
+
+- `--compare shards`: the same captioned images converted from an image folder (with .txt captions beside
+  them) and from webdataset tar shards of them (written from the folder's files once, 1,000 samples each);
+  the figures are the medians of the sidecars' images/s.
+- `--compare ffcv`: `supmae convert` against FFCV's bare writer as ffcv-imagenet's write_imagenet.py runs it
+  (a torchvision ImageFolder, RGBImageField and IntField, chunks of 100), on the photo corpus
+  (benchmarks/photos.py) with the same options and workers; the figures are wall seconds, and
+  `convert_vs_ffcv_writer` their ratio (below 1: supmae is faster).
 
     python -m benchmarks.conversion --images-per-class 200 --workers 2
-
-The shards are written from the folder's files once (1,000 samples each), then each source is converted
-`repeats` times in turn; the figures are the medians of the sidecars' images/s.
+    python -m benchmarks.conversion --compare ffcv --photos-per-class 250 --workers 2
 """
+import contextlib
+import dataclasses
+import io
 import os
 import statistics
 import sys
 import tarfile
 import tempfile
+import time
 
 if not __package__:  # run as a file, not with -m: the checkout's root holds benchmarks and supmae
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import main
+from benchmarks.photos import PHOTOS, photo_folder
 from supmae.core.options import Config, configuration, option
 from supmae.pipelines.config import ConvertConfig, ConvertOptions
 from supmae.pipelines.convert import convert
@@ -28,6 +38,10 @@ class ConversionBenchmark(Config):
     images_per_class: int = option(100, "images per class of the embedded dataset (10 classes)", at_least=1)
     workers: int | None = option(None, "conversion processes", at_least=1, shown="all cores")
     repeats: int = option(3, "conversions of each source; the figure is their median", at_least=1)
+    compare: str = option("shards", "folder against shards, or supmae convert against FFCV's bare writer",
+                          choices=("shards", "ffcv"))
+    photos_per_class: int = option(250, "--compare ffcv: photos per class of the photo corpus (8 classes)",
+                                   at_least=1)
     json: str | None = option(None, "write the results here", metavar="FILE")
 
 
@@ -45,6 +59,8 @@ def write_shards(folder: str, out: str, per_shard: int = 1000) -> str:
 
 
 def benchmark_conversion(cfg: ConversionBenchmark) -> dict:
+    if cfg.compare == "ffcv":
+        return _against_ffcv(cfg)
     folder = default_dataset(images_per_class=cfg.images_per_class)
     rates = {"folder": [], "shards": []}
     with tempfile.TemporaryDirectory() as work:
@@ -62,6 +78,47 @@ def benchmark_conversion(cfg: ConversionBenchmark) -> dict:
                 images_per_s=rates, median_images_per_s=medians, shards_vs_folder=medians["shards"] / medians["folder"])
 
 
+def _ffcv_writer(src: str, out: str, options: ConvertOptions, workers: int) -> None:
+    """ffcv-imagenet's write_imagenet.py, with supmae's storage options."""
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+    from torchvision.datasets import ImageFolder
+    writer = DatasetWriter(out, {"image": RGBImageField(write_mode=options.write_mode,
+                                                        max_resolution=options.max_resolution or None,  # pyright: ignore[reportArgumentType]
+                                                        jpeg_quality=options.jpeg_quality,
+                                                        compress_probability=options.compress_probability),
+                                 "label": IntField()}, num_workers=workers)
+    writer.from_indexed_dataset(ImageFolder(src), chunksize=100)
+
+
+def _against_ffcv(cfg: ConversionBenchmark) -> dict:
+    folder = photo_folder(cfg.photos_per_class)
+    workers, options = cfg.workers or os.cpu_count() or 1, ConvertOptions()
+    seconds = {"supmae": [], "ffcv": []}
+    with tempfile.TemporaryDirectory() as work:
+        runs = dict(supmae=lambda: convert(ConvertConfig(src=folder, out=os.path.join(work, "supmae.beton"),
+                                                         storage=options, workers=workers, force=True,
+                                                         progress=False)),
+                    ffcv=lambda: _ffcv_writer(folder, os.path.join(work, "ffcv.beton"), options, workers))
+        for repeat in range(cfg.repeats):  # every other repeat in the other order
+            for name, run in list(runs.items())[::1 if repeat % 2 == 0 else -1]:
+                with contextlib.redirect_stderr(io.StringIO()):  # FFCV's own progress bar
+                    started = time.perf_counter()
+                    run()
+                    seconds[name].append(time.perf_counter() - started)
+                print(f"{name:>7}: {seconds[name][-1]:.2f} s", flush=True)
+    medians = {name: statistics.median(s) for name, s in seconds.items()}
+    return dict(device=device_name("cpu"), commit=commit(), versions=versions("ffcv", "pillow", "torchvision"),
+                config=dict(images=len(PHOTOS) * cfg.photos_per_class, corpus="photos", workers=workers,
+                            repeats=cfg.repeats, options=dataclasses.asdict(options)),
+                seconds=seconds, median_seconds=medians, convert_vs_ffcv_writer=medians["supmae"] / medians["ffcv"])
+
+
+def describe(report: dict) -> str:
+    if "convert_vs_ffcv_writer" in report:
+        return f"supmae convert / FFCV's bare writer, wall time: {report['convert_vs_ffcv_writer']:.2f}x"
+    return f"shards / folder: {report['shards_vs_folder']:.2f}x"
+
+
 if __name__ == "__main__":
-    main(ConversionBenchmark, benchmark_conversion,
-         lambda report: f"shards / folder: {report['shards_vs_folder']:.2f}x")
+    main(ConversionBenchmark, benchmark_conversion, describe)

@@ -58,12 +58,17 @@ def write_photos(root: str, images_per_class: int, seed: int = 0) -> str:
     return root
 
 
+def photo_folder(images_per_class: int) -> str:
+    """The corpus of `images_per_class` photos a class under $SUPMAE_HOME, written once."""
+    return write_photos(os.path.join(supmae_home(), f"photos-{len(PHOTOS)}x{images_per_class}", "images"),
+                        images_per_class)
+
+
 def photo_beton(images_per_class: int, max_resolution: int, workers: int) -> str:
     """The corpus converted to a JPEG .beton whose longest side is at most `max_resolution`, made once."""
     from supmae.pipelines.convert import convert
-    home = os.path.join(supmae_home(), f"photos-{len(PHOTOS)}x{images_per_class}")
-    folder = write_photos(os.path.join(home, "images"), images_per_class)
-    beton = os.path.join(home, f"photos-{max_resolution}.beton")
+    folder = photo_folder(images_per_class)
+    beton = os.path.join(os.path.dirname(folder), f"photos-{max_resolution}.beton")
     if not os.path.exists(beton):
         convert(ConvertConfig(src=folder, out=beton, storage=ConvertOptions(max_resolution=max_resolution),
                               workers=workers, progress=False))
