@@ -5,11 +5,12 @@
 Rows: the tests that need CUDA; each Triton kernel against its eager twin at the shapes training
 passes (ViT-B/16 at batch 256, bf16); each kernel's bandwidth against a device copy; the compiled bf16
 step with kernels (fullgraph) and its MFU and ratio to the official-style step; the step under CUDA
-graphs; each installed loader engine, alone and end to end, on the embedded dataset; and the CLIP
-family's steps (FLIP against CLIP, MAE-CLIP) at the same model size; the fine-tuning step; each engine
-under fine-tuning's augmentation against the same engine without; and the step at each side a resolution
-schedule trains at. Beside the rows, the goals a GPU run is held to, measured against their targets. On a
-machine without CUDA the GPU rows are skipped and the rest runs, so nothing here first runs on a GPU.
+graphs; each installed loader engine, alone (images/s, and per busy core) and end to end, on the embedded
+dataset; the CLIP family's steps (FLIP against CLIP, MAE-CLIP) at the same model size; the fine-tuning
+step; each engine under fine-tuning's augmentation against the same engine without; and the step at each
+side a resolution schedule trains at. Beside the rows, the goals a GPU run is held to, measured against
+their targets. On a machine without CUDA the GPU rows are skipped and the rest runs, so nothing here first
+runs on a GPU.
 
 Writes benchmarks/results/<device>-<date>.json (device, versions, commit, every row and figure).
 Exit status 1 when a row failed; a missed goal is reported, not a failure.
@@ -32,7 +33,7 @@ if not __package__:  # run as a file, not with -m: the checkout's root holds ben
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.flip import FlipBenchmark, benchmark_flip
 from benchmarks.kernels import KernelBenchmark, benchmark_kernels
-from benchmarks.loaders import LoaderBenchmark, benchmark_loaders
+from benchmarks.loaders import LoaderBenchmark, benchmark_loaders, per_core
 from benchmarks.step import StepBenchmark, benchmark_step, describe
 from supmae.core.atomic import write_json
 from supmae.core.options import Config, configuration, from_command_line, items, option, section
@@ -266,7 +267,8 @@ def row_engine(engine):
         loader, end = (stages[s]["images_per_s"]["median"] for s in ("loader", "end_to_end"))
         summary.setdefault("engines", {})[engine] = stages
         summary[f"{engine}_loader_images_per_s"] = loader
-        text = f"loader {loader:.0f} img/s, end to end {end:.0f} img/s"
+        summary[f"{engine}_loader_images_per_s_per_core"] = busy = per_core(stages["loader"])
+        text = f"loader {loader:.0f} img/s ({busy:.0f} per busy core), end to end {end:.0f} img/s"
         if "step_images_per_s" in summary:
             summary[f"{engine}_end_to_end_fraction_of_step"] = end / summary["step_images_per_s"]
             text += f" = {end / summary['step_images_per_s']:.0%} of the step"
