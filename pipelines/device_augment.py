@@ -275,6 +275,7 @@ class RandomErasing:
 
     def __init__(self, probability: float, seed: int):
         self.probability, self.seed = probability, seed
+        self._generator: torch.Generator | None = None  # one, reseeded for each batch's noise
 
     def __call__(self, images: torch.Tensor, index: int) -> torch.Tensor:
         n, channels, height, width = images.shape
@@ -286,6 +287,8 @@ class RandomErasing:
         rows = torch.arange(height, device=images.device).view(1, height, 1)
         cols = torch.arange(width, device=images.device).view(1, 1, width)
         inside = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)
-        generator = torch.Generator(images.device).manual_seed(int(rng.integers(2 ** 63)))
-        noise = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
+        if self._generator is None or self._generator.device != images.device:
+            self._generator = torch.Generator(images.device)
+        self._generator.manual_seed(int(rng.integers(2 ** 63)))
+        noise = torch.randn(images.shape, generator=self._generator, device=images.device, dtype=images.dtype)
         return torch.where(inside.unsqueeze(1), noise, images)

@@ -63,7 +63,7 @@ def _stage(run: Run, stage: str, options: ProfileConfig) -> dict:
     change it between epochs)."""
     cfg = run.cfg
     spec = run.loader_spec()
-    side = spec.side(spec.schedule(len(run.source)).batch(spec.start)[0])  # the side of the run's next epoch
+    side = spec.side(spec.start // spec.schedule(len(run.source)).batches_per_epoch)  # the next batch's epoch
     if stage == "loader":
         return dict(measure_loader(run.engine, run.source, spec, steps=options.steps, warmup=options.warmup,
                                    window=options.window), img_size=side)
