@@ -3,11 +3,12 @@ and the linear probe's crops scale 0.08-1, timm's and torchvision's default), an
 centre square of 87.5% of the shorter side.
 
 Every engine crops with these semantics (torchvision's RandomResizedCrop; FFCV's centre crop), so their
-batches are statistically the same whichever engine decodes them; the torch and DALI engines draw the
-very same boxes and flips from (seed, epoch, index).
+batches are statistically the same whichever engine decodes them; all three engines draw the very same boxes
+and flips from (seed, epoch, index).
 """
 import math
 
+import numba
 import numpy as np
 from PIL import Image
 
@@ -20,43 +21,65 @@ FLIP_PROBABILITY = 0.5
 EVAL_CROP_FRACTION = 0.875
 
 
-def sample_crop(width: int, height: int, rng: np.random.Generator, *,
-                scale=CROP_SCALE, ratio=CROP_RATIO) -> tuple[int, int, int, int]:
-    """A random (left, top, width, height) box covering `scale` of the area at an aspect in `ratio`."""
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+@numba.njit(cache=True)
+def _mix(x):
+    """splitmix64's finaliser: a bijection of 64-bit words whose outputs pass as independent uniforms."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+@numba.njit(cache=True)
+def _uniform(key, draw):
+    """The `draw`-th uniform in [0, 1) of the stream `key`: a counter-based generator, so the same numbers come
+    out of compiled loader threads, worker processes and the main process alike."""
+    return float(_mix(key + np.uint64(draw + 1) * _GOLDEN) >> np.uint64(11)) * 2.0 ** -53
+
+
+@numba.njit(cache=True)
+def view(width, height, seed, epoch, index, train, scale_low, scale_high, fraction):
+    """(left, top, width, height, flip) of one sample's view; numba-compiled, as compiled pipelines call it."""
+    if not train:  # the centre square of `fraction` of the shorter side
+        side = int(fraction * min(width, height))
+        return (width - side) // 2, (height - side) // 2, side, side, False
+    key = _mix(_mix(_mix(np.uint64(seed)) ^ np.uint64(epoch)) ^ np.uint64(index))
     area = width * height
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target_area = area * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w = round(math.sqrt(target_area * aspect))
-        h = round(math.sqrt(target_area / aspect))
+    log_low, log_high = math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])
+    flip = _uniform(key, 40) < FLIP_PROBABILITY
+    for attempt in range(10):  # torchvision's RandomResizedCrop
+        target_area = area * (scale_low + (scale_high - scale_low) * _uniform(key, 4 * attempt))
+        aspect = math.exp(log_low + (log_high - log_low) * _uniform(key, 4 * attempt + 1))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
         if 0 < w <= width and 0 < h <= height:
-            return int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h
+            left = int(_uniform(key, 4 * attempt + 2) * (width - w + 1))
+            top = int(_uniform(key, 4 * attempt + 3) * (height - h + 1))
+            return left, top, w, h, flip
     # Ten misses: a centre crop at the nearest allowed aspect, as torchvision does.
-    if width / height < ratio[0]:
-        w, h = width, round(width / ratio[0])
-    elif width / height > ratio[1]:
-        w, h = round(height * ratio[1]), height
+    if width / height < CROP_RATIO[0]:
+        w, h = width, int(round(width / CROP_RATIO[0]))
+    elif width / height > CROP_RATIO[1]:
+        w, h = int(round(height * CROP_RATIO[1])), height
     else:
         w, h = width, height
-    return (width - w) // 2, (height - h) // 2, w, h
+    return (width - w) // 2, (height - h) // 2, w, h, flip
 
 
 def center_crop(width: int, height: int, fraction: float = EVAL_CROP_FRACTION) -> tuple[int, int, int, int]:
-    side = int(fraction * min(width, height))
-    return (width - side) // 2, (height - side) // 2, side, side
+    return crop_and_flip(width, height, seed=0, epoch=0, index=0, train=False, fraction=fraction)[0]
 
 
 def crop_and_flip(width: int, height: int, *, seed: int, epoch: int, index: int, train: bool,
                   scale: tuple[float, float] = CROP_SCALE,
                   fraction: float = EVAL_CROP_FRACTION) -> tuple[tuple[int, int, int, int], bool]:
     """The (left, top, width, height) box and flip of one sample's view, a function of its key alone: a random
-    resized crop of `scale` of the area, or without `train` the centre square of `fraction` of the shorter side."""
-    if not train:
-        return center_crop(width, height, fraction), False
-    rng = np.random.default_rng((seed, epoch, index))
-    box = sample_crop(width, height, rng, scale=scale)
-    return box, bool(rng.random() < FLIP_PROBABILITY)
+    resized crop of `scale` of the area, or without `train` the centre square of `fraction` of the shorter side.
+    The FFCV engine's compiled decoder calls `view` itself."""
+    left, top, w, h, flip = view(width, height, seed, epoch, index, train, scale[0], scale[1], fraction)
+    return (left, top, w, h), flip
 
 
 def crop_resize_flip(image: Image.Image, size: int, box: tuple[int, int, int, int], flip: bool) -> Image.Image:

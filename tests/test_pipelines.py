@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from supmae.core.errors import SupmaeError
-from supmae.pipelines.augment import IMAGENET_MEAN, IMAGENET_STD, crop_and_flip, crop_resize_flip, sample_crop
+from supmae.pipelines.augment import IMAGENET_MEAN, IMAGENET_STD, crop_and_flip, crop_resize_flip
 from supmae.pipelines.loader import LoaderSpec, create_loader
 from supmae.pipelines.masking import MaskSampler
 from supmae.pipelines.sources import open_source, scan_image_folder
@@ -46,10 +46,9 @@ def test_scan_finds_nested_images_and_rejects_bad_roots(tmp_path):
 
 
 def test_crop_area_and_aspect_statistics():
-    rng = np.random.default_rng(0)
     areas, aspects = [], []
-    for _ in range(4000):
-        left, top, w, h = sample_crop(500, 375, rng)
+    for index in range(4000):
+        (left, top, w, h), _ = crop_and_flip(500, 375, seed=0, epoch=0, index=index, train=True)
         assert 0 <= left and left + w <= 500 and 0 <= top and top + h <= 375
         areas.append(w * h / (500 * 375))
         aspects.append(w / h)
