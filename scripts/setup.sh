@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates (or reuses) the virtual environment .venv in this checkout and installs supmae into it with
-# everything it needs. Safe to run again: it only installs when pyproject.toml changed.
+# everything it needs. Safe to run again: it only installs when the build's inputs changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -18,34 +18,35 @@ if ! "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null; then
   fi
 fi
 
-# ffcv compiles its decoder against libjpeg-turbo and OpenCV, found through pkg-config.
-if ! { command -v pkg-config >/dev/null && pkg-config --exists libturbojpeg && pkg-config --exists opencv4; }; then
+# ffcv and supmae's JPEG view decoder compile against libjpeg-turbo and OpenCV, found through pkg-config.
+if ! { command -v pkg-config >/dev/null && pkg-config --exists libturbojpeg libjpeg opencv4; }; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "setup: installing libturbojpeg0-dev, libopencv-dev and pkg-config for ffcv (first time: a few minutes)" >&2
+    echo "setup: installing libturbojpeg0-dev, libjpeg-dev, libopencv-dev and pkg-config (first time: a few minutes)" >&2
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-      libturbojpeg0-dev libopencv-dev pkg-config >/dev/null
+      libturbojpeg0-dev libjpeg-dev libopencv-dev pkg-config >/dev/null
   else
-    echo "ffcv needs libjpeg-turbo and OpenCV development files and pkg-config;" \
-         "install them first (Debian/Ubuntu: libturbojpeg0-dev libopencv-dev pkg-config)" >&2; exit 1
+    echo "ffcv and supmae's JPEG decoder need libjpeg-turbo and OpenCV development files and pkg-config;" \
+         "install them first (Debian/Ubuntu: libturbojpeg0-dev libjpeg-dev libopencv-dev pkg-config)" >&2; exit 1
   fi
 fi
 
-# Triton builds a small C launcher the first time it runs on a GPU: it needs a C compiler and Python's headers.
+# ffcv and supmae's JPEG decoder are C++; Triton builds a small C launcher the first time it runs on a GPU.
 include=$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
-if ! { command -v cc >/dev/null && [ -f "$include/Python.h" ]; }; then
+if ! { command -v cc >/dev/null && command -v c++ >/dev/null && [ -f "$include/Python.h" ]; }; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     ver=$("$PYTHON" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
-    echo "setup: installing a C compiler and Python $ver headers for Triton's launcher" >&2
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc "python$ver-dev" >/dev/null
+    echo "setup: installing C and C++ compilers and Python $ver headers" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc g++ "python$ver-dev" >/dev/null
   else
-    echo "Triton needs a C compiler and Python's headers on a GPU host; install them first" \
-         "(Debian/Ubuntu: gcc python3-dev)" >&2; exit 1
+    echo "supmae needs C and C++ compilers and Python's headers; install them first" \
+         "(Debian/Ubuntu: gcc g++ python3-dev)" >&2; exit 1
   fi
 fi
 
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 stamp=.venv/.supmae-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] \
+   || [ pipelines/jpeg_crop.cpp -nt "$stamp" ] || ! ls pipelines/_jpeg_crop.*.so >/dev/null 2>&1; then
   echo "setup: installing supmae and its dependencies into .venv (first time: a few minutes)" >&2
   # The registry's torch/torchvision builds are the CUDA ones; they run on CPU-only machines as well.
   .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]" 2>&1 \
