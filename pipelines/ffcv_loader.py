@@ -1,9 +1,10 @@
-"""The FFCV engine: .beton samples decoded and random-resized-cropped in one pass by FFCV's JIT-compiled
-threads, flipped, moved to the device as uint8, augmented (RandAugment, random erasing) and normalised there.
+"""The FFCV engine: .beton samples cropped, decoded (only the part the crop keeps), resized and flipped in one
+pass by FFCV's JIT-compiled threads, moved to the device as uint8, augmented (RandAugment, random erasing) and
+normalised there.
 
 It follows the shared `Schedule` (FFCV's own quasi-random order is offered for process-cached datasets
-larger than memory). Crops and flips come from FFCV's per-thread generators: the same distribution as
-the other engines, but not reproducible from the seed.
+larger than memory), and draws its crops and flips from (seed, epoch, index) as the other engines do, so a
+run repeated or resumed sees the same views.
 """
 import contextlib
 import gc
@@ -20,19 +21,14 @@ from supmae.pipelines.torch_threads import keep_torch_threads
 with keep_torch_threads():
     from ffcv.fields.basics import IntDecoder
     from ffcv.fields.ndarray import NDArrayDecoder
-    from ffcv.fields.rgb_image import (
-        CenterCropRGBImageDecoder,
-        RandomResizedCropRGBImageDecoder,
-        ResizedCropRGBImageDecoder,
-    )
     from ffcv.loader import Loader
-    from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor
+    from ffcv.transforms import Squeeze, ToDevice, ToTensor
     from ffcv.traversal_order.base import TraversalOrder
     from ffcv.traversal_order.quasi_random import QuasiRandom
 
 from supmae.core.errors import SupmaeError
-from supmae.pipelines.augment import CROP_RATIO, FLIP_PROBABILITY
 from supmae.pipelines.batch import Batch
+from supmae.pipelines.ffcv_decoder import ViewDecoder
 from supmae.pipelines.order import Schedule
 from supmae.pipelines.sources import BetonSource
 
@@ -109,17 +105,12 @@ class FFCVLoader:
             logger.warning(f"the ffcv loader runs at most {self.workers} threads here (numba's NUMBA_NUM_THREADS): "
                            f"using {self.workers}, not {spec.workers}")
 
-    def _loader(self, first_epoch: int, skip: int) -> tuple[Loader, ResizedCropRGBImageDecoder]:
+    def _loader(self, first_epoch: int, skip: int) -> tuple[Loader, ViewDecoder]:
         """A loader from `first_epoch` on, less its first `skip` batches, and its decoder."""
         spec, device = self.spec, torch.device(self.spec.device)
-        size = (spec.img_size, spec.img_size)
-        if spec.train:
-            decoder = RandomResizedCropRGBImageDecoder(size, scale=spec.crop_scale, ratio=CROP_RATIO)
-            images = [decoder, RandomHorizontalFlip(FLIP_PROBABILITY)]
-        else:
-            decoder = CenterCropRGBImageDecoder(size, ratio=spec.center_fraction)
-            images = [decoder]
-        images, labels = images + [ToTensor()], [IntDecoder(), ToTensor(), Squeeze(1)]
+        decoder = ViewDecoder((spec.img_size, spec.img_size), seed=spec.seed, train=spec.train,
+                              scale=spec.crop_scale, fraction=spec.center_fraction)
+        images, labels = [decoder, ToTensor()], [IntDecoder(), ToTensor(), Squeeze(1)]
         tokens = [NDArrayDecoder(), ToTensor()]
         if device.type == "cuda":  # uint8 crosses on FFCV's own copy streams
             images, labels, tokens = ([*ops, ToDevice(device, non_blocking=True)] for ops in (images, labels, tokens))
@@ -145,11 +136,11 @@ class FFCVLoader:
                 return
             epoch += 1
 
-    def _epoch(self, loader: Loader, decoder: ResizedCropRGBImageDecoder, epoch: int):
+    def _epoch(self, loader: Loader, decoder: ViewDecoder, epoch: int):
         # FFCV sizes its buffers from the decoder's output size as each epoch starts (as FFCV's ImageNet
         # recipe changes resolution between epochs), so the scheduled side needs no loader of its own.
         side = self.spec.side(epoch)
-        decoder.output_size = (side, side)
+        decoder.output_size, decoder.epoch = (side, side), epoch
         with keep_torch_threads():  # FFCV sets them again for every epoch
             batches = iter(loader)
         yield from batches

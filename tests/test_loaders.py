@@ -26,7 +26,7 @@ from supmae.pipelines.sources import open_source
 from supmae.training.config import PretrainConfig
 
 SIZE, BATCH = 32, 16
-ENGINES = [("torch", "folder"), ("torch", "raw"), ("ffcv", "raw"), ("dali", "folder"), ("dali", "raw")]
+ENGINES = [("torch", "folder"), ("torch", "raw"), ("ffcv", "raw"), ("ffcv", "jpg"), ("dali", "folder"), ("dali", "raw")]
 
 
 def spec(**overrides) -> LoaderSpec:
@@ -108,9 +108,10 @@ def test_crop_area_aspect_and_flip_statistics(views, engine, kind):
     assert 0.38 < flipped.mean() < 0.62
 
 
-def test_torch_and_dali_draw_the_same_views(views):
-    """Both take boxes and flips from (seed, epoch, index): only their resamplers differ."""
-    for a, b in zip(views["torch", "folder"], views["dali", "raw"]):
+@pytest.mark.parametrize("engine,kind", [("dali", "raw"), ("ffcv", "raw"), ("ffcv", "jpg")])
+def test_every_engine_draws_the_same_views(views, engine, kind):
+    """All take boxes and flips from (seed, epoch, index): only their decoders and resamplers differ."""
+    for a, b in zip(views["torch", "folder"], views[engine, kind]):
         assert torch.equal(a.labels, b.labels)
         assert torch.equal(a.masking.ids_keep, b.masking.ids_keep)
         assert np.abs(pixels(a) - pixels(b)).mean() < 2.0
@@ -124,9 +125,8 @@ def test_every_engine_follows_the_same_schedule(views):
             assert torch.equal(a.masking.mask, b.masking.mask), key
 
 
-@pytest.mark.parametrize("engine", ["torch", "dali"])
-def test_views_are_a_function_of_the_seed_and_resume_exactly(coordinates, views, engine):
-    kind = "raw"
+@pytest.mark.parametrize("engine,kind", [("torch", "raw"), ("dali", "raw"), ("ffcv", "raw"), ("ffcv", "jpg")])
+def test_views_are_a_function_of_the_seed_and_resume_exactly(coordinates, views, engine, kind):
     full = views[engine, kind]
     again = take(engine, coordinates[kind], 3, workers=1)
     resumed = take(engine, coordinates[kind], 4, start=3)  # batch 3 is mid-epoch 1
@@ -137,14 +137,6 @@ def test_views_are_a_function_of_the_seed_and_resume_exactly(coordinates, views,
         assert a.masking is not None and b.masking is not None and torch.equal(a.masking.ids_keep, b.masking.ids_keep)
     other = take(engine, coordinates[kind], 1, seed=1)[0]
     assert not torch.equal(other.images, full[0].images)
-
-
-def test_ffcv_resumes_on_the_schedule(coordinates, views):
-    """FFCV's crops come from its own generators; its order and masks still resume exactly."""
-    resumed = take("ffcv", coordinates["raw"], 4, start=3)
-    for a, b in zip(views["ffcv", "raw"][3:], resumed):
-        assert a.masking is not None and b.masking is not None
-        assert torch.equal(a.labels, b.labels) and torch.equal(a.masking.ids_keep, b.masking.ids_keep)
 
 
 def test_ffcv_silences_numbas_finalizer_errors_only_while_it_iterates(coordinates, capfd):
