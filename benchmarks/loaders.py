@@ -21,7 +21,7 @@ from benchmarks.photos import photo_beton
 from supmae.core.options import Config, configuration, items, option, section
 from supmae.evaluation.config import FinetuneConfig
 from supmae.pipelines.engines import ENGINES
-from supmae.pipelines.loader import LoaderSpec
+from supmae.pipelines.loader import LoaderSpec, create_loader
 from supmae.pipelines.masking import MaskSampler, TextMaskSampler
 from supmae.pipelines.sources import open_source
 from supmae.pipelines.synthetic import default_dataset
@@ -91,8 +91,8 @@ def benchmark_loaders(cfg: LoaderBenchmark) -> dict:
                           rand_augment=FINETUNE_RAND_AUGMENT if augment else "",
                           erase=FINETUNE_ERASE if augment else 0.0)
         name = engine if setting == "images" else f"{engine}+{setting}"
-        r = measure_loader(engine, source, spec, steps=cfg.batches * cfg.passes, warmup=cfg.warmup + 1,
-                           window=cfg.batches)
+        r = measure_loader(create_loader(engine, source, spec), spec, steps=cfg.batches * cfg.passes,
+                           warmup=cfg.warmup + 1, window=cfg.batches)
         results.setdefault(name, dict(rounds=[]))["rounds"].append(r)
         rate = r["images_per_s"]
         print(f"{name:>13}: {rate['median']:8.1f} images/s (min {rate['min']:.1f}, max {rate['max']:.1f}); "

@@ -21,7 +21,9 @@ from supmae.pipelines.torch_threads import keep_torch_threads
 with keep_torch_threads():
     from ffcv.fields.basics import IntDecoder
     from ffcv.fields.ndarray import NDArrayDecoder
+    from ffcv.fields.rgb_image import ResizedCropRGBImageDecoder
     from ffcv.loader import Loader
+    from ffcv.pipeline.operation import Operation
     from ffcv.transforms import Squeeze, ToDevice, ToTensor
     from ffcv.traversal_order.base import TraversalOrder
     from ffcv.traversal_order.quasi_random import QuasiRandom
@@ -105,16 +107,22 @@ class FFCVLoader:
             logger.warning(f"the ffcv loader runs at most {self.workers} threads here (numba's NUMBA_NUM_THREADS): "
                            f"using {self.workers}, not {spec.workers}")
 
-    def _loader(self, first_epoch: int, skip: int) -> tuple[Loader, ViewDecoder]:
+    def views(self) -> tuple[ResizedCropRGBImageDecoder, list[Operation]]:
+        """The decoder from stored image to uint8 view, and the operations after it."""
+        spec = self.spec
+        return ViewDecoder((spec.img_size, spec.img_size), seed=spec.seed, train=spec.train,
+                           scale=spec.crop_scale, fraction=spec.center_fraction), []
+
+    def _loader(self, first_epoch: int, skip: int) -> tuple[Loader, ResizedCropRGBImageDecoder]:
         """A loader from `first_epoch` on, less its first `skip` batches, and its decoder."""
         spec, device = self.spec, torch.device(self.spec.device)
-        decoder = ViewDecoder((spec.img_size, spec.img_size), seed=spec.seed, train=spec.train,
-                              scale=spec.crop_scale, fraction=spec.center_fraction)
-        images, labels = [decoder, ToTensor()], [IntDecoder(), ToTensor(), Squeeze(1)]
-        tokens = [NDArrayDecoder(), ToTensor()]
+        decoder, after = self.views()
+        images: list[Operation] = [decoder, *after, ToTensor()]
+        labels: list[Operation] = [IntDecoder(), ToTensor(), Squeeze(1)]
+        tokens: list[Operation] = [NDArrayDecoder(), ToTensor()]
         if device.type == "cuda":  # uint8 crosses on FFCV's own copy streams
             images, labels, tokens = ([*ops, ToDevice(device, non_blocking=True)] for ops in (images, labels, tokens))
-        pipelines = {"image": images, "label": labels}
+        pipelines: dict[str, list[Operation] | None] = {"image": images, "label": labels}
         if self.source.captioned:  # fields FFCV would otherwise decode too: the tokens when asked for, never the text
             pipelines.update(tokens=tokens if spec.text else None, text=None)
         with keep_torch_threads():
@@ -122,7 +130,7 @@ class FFCVLoader:
                           os_cache=spec.os_cache, seed=spec.seed, drop_last=True,
                           order=_Order(self.schedule, first_epoch=first_epoch, skip=skip,
                                                quasi_random=spec.order == "quasi_random"),
-                          pipelines=pipelines), decoder
+                          pipelines=pipelines), decoder  # pyright: ignore[reportArgumentType] (None: not decoded)
 
     def _pixels(self):
         epoch, skip = divmod(self.spec.start, self.schedule.batches_per_epoch)
@@ -136,11 +144,13 @@ class FFCVLoader:
                 return
             epoch += 1
 
-    def _epoch(self, loader: Loader, decoder: ViewDecoder, epoch: int):
+    def _epoch(self, loader: Loader, decoder: ResizedCropRGBImageDecoder, epoch: int):
         # FFCV sizes its buffers from the decoder's output size as each epoch starts (as FFCV's ImageNet
         # recipe changes resolution between epochs), so the scheduled side needs no loader of its own.
         side = self.spec.side(epoch)
-        decoder.output_size, decoder.epoch = (side, side), epoch
+        decoder.output_size = (side, side)
+        if isinstance(decoder, ViewDecoder):  # FFCV's own decoders draw from their generators instead
+            decoder.epoch = epoch
         with keep_torch_threads():  # FFCV sets them again for every epoch
             batches = iter(loader)
         yield from batches

@@ -17,7 +17,7 @@ from supmae.core.atomic import write_json
 from supmae.models.fast import apply_kernels
 from supmae.models.trunk import MaskedViT
 from supmae.pipelines.batch import Batch
-from supmae.pipelines.loader import LoaderSpec, buffered_batches, create_loader, open_batches
+from supmae.pipelines.loader import Engine, LoaderSpec, buffered_batches, create_loader, open_batches
 from supmae.pipelines.text import CONTEXT, special_tokens
 from supmae.profiling.config import ProfileConfig
 from supmae.profiling.measure import commit, device_name, flops_of, matmul_rate, measure, versions
@@ -48,10 +48,10 @@ def synthetic_batch(model: MaskedViT, *, batch_size: int, num_classes: int, devi
                  text_masks(tokens, 0) if text_masks is not None and tokens is not None else None)
 
 
-def measure_loader(engine: str, source, spec: LoaderSpec, *, steps: int, warmup: int, window: int) -> dict:
+def measure_loader(loader: Engine, spec: LoaderSpec, *, steps: int, warmup: int, window: int) -> dict:
     """The loader alone: batches delivered to the device, normalised and masked, with no model. Its warm-up
     drains what the workers prepared while it started, so the figure is the rate, not the buffer."""
-    with open_batches(create_loader(engine, source, spec)) as batches:
+    with open_batches(loader) as batches:
         def next_batch() -> None:
             next(batches)
         return measure(next_batch, spec.batch_size, device=spec.device, steps=steps,
@@ -65,8 +65,8 @@ def _stage(run: Run, stage: str, options: ProfileConfig) -> dict:
     spec = run.loader_spec()
     side = spec.side(spec.start // spec.schedule(len(run.source)).batches_per_epoch)  # the next batch's epoch
     if stage == "loader":
-        return dict(measure_loader(run.engine, run.source, spec, steps=options.steps, warmup=options.warmup,
-                                   window=options.window), img_size=side)
+        return dict(measure_loader(create_loader(run.engine, run.source, spec), spec, steps=options.steps,
+                                   warmup=options.warmup, window=options.window), img_size=side)
     autocast = autocast_for(run.device, run.precision)
     timed = functools.partial(measure, device=run.device, steps=options.steps, warmup=options.warmup,
                               window=options.window)
