@@ -15,6 +15,7 @@ if not __package__:  # run as a file, not with -m: the checkout's root holds ben
 from benchmarks import main
 from benchmarks.loaders import NODE_CORES_PER_GPU, per_core
 from benchmarks.photos import photo_beton
+from supmae.core.errors import SupmaeError
 from supmae.core.options import Config, configuration, items, option
 from supmae.pipelines.augment import CROP_RATIO, CROP_SCALE, FLIP_PROBABILITY
 from supmae.pipelines.ffcv_loader import FFCVLoader
@@ -61,7 +62,10 @@ class CropDecodeBenchmark(Config):
 
 def benchmark_crop_decode(cfg: CropDecodeBenchmark) -> dict:
     workers = loader_workers(cfg.workers or os.cpu_count())
-    sides, cpu = [int(side) for side in items(cfg.max_res)], torch.device("cpu")
+    cpu = torch.device("cpu")
+    sides = [int(side) for side in items(cfg.max_res) if side.isdigit() and int(side) >= 8]
+    if len(sides) != len(items(cfg.max_res)):
+        raise SupmaeError(f"--max-res takes sides of 8 pixels or more, comma-separated, not {cfg.max_res!r}")
     results: dict[str, dict] = {}
     for side in sides:
         source = open_source(photo_beton(cfg.photos_per_class, side, workers))
