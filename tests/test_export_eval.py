@@ -70,7 +70,7 @@ def short_runs(tmp_path_factory):
     """Same-length SupMAE and MAE runs on the embedded-style data, and a held-out split drawn with another seed."""
     root = tmp_path_factory.mktemp("short")
     train = write_synthetic(str(root / "train"), num_classes=4, images_per_class=16, seed=0, workers=1)
-    val = write_synthetic(str(root / "val"), num_classes=4, images_per_class=10, seed=1, workers=1)
+    val = write_synthetic(str(root / "val"), num_classes=4, images_per_class=20, seed=1, workers=1)
     checkpoints = {}
     for model in ("supmae_vit_tiny_patch16", "mae_vit_tiny_patch16"):
         checkpoints[model] = pretrain(PretrainConfig.of(
@@ -83,7 +83,7 @@ def test_short_supmae_run_beats_chance_and_a_same_length_mae_run(short_runs):
     train, val, checkpoints = short_runs
     top1 = {m: eval_knn(KnnConfig(checkpoint=c, train=train, val=val, k=10))["top1"] for m, c in checkpoints.items()}
     assert top1["supmae_vit_tiny_patch16"] >= 0.25 + 0.4  # chance is 25%
-    assert top1["supmae_vit_tiny_patch16"] > top1["mae_vit_tiny_patch16"] + 0.1
+    assert top1["supmae_vit_tiny_patch16"] > top1["mae_vit_tiny_patch16"] + 0.05  # more than 4 of 80 images
 
 
 def test_linear_probe_and_finetune_report_top1(capsys, short_runs, tmp_path):
