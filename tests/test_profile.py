@@ -193,8 +193,11 @@ def test_benchmark_suite_writes_a_consistent_summary(synth_folder, tmp_path):
     assert s["step_vs_official"] == pytest.approx(s["step_images_per_s"] / official)
     stages = s["engines"]["torch"]
     assert s["torch_loader_images_per_s"] == stages["loader"]["images_per_s"]["median"]
-    # Per busy core: at least the rate over all the machine's cores, which the engine cannot exceed keeping busy.
-    assert s["torch_loader_images_per_s_per_core"] >= s["torch_loader_images_per_s"] / os.cpu_count()
+    # Per busy core: the rate over the cores the engine's own processes kept busy (a formula, not a timing: on a
+    # span this short, CPU-time ticks can make the busy cores read above the machine's count)
+    loader = stages["loader"]
+    busy = loader["cpu_percent"] / 100 * len(loader["cpu_percent_per_core"])
+    assert s["torch_loader_images_per_s_per_core"] == pytest.approx(s["torch_loader_images_per_s"] / busy)
     assert s["torch_end_to_end_fraction_of_step"] == pytest.approx(
         stages["end_to_end"]["images_per_s"]["median"] / s["step_images_per_s"])
     goals = {g["goal"]: g for g in report["goals"]}
