@@ -132,6 +132,11 @@ class FFCVLoader:
                                                quasi_random=spec.order == "quasi_random"),
                           pipelines=pipelines), decoder  # pyright: ignore[reportArgumentType] (None: not decoded)
 
+    def pixels(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        """The views as FFCV's threads deliver them: uint8 (B, H, W, 3) with labels (and tokens), before
+        `device_batches` normalises and masks them on the device; on a GPU host, the whole of the host's work."""
+        return _quieted(self._pixels())
+
     def _pixels(self):
         epoch, skip = divmod(self.spec.start, self.schedule.batches_per_epoch)
         if skip:  # FFCV fixes an epoch's length at construction, so a part epoch gets a loader of its own
@@ -156,8 +161,7 @@ class FFCVLoader:
         yield from batches
 
     def __iter__(self) -> Iterator[Batch]:
-        spec = self.spec
-        return _quieted(spec.device_batches(self._pixels()))
+        return self.spec.device_batches(self.pixels())
 
 
 def _quieted(batches):

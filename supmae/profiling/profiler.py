@@ -10,6 +10,7 @@ import functools
 import logging
 import os
 import time
+from collections.abc import Iterable
 
 import torch
 
@@ -17,7 +18,7 @@ from supmae.core.atomic import write_json
 from supmae.models.fast import apply_kernels
 from supmae.models.trunk import MaskedViT
 from supmae.pipelines.batch import Batch
-from supmae.pipelines.loader import Engine, LoaderSpec, buffered_batches, create_loader, open_batches
+from supmae.pipelines.loader import LoaderSpec, buffered_batches, create_loader, open_batches
 from supmae.pipelines.text import CONTEXT, special_tokens
 from supmae.profiling.config import ProfileConfig
 from supmae.profiling.measure import commit, device_name, flops_of, matmul_rate, measure, versions
@@ -48,9 +49,9 @@ def synthetic_batch(model: MaskedViT, *, batch_size: int, num_classes: int, devi
                  text_masks(tokens, 0) if text_masks is not None and tokens is not None else None)
 
 
-def measure_loader(loader: Engine, spec: LoaderSpec, *, steps: int, warmup: int, window: int) -> dict:
-    """The loader alone: batches delivered to the device, normalised and masked, with no model. Its warm-up
-    drains what the workers prepared while it started, so the figure is the rate, not the buffer."""
+def measure_loader(loader: Iterable, spec: LoaderSpec, *, steps: int, warmup: int, window: int) -> dict:
+    """The loader alone (an engine: batches delivered to the device, normalised and masked), with no model. Its
+    warm-up drains what the workers prepared while it started, so the figure is the rate, not the buffer."""
     with open_batches(loader) as batches:
         def next_batch() -> None:
             next(batches)
