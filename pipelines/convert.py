@@ -21,6 +21,7 @@ import time
 from multiprocessing import shared_memory
 from typing import NamedTuple
 
+import cv2
 import numpy as np
 from tqdm import tqdm
 
@@ -28,7 +29,7 @@ from supmae.core.atomic import leftovers, replaced, write_text
 from supmae.core.errors import SupmaeError
 from supmae.core.lock import exclusive
 from supmae.pipelines.config import ConvertConfig
-from supmae.pipelines.decode import UNREADABLE, load_rgb, upright_size
+from supmae.pipelines.decode import UNREADABLE, load_reduced_rgb, load_rgb, upright_size
 from supmae.pipelines.samples import IMAGE_EXTENSIONS, CaptionError, image_input, read_caption
 from supmae.pipelines.sources import scan_images, sidecar_path
 from supmae.pipelines.text import CONTEXT, encode, identity, tokenizer
@@ -158,8 +159,9 @@ class _Images:
     and a worker that raised would hang the writer), so it is written as one black pixel and flagged; the
     .beton is then written again without it."""
 
-    def __init__(self, samples: list, captions: "list | None", failed):
+    def __init__(self, samples: list, captions: "list | None", failed, max_resolution: int):
         self.samples, self.captions, self.failed = samples, captions, failed
+        self.max_resolution = max_resolution
 
     def __len__(self):
         return len(self.samples)
@@ -168,7 +170,10 @@ class _Images:
         location, label = self.samples[index]
         np.random.seed(index)  # FFCV's proportion mode draws from numpy's global generator
         try:
-            pixels = np.asarray(load_rgb(image_input(location)))
+            image, full = load_reduced_rgb(image_input(location), self.max_resolution)
+            pixels = np.asarray(image)
+            if pixels.shape[1::-1] != full:  # decoded at a DCT scale: shrunk the rest of the way as FFCV would
+                pixels = cv2.resize(pixels, _stored_size(*full, self.max_resolution), interpolation=cv2.INTER_AREA)
             text = read_caption(self.captions[index]) if self.captions is not None else ""
         except (*UNREADABLE, CaptionError):
             self.failed[index] = 1
@@ -330,7 +335,7 @@ def _write_beton(tmp: str, checked: _Checked, options, *, workers: int, record: 
                          record=record)
         # FFCV draws its own progress bar on stderr; without --progress it is not shown.
         with contextlib.nullcontext() if progress else contextlib.redirect_stderr(io.StringIO()):
-            writer.from_indexed_dataset(_Images(samples, captions, failed))
+            writer.from_indexed_dataset(_Images(samples, captions, failed, options.max_resolution))
         if interrupted:
             raise KeyboardInterrupt
         return [int(i) for i in np.flatnonzero(np.frombuffer(failed, np.int8))]

@@ -330,3 +330,39 @@ def test_a_file_that_fails_to_decode_while_written_is_skipped_and_the_beton_writ
     rows = (tmp_path / "out.beton.skipped.tsv").read_text().splitlines()[1:]
     assert len(rows) == 1 and rows[0].startswith(str(victim)) and "truncated" in rows[0].lower()
     assert len(open_source(str(tmp_path / "out.beton"))) == 47
+
+
+def test_large_jpegs_decode_at_a_dct_scale_and_store_as_ffcv_would(tmp_path):
+    """A JPEG at least twice the stored side decodes at 1/2, 1/4 or 1/8 and is shrunk the rest of the way: the
+    stored size is FFCV's and the pixels are close to its full decode; anything smaller is stored exactly as
+    FFCV stores it (its area resize of the full decode)."""
+    import cv2
+
+    from supmae.pipelines.convert import _stored_size
+    from supmae.pipelines.decode import load_rgb
+    x, y = np.meshgrid(np.linspace(0, 1, 1037), np.linspace(0, 1, 771))
+    ramps = np.rint(np.stack([30 + 200 * x, 20 + 210 * y, 240 - 100 * x - 100 * y], -1)).astype(np.uint8)
+    files = {"large.jpg": (ramps, {}), "rotated.jpg": (ramps, {"exif": _rotated_exif()}),
+             "small.jpg": (ramps[:200, :229], {}), "picture.png": (ramps[:520, :700], {})}
+    for name, (pixels, extra) in files.items():
+        (tmp_path / "src" / name.split(".")[0]).mkdir(parents=True)
+        Image.fromarray(pixels).save(tmp_path / "src" / name.split(".")[0] / name, quality=95, **extra)
+    out = tmp_path / "out.beton"
+    quiet_convert(str(tmp_path / "src"), out, write_mode="raw", max_resolution=128)
+    source = BetonSource(str(out))
+    for i, name in enumerate(source.classes):
+        original = np.asarray(load_rgb(str(tmp_path / "src" / name / next(n for n in files if n.startswith(name)))))
+        size = _stored_size(original.shape[1], original.shape[0], 128)
+        expected = cv2.resize(original, size, interpolation=cv2.INTER_AREA)
+        stored = np.asarray(source.image(int(np.flatnonzero(source.labels == i)[0])))
+        assert stored.shape == expected.shape, name
+        if name in ("large", "rotated"):
+            assert np.abs(stored.astype(int) - expected).mean() < 1.5, name
+        else:
+            np.testing.assert_array_equal(stored, expected, err_msg=name)
+
+
+def _rotated_exif() -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated: the upright image is 771 wide
+    return exif.tobytes()
