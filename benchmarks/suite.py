@@ -58,6 +58,10 @@ GOALS = [
     ("finetune_step_vs_official", 2.0, "the fine-tuning step against the official-style eager fp16 one"),
     ("finetune_loader_vs_step", 1.0, "the fastest engine under fine-tuning's augmentation against its step"),
     ("step_160_vs_224", 1.6, "the step at 160x160 against 224x224, images/s (a resolution schedule's small epochs)"),
+    ("crop_decode_vs_stock_per_core_320", 1.3, "FFCV's crop decode against its stock decoder, views per busy "
+                                               "core, photos stored at 320"),
+    ("crop_decode_vs_stock_per_core_512", 1.6, "the same, photos stored at 512"),
+    ("ffcv_writer_vs_convert", 1.0, "FFCV's bare writer's wall time against supmae convert's, on the photos"),
 ]
 
 
@@ -298,6 +302,35 @@ def row_finetune_loaders(args, summary) -> str:
     return text
 
 
+def _needs_photos_and_ffcv() -> None:
+    for module, why in (("ffcv", "ffcv is not installed"), ("skimage", "the photo corpus needs scikit-image"),
+                        ("supmae.pipelines._jpeg_crop", "the JPEG view decoder is not built (pip install -e .)")):
+        if importlib.util.find_spec(module) is None:
+            raise Skip(why)
+
+
+def row_crop_decode(args, summary) -> str:
+    """The FFCV engine's crop decode against FFCV's stock decoder on the photo corpus: views per busy core."""
+    _needs_photos_and_ffcv()
+    from benchmarks.crop_decode import CropDecodeBenchmark, benchmark_crop_decode
+    report = benchmark_crop_decode(CropDecodeBenchmark.build(dict(max_res="320,512", rounds=1,
+                                                                  workers=args.run.workers)))
+    ratios = report["crop_decode_vs_stock_per_core"]
+    summary.update(crop_decode=report, **{f"crop_decode_vs_stock_per_core_{side}": r for side, r in ratios.items()})
+    views = {side: figures["views"]["crop"]["images_per_s_per_core"] for side, figures in report["decoders"].items()}
+    return ", ".join(f"{side}: {views[side]:.0f} views/s per busy core, {ratios[side]:.2f}x stock" for side in ratios)
+
+
+def row_conversion(args, summary) -> str:
+    """`supmae convert` against FFCV's bare writer (ffcv-imagenet's recipe) on the photo corpus."""
+    _needs_photos_and_ffcv()
+    from benchmarks.conversion import ConversionBenchmark, benchmark_conversion
+    report = benchmark_conversion(ConversionBenchmark.build(dict(compare="ffcv", repeats=3,
+                                                                 workers=args.run.workers)))
+    summary.update(conversion=report, ffcv_writer_vs_convert=1 / report["convert_vs_ffcv_writer"])
+    return f"convert took {report['convert_vs_ffcv_writer']:.2f}x the wall time of FFCV's bare writer"
+
+
 def _embedded_data(engine: str, images_per_class: int) -> str:
     """The embedded dataset: its JPEG folder for the torch engine, one .beton (longest side 256) for the others."""
     from supmae.pipelines.synthetic import default_dataset
@@ -324,6 +357,8 @@ ROWS = {
     "fine-tuning step": row_finetune_step,
     "fine-tuning loaders (RandAugment, erasing)": row_finetune_loaders,
     "step by image side (resolution schedules)": row_step_by_size,
+    "crop decode vs FFCV's stock decoder (photos, per core)": row_crop_decode,
+    "convert vs FFCV's bare writer (photos)": row_conversion,
 }
 
 
