@@ -150,3 +150,33 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(synth_folder, tm
     assert f"at step {step}" in out and "stopped by" in out
     saved = load_checkpoint(str(tmp_path / f"checkpoint-{step:08d}.pt"))
     assert saved["step"] == step and saved["world_size"] == WORLD
+
+
+def test_a_killed_rank_is_restarted_by_torchrun_and_the_run_resumes(synth_folder, tmp_path):
+    """`torchrun --max-restarts 1` with `--resume auto`: a rank killed mid-run takes the job down, the restarted
+    workers resume from the last checkpoint, and metrics.jsonl holds every step once, in order."""
+    import signal
+    import time
+
+    import psutil
+    args = ["--data", synth_folder, "--model", "supmae_vit_tiny_patch16", "--img-size", "32", "--batch-size", "4",
+            "--steps", "30", "--checkpoint-every", "6", "--resume", "auto", "--workers", "0", "--log-every", "1",
+            "--no-progress", "--no-tensorboard", "--output", str(tmp_path)]
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                 f"--nproc_per_node={WORLD}", "--max-restarts", "1", "-m", "supmae", "pretrain",
+                                 *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"})
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 8):  # past the step-6 checkpoint
+        assert launcher.poll() is None and time.time() < deadline, launcher.communicate()
+        time.sleep(0.05)
+    workers = [p for p in psutil.Process(launcher.pid).children(recursive=True) if "supmae" in " ".join(p.cmdline())]
+    assert len(workers) == WORLD
+    workers[-1].send_signal(signal.SIGKILL)  # no chance to save or say goodbye
+    out, err = launcher.communicate(timeout=300)
+    assert launcher.returncode == 0, err
+    assert "resumed from" in out
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == list(range(1, 31))
+    assert load_checkpoint(str(tmp_path / "checkpoint-00000030.pt"))["step"] == 30

@@ -46,7 +46,13 @@ def init_world(device: torch.device) -> tuple[World, torch.device]:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+        # torchrun restarts a failed job's workers against the same agent store, where the ranks' addresses from
+        # the attempt before are still published: a restarted rank could connect to a dead one's. Each attempt
+        # gets keys of its own.
+        store, _, _ = next(dist.rendezvous("env://", rank, world_size))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
+                                store=dist.PrefixStore(f"supmae/attempt-{attempt}", store),
                                 device_id=device if device.type == "cuda" else None)
     control = dist.new_group(backend="gloo") if device.type == "cuda" else dist.group.WORLD
     assert isinstance(control, dist.ProcessGroup)
