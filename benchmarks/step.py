@@ -129,8 +129,9 @@ def _pretrain_steps(cfg: StepBenchmark, device: torch.device, precision: str, fo
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     autocast = autocast_for(device, precision)
     forward = forward_of(apply_kernels(model))  # the training loop's forward: Triton kernels on CUDA
-    micro_batches = [synthetic_batch(model, batch_size=run.batch_size, num_classes=1000, device=device,
-                                     side=side)] * run.accum_iter
+    split = run.first_split()
+    micro_batches = [synthetic_batch(model, batch_size=split.batch_size, num_classes=1000, device=device,
+                                     side=side)] * split.accum
     official_optimizer = build_optimizer(model, 1e-4, 0.05, fused=False)
 
     def official(scaler, autocast) -> torch.Tensor:
@@ -145,8 +146,7 @@ def _pretrain_steps(cfg: StepBenchmark, device: torch.device, precision: str, fo
 
     return Steps(lambda: train_step(forward, micro_batches, optimizer, scaler, autocast),
                  lambda: train_step(apply_kernels(model, "eager"), micro_batches, optimizer, scaler, autocast),
-                 *_official_style(official, device, device.type == "cuda")[1:],
-                 run.batch_size * run.accum_iter)
+                 *_official_style(official, device, device.type == "cuda")[1:], split.size)
 
 
 def _finetune_steps(cfg: StepBenchmark, device: torch.device, precision: str, forward_of) -> Steps:
@@ -161,12 +161,12 @@ def _finetune_steps(cfg: StepBenchmark, device: torch.device, precision: str, fo
     optimizer = finetune_optimizer(vit, 1e-4, tune.weight_decay, recipe.finetune_layer_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     autocast = autocast_for(device, precision)
-    size = run.trunk.img_size
+    size, split = run.trunk.img_size, run.first_split()
     images = torch.randn(run.batch_size, 3, size, size, device=device)
     labels = torch.randint(0, 1000, (run.batch_size,), device=device)
 
     def batches() -> list[Batch]:  # mixed afresh each step, as the loop mixes each batch
-        return [mixed(Batch(images.clone(), labels, None), mix) for _ in range(run.accum_iter)]
+        return [mixed(Batch(images.clone(), labels, None), mix) for _ in range(split.accum)]
 
     official_optimizer = finetune_optimizer(vit, 1e-4, tune.weight_decay, recipe.finetune_layer_decay, fused=False)
 
@@ -174,7 +174,7 @@ def _finetune_steps(cfg: StepBenchmark, device: torch.device, precision: str, fo
         for micro in batches():
             with autocast:
                 loss = objective(micro.images, micro.labels).loss
-            scaler.scale(loss / run.accum_iter).backward()
+            scaler.scale(loss / split.accum).backward()
         scaler.step(official_optimizer)
         scaler.update()
         official_optimizer.zero_grad()
@@ -182,8 +182,7 @@ def _finetune_steps(cfg: StepBenchmark, device: torch.device, precision: str, fo
 
     return Steps(lambda: train_step(forward, batches(), optimizer, scaler, autocast),
                  lambda: train_step(objective, batches(), optimizer, scaler, autocast),
-                 *_official_style(official, device, device.type == "cuda")[1:],
-                 run.batch_size * run.accum_iter)
+                 *_official_style(official, device, device.type == "cuda")[1:], split.size)
 
 
 def _returning_nothing(step: Callable[[], object]) -> Callable[[], None]:
@@ -197,7 +196,7 @@ def benchmark_step(cfg: StepBenchmark) -> dict:
     run = cfg.run
     device = resolve_device(run.hardware.device)
     on_gpu = device.type == "cuda"
-    precision, compiled, compile_mode = step_policy(device, run.hardware, accum_iter=run.accum_iter)
+    precision, compiled, compile_mode = step_policy(device, run.hardware, accum_iter=run.first_split().accum)
 
     def forward_of(module):
         return apply_compile(module, compile_mode) if compiled else module
@@ -220,8 +219,9 @@ def benchmark_step(cfg: StepBenchmark) -> dict:
     return dict(
         device=device_name(device), commit=commit(), versions=versions("timm", "triton"),
         config=dict(model=run.model, step="finetune" if cfg.finetune else "pretrain", batch_size=run.batch_size,
-                    accum_iter=run.accum_iter, img_size=run.trunk.img_size, precision=precision, compile=compiled,
-                    compile_mode=compile_mode, warmup=cfg.warmup, steps=cfg.steps, windows=cfg.windows),
+                    accum_iter=run.first_split().accum, img_size=run.trunk.img_size, precision=precision,
+                    compile=compiled, compile_mode=compile_mode, warmup=cfg.warmup, steps=cfg.steps,
+                    windows=cfg.windows),
         images_per_s=images_per_s, step=fast,
         gflops_per_image=flops_per_step / images / 1e9, matmul_tflops=peak / 1e12,
         mfu=images_per_s * flops_per_step / images / peak,
@@ -259,7 +259,7 @@ def _benchmark_sizes(cfg: StepBenchmark, device: torch.device, precision: str, f
     fixed = epochs / rate[run.trunk.img_size]
     return dict(
         device=device_name(device), commit=commit(), versions=versions("timm", "triton"),
-        config=dict(model=run.model, step="pretrain", batch_size=run.batch_size, accum_iter=run.accum_iter,
+        config=dict(model=run.model, step="pretrain", batch_size=run.batch_size, accum_iter=run.first_split().accum,
                     img_size=run.trunk.img_size, precision=precision, warmup=cfg.warmup, steps=cfg.steps,
                     windows=cfg.windows),
         images_per_s_by_size={str(side): r for side, r in rate.items()},

@@ -73,12 +73,13 @@ class LoaderSpec:
     dtype: torch.dtype = torch.float32
     workers: int = 4            # decoding processes or threads
     seed: int = 0
-    start: int = 0              # the global batch to begin at (a resumed run's position)
+    start: int = 0              # this rank's micro-batch to begin at (a resumed run's position)
     train: bool = True          # random resized crop + flip; False: the centre crop
     crop_scale: tuple[float, float] = CROP_SCALE  # the share of the image a random crop covers
     center_fraction: float = EVAL_CROP_FRACTION  # without train: the centre square's share of the shorter side
     rank: int = 0
     world_size: int = 1
+    accum: int = 1              # micro-batches per optimizer step: an epoch is whole steps (`split.Split`)
     # random (shared by all engines) | quasi_random (ffcv, page-aware) | sequential (one pass in index order)
     order: str = "random"
     os_cache: bool = True       # ffcv: rely on the OS page cache (False: its own process cache)
@@ -105,10 +106,9 @@ class LoaderSpec:
 
     def schedule(self, num_samples: int) -> Schedule:
         schedule = Schedule(num_samples, self.batch_size, seed=self.seed, rank=self.rank, world_size=self.world_size,
-                            sequential=self.order == "sequential")
+                            accum=self.accum, sequential=self.order == "sequential")
         if schedule.batches_per_epoch < 1:
-            raise SupmaeError(f"{num_samples} images make no batch of {self.batch_size} on each of "
-                              f"{self.world_size} rank(s); lower --batch-size")
+            raise SupmaeError(f"{num_samples} images make no global batch of {schedule.split}; lower --batch-size")
         return schedule
 
 

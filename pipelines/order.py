@@ -1,10 +1,13 @@
-"""Which samples make up global batch i on this rank: the one schedule every engine follows.
+"""Which samples make up micro-batch i on this rank: the one schedule every engine follows.
 
-The order of an epoch is a function of (seed, epoch) alone and each rank takes a disjoint, equal share of
-it, so every engine, worker count and restart point sees the same samples in the same batches.
+The order of an epoch is a function of (seed, epoch) alone; each optimizer step takes the next global batch
+of it and each rank its rows of that (`split.Split`), so every engine, worker count, restart point and split
+of the same global batch sees the same samples in the same steps.
 """
 import numpy as np
 import torch
+
+from supmae.pipelines.split import Split
 
 
 def epoch_order(num_samples: int, seed: int, epoch: int) -> np.ndarray:
@@ -12,27 +15,24 @@ def epoch_order(num_samples: int, seed: int, epoch: int) -> np.ndarray:
     return torch.randperm(num_samples, generator=generator).numpy()
 
 
-def shard(order: np.ndarray, rank: int, world_size: int) -> np.ndarray:
-    """Rank `rank`'s share: every world_size-th sample, cut so all ranks hold the same number."""
-    return order[rank::world_size][:len(order) // world_size]
-
-
 class Schedule:
-    """Batches of `batch_size` sample indices, epoch after epoch; the partial last batch is dropped.
+    """Batches of `batch_size` sample indices, epoch after epoch; an epoch is a whole number of global batches
+    (`accum` micro-batches on each of `world_size` ranks), the samples left over are dropped.
 
     `sequential`: one pass over every sample in index order (what evaluation reads), the last batch filled
     up with repeats of the last sample, so engines keep their fixed batch shape; `total_batches` ends it."""
 
     def __init__(self, num_samples: int, batch_size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 sequential: bool = False):
+                 accum: int = 1, sequential: bool = False):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside a world of {world_size}")
         if sequential and world_size > 1:
             raise ValueError("a sequential pass is read by one rank")
         self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
-        self.rank, self.world_size, self.sequential = rank, world_size, sequential
+        self.rank, self.sequential = rank, sequential
+        self.split = Split(batch_size, world_size, accum)
         self.batches_per_epoch = (-(-num_samples // batch_size) if sequential
-                                  else num_samples // world_size // batch_size)
+                                  else num_samples // self.split.size * accum)
         self.total_batches = self.batches_per_epoch if sequential else None  # None: endless
         self._cached: tuple[int | None, np.ndarray] = (None, np.empty(0, np.int64))
 
@@ -43,11 +43,14 @@ class Schedule:
                 padding = self.batches_per_epoch * self.batch_size - self.num_samples
                 order = np.concatenate([np.arange(self.num_samples), np.full(padding, self.num_samples - 1)])
             else:
-                order = shard(epoch_order(self.num_samples, self.seed, epoch), self.rank, self.world_size)
+                split, steps = self.split, self.batches_per_epoch // self.split.accum
+                order = epoch_order(self.num_samples, self.seed, epoch)[:steps * split.size]
+                # (step, micro-batch, rank, row): this rank's rows of each step, micro-batch after micro-batch
+                order = order.reshape(steps, split.accum, split.world_size, -1)[:, :, self.rank].reshape(-1)
             self._cached = (epoch, order[:self.batches_per_epoch * self.batch_size])
         return self._cached[1]
 
     def batch(self, index: int) -> tuple[int, np.ndarray]:
-        """(epoch, sample indices) of global batch `index`."""
+        """(epoch, sample indices) of this rank's micro-batch `index`."""
         epoch, b = divmod(index, self.batches_per_epoch)
         return epoch, self.epoch(epoch)[b * self.batch_size:(b + 1) * self.batch_size]

@@ -15,7 +15,8 @@ from supmae import create_model
 from supmae.models.fast import apply_kernels
 from supmae.pipelines.masking import MaskSampler
 from supmae.pipelines.order import Schedule
-from supmae.runtime.distributed import apply_ddp, apply_global_batchnorm, init_world
+from supmae.pipelines.split import Split
+from supmae.runtime.distributed import apply_batchnorm_groups, apply_ddp, init_world
 from supmae.training.checkpoint import load_checkpoint
 
 WORLD = 2
@@ -45,14 +46,29 @@ def _rank_gradients(rank, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
                       LOCAL_RANK=str(rank))
     world, device = init_world(torch.device("cpu"))
-    m = apply_global_batchnorm(model())
+    m = apply_batchnorm_groups(model(), 8, 4, world)  # --sync-bn: the head's BatchNorm over both ranks' 4
     forward = apply_ddp(apply_kernels(m, "eager"), device)
     images, labels = batch()
-    masking = MaskSampler(m.num_patches, 0.75, seed=0, device=device, rank=world.rank,
-                          world_size=world.world_size)(4, 0)
-    forward(images[rank::WORLD], labels[rank::WORLD], masking=masking).loss.backward()
+    masking = MaskSampler(m.num_patches, 0.75, seed=0, device=device, rank=world.rank, split=Split(4, WORLD))(4, 0)
+    mine = slice(4 * rank, 4 * rank + 4)
+    forward(images[mine], labels[mine], masking=masking).loss.backward()
     torch.save(gradients(m), os.path.join(out, f"rank{rank}.pt"))
+    _compiled_batchnorm_is_eager(world)
     torch.distributed.destroy_process_group()
+
+
+def _compiled_batchnorm_is_eager(world):
+    """torch.compile(fullgraph=True) traces the BatchNorm's all-reduces over the ranks with their gradients, and
+    the compiled forward and gradients are eager's."""
+    norm = apply_batchnorm_groups(torch.nn.Sequential(torch.nn.BatchNorm1d(6)), 8, 4, world)
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(world.rank), requires_grad=True)
+    weights = torch.randn(4, 6, generator=torch.Generator().manual_seed(7))
+    results = []
+    for forward in (norm, torch.compile(norm, fullgraph=True)):
+        out = forward(x)
+        results.append((out, *torch.autograd.grad((out * weights).sum(), [x, *norm.parameters()])))
+    for eager, compiled in zip(*results, strict=True):
+        torch.testing.assert_close(compiled, eager)
 
 
 def test_gradients_are_equal_across_ranks_and_to_one_process(tmp_path):
@@ -69,24 +85,32 @@ def test_gradients_are_equal_across_ranks_and_to_one_process(tmp_path):
         torch.testing.assert_close(ranks[0][name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_rank_shards_and_masks_make_up_the_global_batch():
+def test_every_split_of_a_global_batch_trains_the_same_samples_and_masks():
+    """One process x 8, two ranks x 4, one process x 4 x 2 micro-batches and two ranks x 2 x 2: each step the
+    same 8 samples with the same masks; a rank's micro-batch is a contiguous block of the step's rows."""
     one = Schedule(50, 8, seed=3)
-    shards = [Schedule(50, 4, seed=3, rank=r, world_size=WORLD) for r in range(WORLD)]
-    assert one.batches_per_epoch == shards[0].batches_per_epoch == 6
-    for index in (0, 5, 6, 13):  # across an epoch boundary too
-        epoch, whole = one.batch(index)
-        parts = [s.batch(index)[1] for s in shards]
-        assert not set(parts[0]) & set(parts[1])
-        assert sorted([*parts[0], *parts[1]]) == sorted(whole)
-        for r, part in enumerate(parts):
-            assert list(part) == list(whole[r::WORLD])  # the rows the rank's mask sampler keeps
-    for epoch in range(2):  # together the ranks cover every epoch's batches
-        covered = [i for s in shards for b in range(6) for i in s.batch(epoch * 6 + b)[1]]
-        assert len(set(covered)) == len(covered) == 48
-    full = MaskSampler(16, 0.75, seed=0, device="cpu")(8, 7)
-    for r in range(WORLD):
-        part = MaskSampler(16, 0.75, seed=0, device="cpu", rank=r, world_size=WORLD)(4, 7)
-        assert torch.equal(part.mask, full.mask[r::WORLD]) and torch.equal(part.ids_keep, full.ids_keep[r::WORLD])
+    assert one.batches_per_epoch == 6
+    splits = [Split(4, WORLD), Split(4, 1, 2), Split(2, WORLD, 2)]
+    for split in splits:
+        ranks = [Schedule(50, split.batch_size, seed=3, rank=r, world_size=split.world_size, accum=split.accum)
+                 for r in range(split.world_size)]
+        assert ranks[0].batches_per_epoch == 6 * split.accum
+        for step in (0, 5, 6, 13):  # across an epoch boundary too
+            epoch, whole = one.batch(step)
+            full = MaskSampler(16, 0.75, seed=0, device="cpu")(8, step)
+            for r, schedule in enumerate(ranks):
+                sampler = MaskSampler(16, 0.75, seed=0, device="cpu", rank=r, split=split)
+                for micro in range(split.accum):
+                    index = step * split.accum + micro
+                    assert schedule.batch(index)[0] == epoch
+                    rows = split.rows(r, micro)
+                    assert list(schedule.batch(index)[1]) == list(whole[rows])
+                    part = sampler(split.batch_size, index)
+                    assert torch.equal(part.mask, full.mask[rows]) and torch.equal(part.ids_keep, full.ids_keep[rows])
+        for epoch in range(2):  # together the ranks cover every epoch's batches
+            covered = [i for s in ranks for b in range(ranks[0].batches_per_epoch)
+                       for i in s.batch(epoch * ranks[0].batches_per_epoch + b)[1]]
+            assert len(set(covered)) == len(covered) == 48
 
 
 def pretrain_cli(*args, ranks=1):
@@ -116,7 +140,7 @@ def test_two_ranks_follow_the_one_process_loss_curve(synth_folder, tmp_path):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
         assert b["cls_loss"] == pytest.approx(a["cls_loss"], rel=1e-4)
     final = [load_checkpoint(str(tmp_path / run / "checkpoint-00000008.pt")) for run in ("one", "two")]
-    assert final[1]["world_size"] == WORLD
+    assert final[1]["split"] == dict(batch_size=4, world_size=WORLD, accum=1)
     # Adam scales every gradient to about lr per step, so where the true gradient is zero (attention's key
     # bias) rounding-level differences become steps of up to lr: weights agree to a few lr, no closer.
     for name, value in final[0]["model"].items():
@@ -149,7 +173,7 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(synth_folder, tm
     step = json.loads(metrics.read_text().splitlines()[-1])["step"]
     assert f"at step {step}" in out and "stopped by" in out
     saved = load_checkpoint(str(tmp_path / f"checkpoint-{step:08d}.pt"))
-    assert saved["step"] == step and saved["world_size"] == WORLD
+    assert saved["step"] == step and saved["split"]["world_size"] == WORLD
 
 
 def test_a_killed_rank_is_restarted_by_torchrun_and_the_run_resumes(synth_folder, tmp_path):

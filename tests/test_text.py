@@ -18,6 +18,7 @@ from supmae.pipelines.convert import convert, report_path
 from supmae.pipelines.loader import LoaderSpec, create_loader, ordered_batches
 from supmae.pipelines.masking import TextMaskSampler
 from supmae.pipelines.sources import open_source, sidecar_path
+from supmae.pipelines.split import Split
 from supmae.pipelines.synthetic import MANIFEST, caption_of, class_names, write_synthetic
 from supmae.pipelines.text import CONTEXT, encode, identity, special_tokens, tokenizer
 
@@ -59,9 +60,9 @@ def test_text_masks_hide_caption_tokens_only_and_are_reproducible():
     expected = (words.sum(1) * 0.5).round().clamp(min=1)
     assert torch.equal(mask.sum(1), expected.long())
     assert torch.equal(sampler(tokens, 7), mask) and not torch.equal(sampler(tokens, 8), mask)
-    shards = [TextMaskSampler(0.5, special=special_tokens(), seed=3, device="cpu", rank=r, world_size=2)(
-        tokens[r::2], 7) for r in range(2)]
-    assert torch.equal(shards[0], mask[0::2]) and torch.equal(shards[1], mask[1::2])  # ranks draw the global rows
+    shards = [TextMaskSampler(0.5, special=special_tokens(), seed=3, device="cpu", rank=r, split=Split(6, 2))(
+        tokens[r * 6:r * 6 + 6], 7) for r in range(2)]
+    assert torch.equal(torch.cat(shards), mask)  # ranks draw their rows of the global batch
 
 
 @pytest.fixture

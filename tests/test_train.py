@@ -114,7 +114,7 @@ def test_a_warm_up_as_long_as_the_run_is_warned_about(synth_folder, tmp_path, ca
 
 def test_accumulation_warns_about_batchnorm(synth_folder, tmp_path, caplog):
     pretrain(config(synth_folder, tmp_path, steps=1, batch_size=4, accum_iter=2))
-    assert any("BatchNorm" in line and "micro-batches of 4" in line for line in warnings_of(caplog))
+    assert any("BatchNorm" in line and "groups of 4, not the global batch of 8" in line for line in warnings_of(caplog))
 
 
 def test_weight_decay_skips_biases_and_1d_parameters():

@@ -26,6 +26,7 @@ from supmae.models.families import CLIPOptions
 from supmae.models.text_tower import TextTower
 from supmae.models.trunk import REFERENCE, MaskedViT, TrunkOps
 from supmae.pipelines.masking import Masking, MaskSampler, TextMaskSampler
+from supmae.pipelines.split import Split
 from supmae.pipelines.text import CONTEXT, special_tokens
 
 LOGIT_SCALE_INIT, LOGIT_SCALE_MAX = math.log(1 / 0.07), math.log(100)
@@ -107,12 +108,12 @@ class CLIPViT(MaskedViT):
             nn.init.normal_(self.text_decoder_pos, std=0.02)
 
     def mask_samplers(self, *, seed: int, device: torch.device, rank: int = 0,
-                      world_size: int = 1) -> tuple[MaskSampler | None, TextMaskSampler | None]:
-        patches, _ = super().mask_samplers(seed=seed, device=device, rank=rank, world_size=world_size)
+                      split: Split | None = None) -> tuple[MaskSampler | None, TextMaskSampler | None]:
+        patches, _ = super().mask_samplers(seed=seed, device=device, rank=rank, split=split)
         if not self.masks_text:
             return patches, None
         return patches, TextMaskSampler(self.options.text_mask_ratio, special=special_tokens(), seed=seed,
-                                        device=device, rank=rank, world_size=world_size,
+                                        device=device, rank=rank, split=split,
                                         max_masked=self.text_masked_max)
 
     def scale(self) -> torch.Tensor:

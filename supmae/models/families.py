@@ -73,6 +73,7 @@ class Family:
     options: type[Config]     # its own options (a section of `supmae pretrain`); the model keeps them as .options
     classifies: bool           # trains a classification branch on the labels
     uses_text: bool            # trains on captions: image-text data
+    contrastive: bool          # scores each image against the micro-batch's other images, over every rank
     config: dict               # what every size shares: decoder, mask ratio, pooling
     recipe: Recipe             # its official schedules
     recipe_by_size: dict = dataclasses.field(default_factory=dict)  # size -> what its recipe changes there
@@ -93,16 +94,16 @@ _CLIP = "supmae.models.clip:CLIPViT"
 # SupMAE's official decoder is one block; MAE's is eight, and MAE has no classification branch. MAE-CLIP's
 # cross-modal decoder depth is not published: four blocks, between SupMAE's one and MAE's eight.
 FAMILIES = {
-    "supmae": Family(_MASKED_AUTOENCODER, SupMAEOptions, classifies=True, uses_text=False,
+    "supmae": Family(_MASKED_AUTOENCODER, SupMAEOptions, classifies=True, uses_text=False, contrastive=False,
                      config=dict(decoder_embed_dim=512, decoder_depth=1, decoder_num_heads=16, num_classes=1000,
                                  mask_ratio=0.75, pool="avg"), recipe=_SUPMAE_RECIPE),
-    "mae": Family(_MASKED_AUTOENCODER, SupMAEOptions, classifies=False, uses_text=False,
+    "mae": Family(_MASKED_AUTOENCODER, SupMAEOptions, classifies=False, uses_text=False, contrastive=False,
                   config=dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, num_classes=0,
                               mask_ratio=0.75, pool="avg"), recipe=_MAE_RECIPE, recipe_by_size=_MAE_LARGER),
-    "clip": Family(_CLIP, CLIPOptions, classifies=False, uses_text=True,
+    "clip": Family(_CLIP, CLIPOptions, classifies=False, uses_text=True, contrastive=True,
                    config=dict(decoder_embed_dim=512, decoder_depth=0, decoder_num_heads=16, mask_ratio=0.0,
                                pool="token", text_masked_max=24), recipe=_MAE_RECIPE),
-    "maeclip": Family(_CLIP, CLIPOptions, classifies=False, uses_text=True,
+    "maeclip": Family(_CLIP, CLIPOptions, classifies=False, uses_text=True, contrastive=True,
                       config=dict(decoder_embed_dim=512, decoder_depth=4, decoder_num_heads=16, mask_ratio=0.75,
                                   pool="token", text_masked_max=24), recipe=_MAE_RECIPE),
 }

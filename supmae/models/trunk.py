@@ -14,6 +14,7 @@ from timm.models.vision_transformer import Block, PatchEmbed
 from supmae.models.objective import norm_pix, patchify, reconstruction_loss
 from supmae.models.pos_embed import on_grid, sincos_2d
 from supmae.pipelines.masking import Masking, MaskSampler, TextMaskSampler, num_kept, random_masking
+from supmae.pipelines.split import Split
 
 
 class MaskedViT(nn.Module):
@@ -98,13 +99,13 @@ class MaskedViT(nn.Module):
         return random_masking(noise, num_kept(noise.shape[1], self.mask_ratio))
 
     def mask_samplers(self, *, seed: int, device: torch.device, rank: int = 0,
-                      world_size: int = 1) -> tuple[MaskSampler | None, TextMaskSampler | None]:
+                      split: Split | None = None) -> tuple[MaskSampler | None, TextMaskSampler | None]:
         """(patch mask sampler, text mask sampler) for the batches this model trains on, each None where it has
         no use for one: CLIP sees every patch, and only MAE-CLIP masks captions."""
         if self.mask_ratio == 0:
             return None, None
         return MaskSampler(self.num_patches, self.mask_ratio, seed=seed, device=device, rank=rank,
-                           world_size=world_size), None
+                           split=split), None
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, L, D): every patch embedded, its position added."""

@@ -62,7 +62,6 @@ def measure_loader(loader: Iterable, spec: LoaderSpec, *, steps: int, warmup: in
 def _stage(run: Run, stage: str, options: ProfileConfig) -> dict:
     """One stage's figures, with the image side it ran at (each step's, end to end: a resolution schedule may
     change it between epochs)."""
-    cfg = run.cfg
     spec = run.loader_spec()
     side = spec.side(spec.start // spec.schedule(len(run.source)).batches_per_epoch)  # the next batch's epoch
     if stage == "loader":
@@ -72,14 +71,14 @@ def _stage(run: Run, stage: str, options: ProfileConfig) -> dict:
     timed = functools.partial(measure, device=run.device, steps=options.steps, warmup=options.warmup,
                               window=options.window)
     if stage == "step":
-        batch = synthetic_batch(run.model, batch_size=cfg.batch_size, num_classes=len(run.source.classes),
+        batch = synthetic_batch(run.model, batch_size=run.split.batch_size, num_classes=len(run.source.classes),
                                 device=run.device, side=side)
 
         def synthetic_step(forward=run.forward) -> None:
-            train_step(forward, [batch] * cfg.accum_iter, run.optimizer, run.scaler, autocast)
+            train_step(forward, [batch] * run.split.accum, run.optimizer, run.scaler, autocast)
         # Counted on the eager twins of the same path: the kernels add data movement, not arithmetic.
-        flops = flops_of(lambda: synthetic_step(apply_kernels(run.model, "eager"))) / run.effective_batch
-        figures = timed(synthetic_step, run.effective_batch)
+        flops = flops_of(lambda: synthetic_step(apply_kernels(run.model, "eager"))) / run.split.size
+        figures = timed(synthetic_step, run.split.size)
         peak = matmul_rate(run.device, DTYPES[run.precision] or torch.float32,
                            8192 if run.device.type == "cuda" else 1024)
         return dict(figures, gflops_per_image=flops / 1e9, matmul_tflops=peak / 1e12,
@@ -88,12 +87,12 @@ def _stage(run: Run, stage: str, options: ProfileConfig) -> dict:
     with open_batches(run.loader()) as batches:
         def step() -> float:
             start = time.perf_counter()
-            micro_batches = [next(batches) for _ in range(cfg.accum_iter)]
+            micro_batches = [next(batches) for _ in range(run.split.accum)]
             waited = time.perf_counter() - start
             sides.append(micro_batches[-1].images.shape[-1])
             train_step(run.forward, micro_batches, run.optimizer, run.scaler, autocast)
             return waited
-        figures = timed(step, run.effective_batch)
+        figures = timed(step, run.split.size)
     return dict(figures, img_size_by_step=sides)
 
 
@@ -154,10 +153,10 @@ def verdict(stages: dict, run: Run) -> dict:
 def profile(options: ProfileConfig) -> dict:
     """Measure the stages, log the table and verdict, write the JSON and plots; returns the report."""
     cfg = options.run
-    run = Run(cfg)
+    run = Run(cfg, checkpoints=False)
     run.model.train()
     out = options.out or time.strftime("runs/profile-%Y%m%d-%H%M%S")
-    logger.info(f"profiling {cfg.model}, batch {run.effective_batch}, {run.engine} loader ({_workers(run.workers)}) on "
+    logger.info(f"profiling {cfg.model}, batch {run.split.size}, {run.engine} loader ({_workers(run.workers)}) on "
         f"{device_name(run.device)}, {run.speed}: {options.steps} steps per stage after {options.warmup} warm-up")
     stages = {}
     for stage in options.stage_list:
@@ -166,10 +165,8 @@ def profile(options: ProfileConfig) -> dict:
     report = dict(
         device=device_name(run.device), commit=commit(),
         versions=versions("timm", "triton", "ffcv", "nvidia-dali-cuda130", "numpy", "psutil"),
-        config=dict(run=dict(cfg.values(), data=run.data, device=str(run.device),
-                             precision=run.precision, compile=run.compile, compile_mode=run.compile_mode,
-                             workers=run.workers,
-                             effective_batch=run.effective_batch),
+        config=dict(run=dict(run.resolved_options(), device=str(run.device), precision=run.precision,
+                             compile=run.compile, compile_mode=run.compile_mode, workers=run.workers),
                     profile={opt.name: getattr(options, opt.name) for opt in options.own_options()}),
         stages=stages)
     if "loader" in stages and "step" in stages:

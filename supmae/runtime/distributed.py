@@ -1,16 +1,17 @@
 """Data parallelism through torchrun: one process per device, NCCL between GPUs, gloo between CPUs.
 
-A plain model is made data-parallel by two small functions, `apply_ddp` and `apply_global_batchnorm`;
+A plain model is made data-parallel by two small functions, `apply_ddp` and `apply_batchnorm_groups`;
 nothing in the model knows. Every rank reads a disjoint share of each global batch (see
 `pipelines.order`) and draws the mask rows a single process would draw for those samples, so a run on
 W ranks of batch B follows a one-process run of batch W*B step for step.
 """
 import os
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as functional_collectives
 import torch.nn as nn
 
 from supmae.core.errors import SupmaeError
@@ -99,48 +100,72 @@ def apply_ddp(module: nn.Module, device: torch.device) -> nn.Module:
 
 
 class _SumOverRanks(torch.autograd.Function):
-    """all_reduce(sum) whose gradient is the all-reduced gradient: every rank's loss reaches every input."""
+    """all_reduce(sum) over `group` whose gradient is the all-reduced gradient: every rank's loss reaches every
+    input. A functional collective, which torch.compile traces into the step's graph."""
 
     @staticmethod
-    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
-        tensor = tensor.clone()
-        dist.all_reduce(tensor)
-        return tensor
+    def forward(ctx, tensor: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        return functional_collectives.all_reduce(tensor, "sum", group)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
+    def backward(ctx, grad: torch.Tensor):
+        return functional_collectives.all_reduce(grad.contiguous(), "sum", ctx.group), None
 
 
-class GlobalBatchNorm1d(nn.BatchNorm1d):
-    """BatchNorm1d over the global batch: statistics are summed across ranks with autograd-aware
-    all-reduces, so forward and gradients are those of one process holding every rank's samples.
-    Unlike nn.SyncBatchNorm it runs on CPUs (gloo) as well as GPUs, and it keeps BatchNorm1d's
-    parameter names, so checkpoints are unchanged."""
+class GroupBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d over fixed groups of the global batch, however it is split: a micro-batch holds `ghosts`
+    contiguous groups (ghost batches), or a group is the micro-batches of the ranks in `ranks`, whose statistics
+    are summed with autograd-aware all-reduces, so forward and gradients are those of one process holding the
+    group. Unlike nn.SyncBatchNorm it runs on CPUs (gloo) as well as GPUs, and it keeps BatchNorm1d's parameter
+    names, so checkpoints are unchanged. The running statistics, which training never reads, take the mean of
+    the groups' statistics once per forward."""
+    group_size: int      # images per group
+    ghosts: int = 1      # groups per micro-batch
+    ranks: dist.ProcessGroup | None = None  # the ranks whose micro-batches make one group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+        if not self.training:
             return super().forward(x)
-        dtype, x = x.dtype, x.float()
-        count = torch.tensor([x.shape[0]], dtype=x.dtype, device=x.device) * dist.get_world_size()
-        mean = _SumOverRanks.apply(x.sum(0)) / count
-        centred = x - mean
-        var = _SumOverRanks.apply((centred ** 2).sum(0)) / count  # two passes, as BatchNorm computes it
+        dtype, groups = x.dtype, x.float().unflatten(0, (self.ghosts, -1))  # (ghosts, images, features)
+
+        def total(t: torch.Tensor) -> torch.Tensor:
+            return t if self.ranks is None else _SumOverRanks.apply(t, self.ranks)
+
+        count = self.group_size
+        mean = total(groups.sum(1)) / count
+        centred = groups - mean.unsqueeze(1)
+        var = total((centred ** 2).sum(1)) / count  # two passes, as BatchNorm computes it
         if self.running_mean is not None and self.running_var is not None and self.num_batches_tracked is not None:
             with torch.no_grad():
                 self.num_batches_tracked += 1
                 # BatchNorm's: an exponential average, or a cumulative one where momentum is None
                 factor = 1 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-                self.running_mean.lerp_(mean, factor)
-                self.running_var.lerp_(var * count / (count - 1), factor)
-        return (centred * torch.rsqrt(var + self.eps) * self.weight + self.bias).to(dtype)
+                self.running_mean.lerp_(mean.mean(0), factor)
+                self.running_var.lerp_(var.mean(0) * count / (count - 1), factor)
+        normed = centred * torch.rsqrt(var + self.eps).unsqueeze(1)
+        if self.affine:
+            normed = normed * self.weight + self.bias
+        return normed.flatten(0, 1).to(dtype)
 
 
-def apply_global_batchnorm(model: M) -> M:
-    """Swap every BatchNorm1d (the classification head's) for GlobalBatchNorm1d, sharing its tensors."""
+def apply_batchnorm_groups(model: M, group: int, batch_size: int, world: World) -> M:
+    """Make every BatchNorm1d (the classification head's) normalise over groups of `group` images when micro-batches
+    hold `batch_size`: ghost groups where `group` divides the micro-batch, else the micro-batches of `group //
+    batch_size` consecutive ranks (which the caller has checked divides the world). Nothing changes where the
+    micro-batch is the group."""
+    if group == batch_size:
+        return model
+    ghosts, ranks = 1, None
+    if batch_size % group == 0:
+        ghosts = batch_size // group
+    elif group // batch_size == world.world_size:
+        ranks = dist.group.WORLD
+    else:
+        ranks, _ = dist.new_subgroups(group // batch_size)  # every rank creates every subgroup, in the same order
     for module in model.modules():
         if type(module) is nn.BatchNorm1d:
-            module.__class__ = GlobalBatchNorm1d
+            module.__class__ = GroupBatchNorm1d
+            grouped = cast(GroupBatchNorm1d, module)
+            grouped.group_size, grouped.ghosts, grouped.ranks = group, ghosts, ranks
     return model

@@ -12,7 +12,9 @@ import torch
 
 from supmae.core.atomic import check_space, replaced
 from supmae.core.errors import SupmaeError
+from supmae.pipelines.split import Split
 from supmae.training.config import PretrainConfig
+from supmae.training.elastic import Groups
 
 _NAME = re.compile(r"^checkpoint-(\d+)\.pt$")
 _PARTIAL = re.compile(r"^\.checkpoint-\d+\.pt\.partial-\d+$")
@@ -80,6 +82,16 @@ def saved_config(state: dict) -> PretrainConfig:
     data given, where those need not exist."""
     saved = PretrainConfig.fields_of(state.get("config", {}), "checkpoint", strict=False)
     return PretrainConfig.build({k: v for k, v in saved.items() if k not in ("data", "resume")})
+
+
+def saved_split(state: dict, *, classifies: bool, contrastive: bool) -> tuple[Split, Groups]:
+    """The split a checkpoint's run last trained with, and the groups its losses keep whole (for a checkpoint
+    from before runs recorded them, as its options and rank count made them)."""
+    if "split" in state:
+        return Split(**state["split"]), Groups(**state["groups"])
+    config = saved_config(state)
+    split = Split(config.batch_size, state.get("world_size", 1), config.accum_iter or 1)
+    return split, Groups.first(split, classifies=classifies, contrastive=contrastive, sync_bn=config.sync_bn)
 
 
 def resumed_options(cfg: PretrainConfig) -> dict:

@@ -16,7 +16,9 @@ from supmae.models.families import (
 )
 from supmae.pipelines.config import ORDERS, SEED_MAX, data_exists, loader_option, resolution_option
 from supmae.pipelines.resolution import ResolutionSchedule, parse_resolution_schedule
+from supmae.pipelines.split import Split
 from supmae.runtime.config import REDUCE_OVERHEAD_ACCUMULATES, HardwareOptions
+from supmae.training.elastic import first_split
 
 
 @configuration
@@ -37,8 +39,8 @@ class PretrainConfig(Config):
     log_every: int = option(20, "steps between metrics lines", at_least=1, group="run")
     progress: bool = option(True, "show a progress bar", group="run")
     tensorboard: bool = option(True, "TensorBoard scalars beside metrics.jsonl", group="run")
-    sync_bn: bool = option(False, "several ranks (torchrun): the classification head's BatchNorm over the global "
-                                  "batch", group="run")
+    sync_bn: bool = option(False, "several ranks (torchrun): the classification head's BatchNorm over the "
+                                  "micro-batches of every rank", group="run", defines_run=True)
     # data
     data: str | None = option(None, "image folder, CSV/TSV file list, tar shards or .beton", group="data loading",
                               exists=data_exists, shown="the embedded synthetic dataset")
@@ -55,10 +57,13 @@ class PretrainConfig(Config):
     # model and objective: the run's own, then the sections the model families declare
     model: str = option("supmae_vit_base_patch16", "a name from `supmae models`", choices=list_models,
                         metavar="NAME", group="model and objective", defines_run=True)
-    batch_size: int = option(64, "images per device per micro-batch", at_least=1, group="model and objective",
-                             defines_run=True)
-    accum_iter: int = option(1, "micro-batches per optimizer step", at_least=1, group="model and objective",
-                             defines_run=True)
+    batch_size: int = option(64, "images per device per micro-batch", at_least=1, group="model and objective")
+    accum_iter: int | None = option(None, "micro-batches per optimizer step", at_least=1,
+                                    group="model and objective", shown="--global-batch / (ranks x --batch-size), "
+                                    "else 1")
+    global_batch: int | None = option(None, "images per optimizer step, over every rank and micro-batch; a run "
+                                      "resumed on other ranks keeps it", at_least=1, group="model and objective",
+                                      shown="ranks x --batch-size x --accum-iter")
     trunk: TrunkOptions = section(TrunkOptions)
     supmae: SupMAEOptions = section(SupMAEOptions)
     clip: CLIPOptions = section(CLIPOptions)
@@ -73,11 +78,16 @@ class PretrainConfig(Config):
                                          group="optimisation")
 
     def check(self) -> None:
-        if self.accum_iter > 1 and self.hardware.compile_mode == "reduce-overhead":
+        if (self.accum_iter or 1) > 1 and self.hardware.compile_mode == "reduce-overhead":
             raise SupmaeError(REDUCE_OVERHEAD_ACCUMULATES)
         if self.resume not in (None, "auto") and not os.path.isfile(self.resume):
             raise SupmaeError(f"--resume: checkpoint {self.resume} does not exist")
         self.resolution()  # parsed now, so a bad schedule is refused before torch loads
+
+    def first_split(self, world_size: int = 1) -> Split:
+        """How a new run on `world_size` ranks splits its global batch (a resumed one: `elastic.resume_split`)."""
+        return first_split(world_size=world_size, batch_size=self.batch_size, accum=self.accum_iter,
+                           global_batch=self.global_batch)
 
     def resolution(self) -> ResolutionSchedule | None:
         """The resolution schedule, on the model's patch grid (None: --img-size throughout)."""

@@ -57,13 +57,13 @@ def _pretrain(run: Run) -> dict:
     if run.warmup_steps >= run.total_steps:
         logger.warning(f"the warm-up ({run.warmup_steps} steps) is as long as the run ({run.total_steps} steps), so "
                        "the lr never reaches its peak; shorten it with --warmup-epochs or --warmup-steps")
-    if cfg.accum_iter > 1 and run.supervised:
-        logger.warning(f"with --accum-iter {cfg.accum_iter} the classification head's BatchNorm normalises over "
-                       f"micro-batches of {cfg.batch_size}, not the effective batch of {run.effective_batch}")
+    if run.split.accum > 1 and run.groups.batchnorm is not None:
+        logger.warning(f"with {run.split.accum} micro-batches per step the classification head's BatchNorm "
+                       f"normalises over groups of {run.groups.batchnorm}, not the global batch of {run.split.size}")
     ranks = f" x {run.world.world_size} ranks" if run.world.distributed else ""
     logger.info(f"{cfg.model} on {run.device}{ranks} ({run.speed}): {len(run.source)} images in "
                 f"{len(run.source.classes)} classes from {run.data} ({run.engine} loader); steps "
-                f"{run.step}->{run.total_steps}, batch {run.effective_batch}, peak lr {run.peak_lr:.3g}")
+                f"{run.step}->{run.total_steps}, batch {run.split.size}, peak lr {run.peak_lr:.3g}")
 
     if run.step >= run.total_steps:
         logger.info(f"nothing to do: the run is already at step {run.step} of {run.total_steps}")
@@ -92,7 +92,7 @@ def _loop(run: Run, metrics: Metrics, stop: StopRequests) -> dict:
         """One metrics line for the steps since the last."""
         nonlocal window_start, window_steps
         means = mean_over_ranks(loss_sums / window_steps, run.world).tolist()  # the one sync
-        windows.append((window_steps * run.effective_batch, time.perf_counter() - window_start))
+        windows.append((window_steps * run.split.size, time.perf_counter() - window_start))
         record = dict(step=done, epoch=round(done / run.steps_per_epoch, 4), lr=lr, img_size=side,
                       **dict(zip(run.model.loss_names, means)), images_per_s=windows[-1][0] / windows[-1][1])
         metrics.write(record)
@@ -106,7 +106,7 @@ def _loop(run: Run, metrics: Metrics, stop: StopRequests) -> dict:
             total=run.total_steps, initial=run.step, unit="step", file=sys.stderr, dynamic_ncols=True,
             disable=not (cfg.progress and run.world.is_main)) as bar:
         for step in range(run.step, run.total_steps):
-            micro_batches = [next(batches) for _ in range(cfg.accum_iter)]
+            micro_batches = [next(batches) for _ in range(run.split.accum)]
             if window_steps and micro_batches[-1].images.shape[-1] != side:
                 log()  # a resolution schedule changed the side: each metrics line holds steps of one side
             side = micro_batches[-1].images.shape[-1]
@@ -144,8 +144,8 @@ def _stop_if_diverged(first_bad: torch.Tensor, world) -> None:
 
 def _write_config(run: Run) -> None:
     cfg = run.cfg
-    resolved = dict(cfg.values(), data=run.data, device=str(run.device), precision=run.precision,
-                    compile=run.compile, compile_mode=run.compile_mode, workers=run.workers,
-                    world_size=run.world.world_size, total_steps=run.total_steps, warmup_steps=run.warmup_steps,
-                    peak_lr=run.peak_lr, effective_batch=run.effective_batch, classes=run.source.classes)
+    resolved = dict(run.resolved_options(), device=str(run.device), precision=run.precision, compile=run.compile,
+                    compile_mode=run.compile_mode, workers=run.workers, world_size=run.world.world_size,
+                    total_steps=run.total_steps, warmup_steps=run.warmup_steps, peak_lr=run.peak_lr,
+                    classes=run.source.classes)
     write_text(os.path.join(cfg.output, "config.json"), json.dumps(resolved, indent=2))
