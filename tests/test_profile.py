@@ -13,6 +13,7 @@ import torch
 from test_cli import REPO, error_of, run_cli
 
 from benchmarks.loaders import per_core
+from benchmarks.suite import ROWS
 from supmae.pipelines.batch import to_device_batches
 from supmae.pipelines.loader import ENGINES
 from supmae.profiling.config import ProfileConfig
@@ -171,13 +172,39 @@ def test_profile_bad_inputs_are_one_line_errors(capsys, args, expected):
     assert expected in error_of(capsys, "profile", "--model", "supmae_vit_tiny_patch16", *args)
 
 
+def test_the_gpu_check_keeps_its_budget_and_writes_after_every_row(synth_folder, tmp_path):
+    """With --budget, no row starts once it is spent, and each one still gets its line; the JSON is written
+    after every row, so a run killed mid-row (a device's time limit) leaves the rows it finished."""
+    out = tmp_path / "suite.json"
+    command = [sys.executable, "-m", "benchmarks.suite", "--quick", "--data", synth_folder, "--engines", "torch",
+               "--img-size", "64", "--workers", "0", "--out", str(out)]
+    done = subprocess.run([*command, "--rows", "1,3,7", "--budget", "0.001"], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["row"] for r in rows] == [list(ROWS)[n - 1] for n in (1, 3, 7)]
+    assert [r["detail"] for r in rows[1:]] == ["the budget of 0.001 s was spent"] * 2
+    out.unlink()
+    running = subprocess.Popen([*command, "--rows", "1,3"], cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not out.exists():  # row 1 ends at once here (no CUDA): the JSON appears while row 3 runs
+            assert running.poll() is None and time.time() < deadline
+            time.sleep(0.05)
+    finally:
+        running.kill()
+        running.wait()
+    assert [r["row"] for r in json.loads(out.read_text())["rows"]] == [list(ROWS)[0]]
+
+
 def test_benchmark_suite_writes_a_consistent_summary(synth_folder, tmp_path):
     """The GPU check's one command runs on a CPU too: GPU rows skipped, the rest measured and consistent."""
     out = tmp_path / "suite.json"
     done = subprocess.run([sys.executable, "-m", "benchmarks.suite", "--data", synth_folder, "--engines", "torch",
                            "--model", "supmae_vit_tiny_patch16", "--img-size", "64", "--batch-size", "8",
                            "--steps", "2", "--window", "2", "--warmup", "1", "--workers", "1", "--out", str(out),
-                           "--rows", "2,3,4,5,6,7,8,9,10"],  # not row 1, the CUDA tests: this is one of them
+                           "--rows", "1,2,3,4,5,6,7,8,10"],  # not row 9, the CUDA tests: this is one of them
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     with open(out) as f:
