@@ -1,9 +1,9 @@
 """Data parallelism through torchrun: one process per device, NCCL between GPUs, gloo between CPUs.
 
 A plain model is made data-parallel by two small functions, `apply_ddp` and `apply_batchnorm_groups`;
-nothing in the model knows. Every rank reads a disjoint share of each global batch (see
-`pipelines.order`) and draws the mask rows a single process would draw for those samples, so a run on
-W ranks of batch B follows a one-process run of batch W*B step for step.
+nothing in the model knows. Every rank reads its rows of each global batch (`pipelines.split`) and draws
+the mask rows a single process would draw for those samples, so a run on W ranks of batch B follows a
+one-process run of batch W*B (or of B in W micro-batches) step for step.
 """
 import os
 from dataclasses import dataclass

@@ -68,11 +68,10 @@ class Run:
         check_batch_fits(batch_size=self.split.batch_size, img_size=cfg.trunk.img_size, device=self.device)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank and in every run of this seed
         self.model = build_model(cfg.model, cfg, len(self.source.classes))
-        self.supervised = self.model.classifies
         if self.groups.batchnorm is not None and self.groups.batchnorm < 2:
             raise SupmaeError("the classification head's BatchNorm needs at least 2 images per batch: use "
                               "--batch-size 2 or more (or --sync-bn on several ranks)")
-        if self.supervised and len(self.source.classes) < 2:
+        if self.model.classifies and len(self.source.classes) < 2:
             logger.warning(f"{self.data} holds one class, so {cfg.model}'s classification loss is always 0: the run "
                            "trains as MAE (an mae_vit model does so without the branch)")
         self.model.to(self.device)
