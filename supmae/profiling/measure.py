@@ -33,13 +33,14 @@ def device_name(device: torch.device | str) -> str:
 
 def commit() -> str:
     """The checkout's commit, with "+dirty" when its tracked files differ from it: such figures did not
-    come from that commit alone."""
+    come from that commit alone. Results written by the benchmarks do not count: a second benchmark run
+    after a first rewrote its JSON measured the same code."""
     def git(*args) -> str:
         return subprocess.run(["git", *args], capture_output=True, text=True,
                               cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     try:
         head = git("rev-parse", "--short", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ":(top)", ":(top,exclude)benchmarks/results")
         return (head + ("+dirty" if dirty else "")) if head else "unknown"
     except OSError:
         return "unknown"
