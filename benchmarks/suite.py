@@ -6,12 +6,13 @@ Rows, in priority order (with --budget, no row starts once the budget is spent):
 its eager twin at the shapes training passes (ViT-B/16 at batch 256, bf16); each kernel's bandwidth against
 a device copy; the compiled bf16 step with kernels (fullgraph) and its MFU and ratio to the official-style
 step; the step under CUDA graphs; each installed loader engine, alone (images/s, and per busy core) and end
-to end, on the embedded dataset; the fine-tuning step; the tests that need CUDA; the CLIP family's steps
-(FLIP against CLIP, MAE-CLIP) at the same model size; the step at each side a resolution schedule trains
-at; each engine under fine-tuning's augmentation against the same engine without; and, on the photo corpus,
-FFCV's crop decode and `convert` against FFCV's own. Beside the rows, the goals a GPU run is held to, measured against
-their targets. On a machine without CUDA the GPU rows are skipped and the rest runs, so nothing here first
-runs on a GPU.
+to end, on the embedded dataset; the fine-tuning step; the step's collectives (the contrastive loss's
+gather, the BatchNorm's all-reduce) compiled against eager in a world of one rank; the tests that need
+CUDA; the CLIP family's steps (FLIP against CLIP, MAE-CLIP) at the same model size; the step at each side a
+resolution schedule trains at; each engine under fine-tuning's augmentation against the same engine
+without; and, on the photo corpus, FFCV's crop decode and `convert` against FFCV's own. Beside the rows,
+the goals a GPU run is held to, measured against their targets. On a machine without CUDA the GPU rows are
+skipped and the rest runs, so nothing here first runs on a GPU.
 
 Writes benchmarks/results/<device>-<date>.json (device, versions, commit, every row and figure) after every
 row, so a run cut short keeps what it measured.
@@ -313,6 +314,45 @@ def row_finetune_loaders(args, summary) -> str:
     return text
 
 
+def _compiled_matches_eager(function, inputs: list[torch.Tensor]) -> None:
+    """`function(*inputs)` compiled whole (fullgraph) gives eager's output and gradients."""
+    results = []
+    for run in (function, torch.compile(function, fullgraph=True)):
+        out = run(*inputs)
+        weights = torch.linspace(-1, 1, out.numel(), device=out.device).view_as(out)  # every element counts
+        results.append((out, *torch.autograd.grad((out * weights).sum(), inputs)))
+    for eager, compiled in zip(*results, strict=True):
+        torch.testing.assert_close(compiled, eager)
+
+
+def row_collectives_compiled(args, summary) -> str:
+    """The step's collectives compiled (fullgraph) against eager, in a world of one rank on this device (NCCL on
+    a GPU, gloo elsewhere): the contrastive loss's gather of features, the head's BatchNorm all-reduce."""
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from supmae.models.clip import contrastive_loss
+    from supmae.runtime.distributed import GroupBatchNorm1d
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                            device_id=device if device.type == "cuda" else None)
+    try:
+        generator = torch.Generator(device).manual_seed(0)
+        image, text, features = (torch.randn(16, 32, device=device, generator=generator, requires_grad=True)
+                                 for _ in range(3))
+        scale = torch.tensor(10.0, device=device, requires_grad=True)
+        _compiled_matches_eager(lambda i, t, s: contrastive_loss(F.normalize(i, dim=-1), F.normalize(t, dim=-1), s,
+                                                                 gathered=True), [image, text, scale])
+        norm = GroupBatchNorm1d(32).to(device)
+        norm.group_size, norm.ranks = 16, dist.group.WORLD  # its statistics all-reduced over the (one) rank
+        _compiled_matches_eager(norm, [features])
+    finally:
+        dist.destroy_process_group()
+    summary["collectives_compiled"] = backend
+    return f"the contrastive loss's gather and the BatchNorm's all-reduce over {backend}: compiled = eager"
+
+
 def _needs_photos_and_ffcv() -> None:
     for module, why in (("ffcv", "ffcv is not installed"), ("skimage", "the photo corpus needs scikit-image"),
                         ("supmae.pipelines._jpeg_crop", "the JPEG view decoder is not built (pip install -e .)")):
@@ -365,6 +405,7 @@ ROWS = {
     "dali loader, alone and end to end": row_engine("dali"),
     "torch loader, alone and end to end": row_engine("torch"),
     "fine-tuning step": row_finetune_step,
+    "collectives compiled (a world of one rank)": row_collectives_compiled,
     "cuda tests": row_tests,
     "CLIP, FLIP and MAE-CLIP steps": row_clip_family,
     "step by image side (resolution schedules)": row_step_by_size,

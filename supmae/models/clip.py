@@ -69,9 +69,13 @@ class _GlobalClipLoss(ClipLoss):
         return logits_per_image, logits_per_text
 
 
-def contrastive_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE of matching rows, over the global batch when several ranks train."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+def contrastive_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, *,
+                     gathered: bool | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE of matching rows; `gathered`: over the features gathered from every rank, the global
+    batch (by default when several ranks train)."""
+    if gathered is None:
+        gathered = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if gathered:
         loss = _GlobalClipLoss(local_loss=True, gather_with_grad=True, rank=dist.get_rank(),
                                world_size=dist.get_world_size())
     else:
