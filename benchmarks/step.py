@@ -196,7 +196,8 @@ def benchmark_step(cfg: StepBenchmark) -> dict:
     run = cfg.run
     device = resolve_device(run.hardware.device)
     on_gpu = device.type == "cuda"
-    precision, compiled, compile_mode = step_policy(device, run.hardware, accum_iter=run.first_split().accum)
+    accum = run.first_split().accum
+    precision, compiled, compile_mode = step_policy(device, run.hardware, accum_iter=accum)
 
     def forward_of(module):
         return apply_compile(module, compile_mode) if compiled else module
@@ -219,7 +220,7 @@ def benchmark_step(cfg: StepBenchmark) -> dict:
     return dict(
         device=device_name(device), commit=commit(), versions=versions("timm", "triton"),
         config=dict(model=run.model, step="finetune" if cfg.finetune else "pretrain", batch_size=run.batch_size,
-                    accum_iter=run.first_split().accum, img_size=run.trunk.img_size, precision=precision,
+                    accum_iter=accum, img_size=run.trunk.img_size, precision=precision,
                     compile=compiled, compile_mode=compile_mode, warmup=cfg.warmup, steps=cfg.steps,
                     windows=cfg.windows),
         images_per_s=images_per_s, step=fast,
